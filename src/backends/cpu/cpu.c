@@ -1,0 +1,501 @@
+/*
+ * The fast CPU backend: matrix products through CBLAS, everything else as
+ * OpenMP loops over rows (or heads) whose inner loops the compiler turns
+ * into SIMD (`omp simd`, -O3 -march=native).
+ *
+ * Attention is fused: each query row computes its scores against keys
+ * 0..t into a per-thread scratch of T floats, so nothing of size T x T is
+ * ever stored; the backward pass recomputes the probabilities from the
+ * saved log-sum-exp. Work is split so that no two threads ever write the
+ * same output element, which keeps every op deterministic for a given
+ * thread count and free of atomics.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/cpu/cpu_info.h"
+#include "backends/cpu/cpu_internal.h"
+#include "ops/ops.h"
+#include "util/common.h"
+
+/* Below this many elements an op runs on one thread: waking the team costs
+ * more than the work (matters for token-by-token generation). */
+#define CPU_PAR_MIN 16384
+
+typedef struct {
+    float *scratch;        /* per-thread rows for attention scores */
+    size_t scratch_floats; /* capacity of scratch */
+} cpu_ctx;
+
+/* Scratch of per_thread floats for each of o->threads threads, grown on
+ * demand (the first step allocates; later steps reuse). Thread i uses
+ * base + i * stride. An op has no error path, so failure here aborts. */
+static float *cpu_scratch(tlm_ops *o, size_t per_thread, size_t *stride) {
+    cpu_ctx *c = o->ctx;
+    size_t s = (per_thread + 15) / 16 * 16; /* whole cache lines per thread */
+    size_t need = s * (size_t)o->threads;
+    if (need > c->scratch_floats) {
+        tlm_free(c->scratch);
+        c->scratch = tlm_alloc(need * sizeof(float));
+        if (!c->scratch) abort();
+        c->scratch_floats = need;
+    }
+    *stride = s;
+    return c->scratch;
+}
+
+/* exp(x) for float, written so that loops calling it vectorise (glibc's
+ * expf only does without -ffast-math). x = n ln2 + r with |r| <= ln2/2, then
+ * e^r by its Taylor series to r^7 (truncation < 1e-8 relative) and 2^n by
+ * building the float exponent directly. Input is clamped to [-87, 88] so
+ * 2^n stays a normal float; e^-87 ~ 1.6e-38 stands in for anything smaller,
+ * which is harmless for softmax and sigmoid. */
+static inline float cpu_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* round to nearest by adding and removing 1.5 * 2^23 (no floorf, which
+     * some compilers will not vectorise under a mask) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    /* ln2 split in a high part exact in float times small n, and the rest */
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/* ---- dense algebra ------------------------------------------------------ */
+
+static void cpu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                       int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    (void)o;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { /* C = beta C; BLAS would reject the degenerate strides */
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float *c = &C[(size_t)i * ldc + j];
+                *c = beta == 0.0f ? 0.0f : beta * *c;
+            }
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans, M, N, K,
+                alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void cpu_add_inplace(tlm_ops *o, float *y, const float *x, size_t n) {
+    long nn = (long)n;
+#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static)
+    for (long i = 0; i < nn; i++) y[i] += x[i];
+}
+
+/* ---- embedding ---------------------------------------------------------- */
+
+static void cpu_embed_fwd(tlm_ops *o, float *out, const int32_t *tok, const float *wte, int N, int D) {
+#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, wte + (size_t)tok[n] * D, sizeof(float) * (size_t)D);
+}
+
+/* Repeated tokens add into the same row, so threads split the columns, not
+ * the tokens: each owns a 64-column stripe of every row. */
+static void cpu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const float *dout, int N, int D) {
+    int stripes = (D + 63) / 64;
+#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
+    for (int s = 0; s < stripes; s++) {
+        int d0 = s * 64, d1 = d0 + 64 < D ? d0 + 64 : D;
+        for (int n = 0; n < N; n++) {
+            float *w = dwte + (size_t)tok[n] * D;
+            const float *g = dout + (size_t)n * D;
+#pragma omp simd
+            for (int d = d0; d < d1; d++) w[d] += g[d];
+        }
+    }
+}
+
+/* ---- RMSNorm ------------------------------------------------------------ */
+
+static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+                            float eps) {
+#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * D;
+        float *yr = out + (size_t)n * D;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma omp simd
+        for (int d = 0; d < D; d++) yr[d] = xr[d] * r * w[d];
+        if (rstd) rstd[n] = r;
+    }
+}
+
+/* dx_j = r w_j g_j - x_j r^3 / D * sum_i g_i w_i x_i (see cpu_ref.c). dw sums
+ * over all rows, so each thread accumulates a private dw and the partial
+ * sums are added in thread order (deterministic). */
+static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+                            const float *rstd, int N, int D) {
+    int nt = (long)N * D >= CPU_PAR_MIN ? o->threads : 1;
+    size_t stride;
+    float *part = cpu_scratch(o, (size_t)D, &stride);
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *mydw = part + (size_t)tid * stride;
+        memset(mydw, 0, sizeof(float) * (size_t)D);
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
+            float *dxr = dx + (size_t)n * D;
+            float r = rstd[n];
+            float dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; d++) dot += g[d] * w[d] * xr[d];
+            float c = r * r * r * dot / (float)D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) {
+                dxr[d] = r * w[d] * g[d] - xr[d] * c;
+                mydw[d] += g[d] * xr[d] * r;
+            }
+        }
+        /* implicit barrier: every partial is complete; reduce by columns */
+#pragma omp for schedule(static)
+        for (int d = 0; d < D; d++) {
+            float s = 0;
+            for (int t = 0; t < nth; t++) s += part[(size_t)t * stride + d];
+            dw[d] += s;
+        }
+    }
+}
+
+/* ---- RoPE --------------------------------------------------------------- */
+
+/* Angles are formed in double: pos * freq in float loses ~pos * 6e-8 rad,
+ * which at positions of a few thousand is visible in the outputs. One set
+ * of cos/sin per position serves all sequences and heads. */
+static void cpu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta, float dir) {
+    int D = H * hd, half = hd / 2;
+    if (half <= 0) return;
+#pragma omp parallel for num_threads(o->threads) if ((long)B * T * D >= CPU_PAR_MIN) schedule(static)
+    for (int t = 0; t < T; t++) {
+        float cs[half], sn[half];
+        for (int i = 0; i < half; i++) {
+            double ang = (double)(pos0 + t) * pow((double)theta, -2.0 * i / hd);
+            cs[i] = (float)cos(ang);
+            sn[i] = dir * (float)sin(ang);
+        }
+        for (int b = 0; b < B; b++) {
+            float *row = qkv + ((size_t)b * T + t) * 3 * D;
+            for (int hh = 0; hh < 2 * H; hh++) { /* q heads then k heads: contiguous */
+                float *v = row + (size_t)hh * hd;
+#pragma omp simd
+                for (int i = 0; i < half; i++) {
+                    float x0 = v[i], x1 = v[i + half];
+                    v[i] = x0 * cs[i] - x1 * sn[i];
+                    v[i + half] = x0 * sn[i] + x1 * cs[i];
+                }
+            }
+        }
+    }
+}
+
+static void cpu_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
+    cpu_rope(o, qkv, B, T, H, hd, pos0, theta, 1.0f);
+}
+
+static void cpu_rope_bwd(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
+    cpu_rope(o, dqkv, B, T, H, hd, pos0, theta, -1.0f);
+}
+
+/* ---- causal attention --------------------------------------------------- */
+
+static inline float cpu_dot(const float *a, const float *b, int n) {
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query row against keys 0..nk-1 (rows kvstride floats apart): out[hd]
+ * = softmax(scale q.k) v. s is scratch of nk floats. Returns the lse. */
+static float cpu_attn_row(float *out, const float *q, const float *k, const float *v, size_t kvstride, int nk,
+                          int hd, float scale, float *s) {
+    float mx = -INFINITY;
+    for (int j = 0; j < nk; j++) {
+        s[j] = scale * cpu_dot(q, k + (size_t)j * kvstride, hd);
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < nk; j++) {
+        s[j] = cpu_expf(s[j] - mx);
+        sum += s[j];
+    }
+    float inv = 1.0f / sum;
+    for (int d = 0; d < hd; d++) out[d] = 0;
+    for (int j = 0; j < nk; j++) {
+        const float *vj = v + (size_t)j * kvstride;
+        float p = s[j] * inv;
+#pragma omp simd
+        for (int d = 0; d < hd; d++) out[d] += p * vj[d];
+    }
+    return mx + logf(sum);
+}
+
+/* Rows are independent, so the team splits (b, h, t); later rows see more
+ * keys, hence the dynamic schedule. */
+static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
+    int D = H * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t stride;
+    float *scr = cpu_scratch(o, (size_t)T, &stride);
+    int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
+#pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 8)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                float *s = scr + (size_t)omp_get_thread_num() * stride;
+                const float *base = qkv + (size_t)b * T * 3 * D + (size_t)h * hd;
+                lse[((size_t)b * H + h) * T + t] =
+                    cpu_attn_row(out + ((size_t)b * T + t) * D + (size_t)h * hd, base + (size_t)t * 3 * D,
+                                 base + D, base + 2 * D, (size_t)3 * D, t + 1, hd, scale, s);
+            }
+}
+
+/* Per (b, h) task, which alone owns the dk, dv columns of head h in
+ * sequence b, so their accumulation over query rows needs no locks:
+ * p_j = exp(scale q.k_j - lse), ds_j = p_j (dout.v_j - dout.out),
+ * dq = scale sum_j ds_j k_j, dk_j += scale ds_j q, dv_j += p_j dout. */
+static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
+                         const float *qkv, int B, int T, int H, int hd) {
+    int D = H * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t row0 = (size_t)b * T, col = (size_t)h * hd;
+            for (int t = 0; t < T; t++) {
+                float *dr = dqkv + (row0 + t) * 3 * D + col;
+                memset(dr, 0, sizeof(float) * (size_t)hd);         /* dq */
+                memset(dr + D, 0, sizeof(float) * (size_t)hd);     /* dk */
+                memset(dr + 2 * D, 0, sizeof(float) * (size_t)hd); /* dv */
+            }
+            for (int t = 0; t < T; t++) {
+                const float *q = qkv + (row0 + t) * 3 * D + col;
+                const float *go = dout + (row0 + t) * D + col;
+                float *dq = dqkv + (row0 + t) * 3 * D + col;
+                float l = lse[((size_t)b * H + h) * T + t];
+                float di = cpu_dot(go, out + (row0 + t) * D + col, hd);
+                for (int j = 0; j <= t; j++) {
+                    const float *k = qkv + (row0 + j) * 3 * D + D + col;
+                    const float *v = k + D;
+                    float *dk = dqkv + (row0 + j) * 3 * D + D + col;
+                    float *dv = dk + D;
+                    float p = expf(scale * cpu_dot(q, k, hd) - l);
+                    float ds = p * (cpu_dot(go, v, hd) - di) * scale;
+#pragma omp simd
+                    for (int d = 0; d < hd; d++) {
+                        dq[d] += ds * k[d];
+                        dk[d] += ds * q[d];
+                        dv[d] += p * go[d];
+                    }
+                }
+            }
+        }
+}
+
+/* ---- KV cache ----------------------------------------------------------- */
+
+static void cpu_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D,
+                         int pos0) {
+    (void)o;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *src = qkv + ((size_t)b * T + t) * 3 * D;
+            size_t dst = ((size_t)b * Tmax + pos0 + t) * D;
+            memcpy(kc + dst, src + D, sizeof(float) * (size_t)D);
+            memcpy(vc + dst, src + 2 * D, sizeof(float) * (size_t)D);
+        }
+}
+
+static void cpu_attn_cached(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
+                            int T, int Tmax, int H, int hd, int pos0) {
+    int D = H * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t stride;
+    float *scr = cpu_scratch(o, (size_t)(pos0 + T), &stride);
+    int nt = (long)B * T * (pos0 + T) * D >= CPU_PAR_MIN ? o->threads : 1;
+#pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 4)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                float *s = scr + (size_t)omp_get_thread_num() * stride;
+                size_t cache = (size_t)b * Tmax * D + (size_t)h * hd;
+                cpu_attn_row(out + ((size_t)b * T + t) * D + (size_t)h * hd,
+                             qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd, kc + cache, vc + cache, (size_t)D,
+                             pos0 + t + 1, hd, scale, s);
+            }
+}
+
+/* ---- SwiGLU ------------------------------------------------------------- */
+
+static void cpu_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
+#pragma omp parallel for num_threads(o->threads) if ((long)N * F >= CPU_PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *g = gu + (size_t)n * 2 * F, *u = g + F;
+        float *ar = a + (size_t)n * F;
+#pragma omp simd
+        for (int f = 0; f < F; f++) ar[f] = g[f] / (1.0f + cpu_expf(-g[f])) * u[f];
+    }
+}
+
+static void cpu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
+#pragma omp parallel for num_threads(o->threads) if ((long)N * F >= CPU_PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *g = gu + (size_t)n * 2 * F, *u = g + F, *d = da + (size_t)n * F;
+        float *dg = dgu + (size_t)n * 2 * F, *du = dg + F;
+#pragma omp simd
+        for (int f = 0; f < F; f++) {
+            float sig = 1.0f / (1.0f + cpu_expf(-g[f]));
+            dg[f] = d[f] * u[f] * sig * (1.0f + g[f] * (1.0f - sig));
+            du[f] = d[f] * g[f] * sig;
+        }
+    }
+}
+
+/* ---- softmax + cross-entropy -------------------------------------------- */
+
+static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+                     int want_grad) {
+#pragma omp parallel for num_threads(o->threads) if ((long)N * V >= CPU_PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *x = logits + (size_t)n * V;
+        int tgt = targets[n];
+        if (tgt < 0 || tgt >= V) { /* ignored (out of range: cannot be scored) */
+            losses[n] = 0;
+            if (want_grad) memset(x, 0, sizeof(float) * (size_t)V);
+            continue;
+        }
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+        float xt = x[tgt];
+        float sum = 0;
+        if (want_grad) {
+            /* keep the exponentials so they are computed once */
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < V; i++) {
+                x[i] = cpu_expf(x[i] - mx);
+                sum += x[i];
+            }
+            float c = dscale / sum;
+#pragma omp simd
+            for (int i = 0; i < V; i++) x[i] *= c;
+            x[tgt] -= dscale;
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < V; i++) sum += cpu_expf(x[i] - mx);
+        }
+        /* (mx - xt) first: exact for nearby values, where adding logf(sum)
+         * to a large mx first would round away the loss's low digits */
+        losses[n] = (mx - xt) + logf(sum);
+    }
+}
+
+/* ---- optimizer ---------------------------------------------------------- */
+
+static void cpu_sumsq(tlm_ops *o, float *out, const float *x, size_t n, int accumulate) {
+    long nn = (long)n;
+    double s = 0;
+#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static) reduction(+ : s)
+    for (long i = 0; i < nn; i++) s += (double)x[i] * x[i];
+    out[0] = (float)((accumulate ? out[0] : 0.0) + s);
+}
+
+/* Memory bound (7 floats moved per parameter), so the scalar sqrtf that
+ * GCC keeps for errno's sake costs little. */
+static void cpu_adamw(tlm_ops *o, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+                      float b2, float eps, float wd, int t, const float *gnorm_sq, float clip) {
+    float s = 1.0f;
+    if (clip > 0 && gnorm_sq) {
+        double norm = sqrt((double)*gnorm_sq);
+        if (norm > clip) s = (float)(clip / norm);
+    }
+    /* bias corrections as multipliers: 1/(1-b^t) */
+    float bc1 = (float)(1.0 / (1.0 - pow(b1, t))), bc2 = (float)(1.0 / (1.0 - pow(b2, t)));
+    long nn = (long)n;
+#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static)
+    for (long i = 0; i < nn; i++) {
+        float gi = g[i] * s;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi * bc1 / (sqrtf(vi * bc2) + eps) + wd * p[i]);
+    }
+}
+
+static void cpu_destroy(tlm_ops *o) {
+    if (!o) return;
+    cpu_ctx *c = o->ctx;
+    if (c) tlm_free(c->scratch);
+    free(c);
+    free(o);
+}
+
+tlm_ops *cpu_ops_create(int threads) {
+    tlm_ops *o = calloc(1, sizeof *o);
+    cpu_ctx *c = calloc(1, sizeof *c);
+    if (!o || !c) {
+        free(o);
+        free(c);
+        tlm_errorf("out of memory creating the cpu backend");
+        return NULL;
+    }
+    o->ctx = c;
+    o->name = "cpu";
+    o->threads = threads > 0 ? threads : cpu_count_available();
+    /* One thread count for both pools: OpenMP loops and OpenBLAS products
+     * alternate, never overlap, and should each use the whole budget. */
+    omp_set_num_threads(o->threads);
+#if defined(TLM_BLAS_OPENBLAS)
+    openblas_set_num_threads(o->threads);
+#endif
+    tlm_cpu_info ci;
+    cpu_info_query(&ci);
+    snprintf(o->device_desc, sizeof o->device_desc, "CPU: %.50s, %d thread%s, %.40s", ci.model, o->threads,
+             o->threads == 1 ? "" : "s", ci.blas);
+
+    cpu_mem_install(o);
+    o->matmul = cpu_matmul;
+    o->add_inplace = cpu_add_inplace;
+    o->embed_fwd = cpu_embed_fwd;
+    o->embed_bwd = cpu_embed_bwd;
+    o->rmsnorm_fwd = cpu_rmsnorm_fwd;
+    o->rmsnorm_bwd = cpu_rmsnorm_bwd;
+    o->rope_fwd = cpu_rope_fwd;
+    o->rope_bwd = cpu_rope_bwd;
+    o->attn_fwd = cpu_attn_fwd;
+    o->attn_bwd = cpu_attn_bwd;
+    o->kv_store = cpu_kv_store;
+    o->attn_cached = cpu_attn_cached;
+    o->swiglu_fwd = cpu_swiglu_fwd;
+    o->swiglu_bwd = cpu_swiglu_bwd;
+    o->xent = cpu_xent;
+    o->sumsq = cpu_sumsq;
+    o->adamw = cpu_adamw;
+    o->destroy = cpu_destroy;
+    return o;
+}

@@ -1,0 +1,142 @@
+/* The batched, KV-cached generation loop. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "infer/infer.h"
+
+#define GEN_DEFAULT_CHUNK 128
+
+void generate_seed_rng(tlm_rng *r, uint64_t seed, int index) {
+    /* Hash (seed, index) so sample i is the same whatever the batch size
+     * and nearby seeds do not give shifted copies of each other's streams. */
+    uint64_t words[2] = {seed, (uint64_t)(int64_t)index};
+    tlm_rng_seed(r, tlm_fnv1a64(words, sizeof words, TLM_FNV_INIT));
+}
+
+int generate_validate(const tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p) {
+    const int V = m->cfg.vocab, ctx = m->cfg.context;
+    if (p->samples < 1) return tlm_errorf("--samples %d is invalid: use 1 or more", p->samples);
+    if (p->max_tokens < 1) return tlm_errorf("--max-tokens %d is invalid: use 1 or more", p->max_tokens);
+    if (sampler_check_params(&p->sampling)) return -1;
+    if (nprompt < 0) return tlm_errorf("generate: negative prompt length %d", nprompt);
+    if (nprompt == 0) {
+        if (eot < 0 || eot >= V)
+            return tlm_errorf("generate: an empty prompt needs an end-of-text token to start from");
+        nprompt = 1;
+    } else {
+        for (int i = 0; i < nprompt; i++)
+            if (prompt[i] < 0 || prompt[i] >= V)
+                return tlm_errorf("prompt token %d at position %d is outside the model vocabulary of %d", prompt[i],
+                                  i, V);
+    }
+    if (nprompt >= ctx)
+        return tlm_errorf("the prompt is %d tokens but the model context is %d: shorten --prompt", nprompt, ctx);
+    if ((long)nprompt + p->max_tokens > ctx)
+        return tlm_errorf("the prompt (%d token%s) plus --max-tokens %d exceeds the model context of %d tokens: "
+                          "use --max-tokens %d or less",
+                          nprompt, nprompt == 1 ? "" : "s", p->max_tokens, ctx, ctx - nprompt);
+    return 0;
+}
+
+int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p,
+                 tlm_token_fn on_token, void *user, int32_t *out, int *out_len, tlm_gen_stats *stats) {
+    if (generate_validate(m, prompt, nprompt, eot, p)) return -1;
+    const int V = m->cfg.vocab;
+    const int B = p->samples, maxt = p->max_tokens;
+    tlm_ops *ops = m->ops;
+    const int32_t start = eot;
+    if (nprompt == 0) {
+        prompt = &start;
+        nprompt = 1;
+    }
+    const int Tmax = nprompt + maxt;
+    const int chunk = p->chunk > 0 ? p->chunk : GEN_DEFAULT_CHUNK;
+    const int Tc = chunk < nprompt ? chunk : nprompt;
+
+    int rc = -1, stop = 0;
+    tlm_sampler sm;
+    tlm_kvcache kv;
+    /* Two scratches: the prompt needs 1 x Tc rows, a step B x 1; one
+     * scratch for both would hold B x Tc rows. */
+    tlm_infer_scratch sp, ss;
+    memset(&sm, 0, sizeof sm);
+    memset(&kv, 0, sizeof kv);
+    int have_sp = 0, have_ss = 0;
+    float *logits_dev = NULL, *logits = NULL;
+    tlm_rng *rng = calloc((size_t)B, sizeof *rng);
+    int32_t *tok = calloc((size_t)B, sizeof *tok);
+    int *len = calloc((size_t)B, sizeof *len);
+    unsigned char *done = calloc((size_t)B, 1);
+    tlm_gen_stats st;
+    memset(&st, 0, sizeof st);
+    st.prompt_tokens = nprompt;
+    if (!rng || !tok || !len || !done) {
+        tlm_errorf("out of memory for %d samples: use fewer --samples", B);
+        goto out;
+    }
+    if (sampler_init(&sm, V, &p->sampling)) goto out;
+    if (kvcache_alloc(&kv, m, B, Tmax)) goto out;
+    if (model_infer_scratch_alloc(m, &sp, 1, Tc)) goto out;
+    have_sp = 1;
+    if (model_infer_scratch_alloc(m, &ss, B, 1)) goto out;
+    have_ss = 1;
+    logits_dev = ops->alloc(ops, (size_t)B * V * sizeof(float));
+    logits = tlm_alloc((size_t)B * V * sizeof(float));
+    if (!logits_dev || !logits) goto out;
+    for (int b = 0; b < B; b++) generate_seed_rng(&rng[b], p->seed, p->seq_base + b);
+
+    /* Prompt: every sequence shares it, so compute it once as sequence 0
+     * (B=1 on the same [B,Tmax,D] caches) and copy its cache rows over. */
+    double t0 = tlm_now();
+    for (int pos = 0; pos < nprompt; pos += Tc) {
+        int T = nprompt - pos < Tc ? nprompt - pos : Tc;
+        if (model_forward_cached(m, &sp, kv.k, kv.v, Tmax, prompt + pos, 1, T, pos, logits_dev)) goto out;
+    }
+    if (B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
+    ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
+    double t1 = tlm_now();
+    st.prompt_seconds = t1 - t0;
+
+    int live = B;
+    for (int k = 0; k < maxt && live > 0 && !stop; k++) {
+        for (int b = 0; b < B && !stop; b++) {
+            if (done[b]) continue;
+            /* After the prompt all sequences share logits row 0. */
+            const float *row = logits + (size_t)(k == 0 ? 0 : b) * V;
+            int32_t t = sampler_sample(&sm, row, &rng[b]);
+            st.new_tokens++;
+            tok[b] = t;
+            if (t == eot) {
+                done[b] = 1;
+                live--;
+                continue;
+            }
+            if (out) out[(size_t)b * maxt + len[b]] = t;
+            len[b]++;
+            if (on_token && on_token(user, b, t)) stop = 1;
+        }
+        if (stop || live == 0 || k == maxt - 1) break;
+        /* Finished sequences are stepped along with the rest (feeding their
+         * last token); their outputs are ignored. */
+        if (model_forward_cached(m, &ss, kv.k, kv.v, Tmax, tok, B, 1, nprompt + k, logits_dev)) goto out;
+        ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
+        st.steps++;
+    }
+    st.gen_seconds = tlm_now() - t1;
+    if (out_len) memcpy(out_len, len, (size_t)B * sizeof *len);
+    rc = 0;
+
+out:
+    if (stats) *stats = st;
+    if (logits_dev) ops->free(ops, logits_dev);
+    tlm_free(logits);
+    if (have_sp) model_infer_scratch_free(m, &sp);
+    if (have_ss) model_infer_scratch_free(m, &ss);
+    kvcache_free(&kv, m);
+    sampler_free(&sm);
+    free(rng);
+    free(tok);
+    free(len);
+    free(done);
+    return rc;
+}

@@ -1,0 +1,130 @@
+/*
+ * Generation: loading a run folder, the KV cache, the sampler and the
+ * batched generation loop.
+ *
+ * Flow for N samples of one prompt (B = N):
+ *   prompt [P] --model_forward_cached, chunks of Tchunk, B=1--> caches of sequence 0
+ *   caches of sequence 0 copied to sequences 1..B-1 (the prompt is computed once)
+ *   repeat: sample one token per live sequence on the host from logits [B,V],
+ *           feed tokens [B,1] at position P+k --> logits [B,V]
+ * Sampling runs on the CPU on logits copied back (sampler_sample), so a
+ * device sampler can later replace that one call.
+ */
+#ifndef TLM_INFER_INFER_H
+#define TLM_INFER_INFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/model.h"
+#include "text/tokenizer.h"
+#include "util/common.h"
+
+/* ---- sampler ------------------------------------------------------------ */
+
+typedef struct {
+    float temperature; /* 0 = greedy argmax; logits are divided by it */
+    int top_k;         /* keep the k most likely tokens; 0 (or >= V) = off */
+    float top_p;       /* nucleus: smallest most-likely set with mass >= top_p,
+                        * taken after top-k; 1 = off. Must be in (0, 1]. */
+} tlm_sampler_params;
+
+/* Workspace for one vocabulary size; reused for every draw (no allocation
+ * per token). Not thread-safe: one per thread. */
+typedef struct {
+    tlm_sampler_params p;
+    int V;
+    int32_t *idx; /* [V] candidate token ids */
+    float *prob;  /* [V] unnormalised probabilities of the candidates */
+} tlm_sampler;
+
+/* Error naming --temperature, --top-k or --top-p if p is out of range. */
+int sampler_check_params(const tlm_sampler_params *p);
+/* Validates p as above. */
+int sampler_init(tlm_sampler *s, int V, const tlm_sampler_params *p);
+void sampler_free(tlm_sampler *s);
+/* One token from logits[V]. Greedy (temperature 0 or top_k 1) draws no
+ * random numbers; otherwise exactly one uniform is drawn from rng, so a
+ * sequence's stream of tokens depends only on its own rng. */
+int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng);
+/* Index of the largest logit; ties go to the lowest id. */
+int32_t sampler_argmax(const float *logits, int V);
+
+/* ---- KV cache ----------------------------------------------------------- */
+
+/* Per layer l: k[l], v[l] are device buffers [B,Tmax,D]. */
+typedef struct {
+    int L, B, Tmax, D;
+    float **k, **v; /* host arrays [L] of device pointers */
+} tlm_kvcache;
+
+int kvcache_alloc(tlm_kvcache *c, tlm_model *m, int B, int Tmax);
+void kvcache_free(tlm_kvcache *c, tlm_model *m);
+/* Copy positions 0..npos-1 of sequence `src` to every other sequence, so a
+ * shared prompt is computed once for the whole batch. */
+void kvcache_broadcast(tlm_kvcache *c, tlm_model *m, int src, int npos);
+
+/* ---- the generation loop ------------------------------------------------ */
+
+typedef struct {
+    int samples;                 /* B >= 1, all from the same prompt */
+    int max_tokens;              /* new tokens per sequence, >= 1 */
+    tlm_sampler_params sampling;
+    uint64_t seed;               /* sequence i draws from rng(seed, seq_base + i) */
+    int seq_base;                /* index of sequence 0 for seeding (0 normally) */
+    int chunk;                   /* prompt positions per forward; 0 = 128 */
+} tlm_gen_params;
+
+typedef struct {
+    int prompt_tokens;      /* positions processed for the prompt */
+    long new_tokens;        /* tokens sampled over all sequences, incl. a final EOT */
+    int steps;              /* batched forward steps after the prompt */
+    double prompt_seconds;  /* prompt forward (+ cache broadcast) */
+    double gen_seconds;     /* sampling + stepping, all sequences */
+} tlm_gen_stats;
+
+/* Called for every new token of sequence seq (0..B-1), in order; the EOT
+ * that ends a sequence is not reported. Return non-zero to stop everything
+ * (generate_run then returns 0 with what it has). */
+typedef int (*tlm_token_fn)(void *user, int seq, int32_t token);
+
+/* The rng of sequence `index` under `seed` (independent of the batch size). */
+void generate_seed_rng(tlm_rng *r, uint64_t seed, int index);
+
+/* Every check generate_run makes before computing anything: parameter
+ * ranges, prompt ids, prompt + max_tokens within the context. */
+int generate_validate(const tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p);
+
+/* Generate p->samples continuations of prompt[nprompt] (host token ids).
+ * An empty prompt starts from the eot token. Each sequence stops at eot
+ * (eot < 0: never) or after max_tokens. The prompt plus max_tokens must fit
+ * the model context (error names --max-tokens and the context otherwise).
+ * out (may be NULL) receives [B, max_tokens] new tokens, out_len[B] their
+ * counts (EOT excluded). stats may be NULL. */
+int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p,
+                 tlm_token_fn on_token, void *user, int32_t *out, int *out_len, tlm_gen_stats *stats);
+
+/* ---- run folders -------------------------------------------------------- */
+
+/* Load RUN/model.safetensors into m (already created for its config):
+ * every tensor of m->tensors must be present with its exact shape; errors
+ * name the file and the tensor. */
+int infer_load_weights(tlm_model *m, const char *path);
+
+/* A loaded run folder: what `tinylm generate` and the public tlm_generator
+ * work with. */
+struct tlm_generator {
+    tlm_ops *ops;
+    tlm_model model;
+    tlm_tokenizer *tok;
+    int eot;
+    char run[1024];
+};
+
+/* Open RUN (config.json, model.safetensors, tokenizer.json) on the device
+ * named by spec ("auto", "cpu", ...); note (may be NULL) receives the
+ * device banner. Errors name the file at fault. */
+tlm_generator *generator_open(const char *run, const char *device, int threads, char *note, size_t note_len);
+void generator_close(tlm_generator *g);
+
+#endif

@@ -1,0 +1,404 @@
+/*
+ * The Llama-style decoder written once against the op table. Nothing here
+ * knows which backend runs it: every buffer comes from ops->alloc and every
+ * computation is an ops call. All buffers are allocated up front
+ * (model_create, model_alloc_train, model_infer_scratch_alloc) so a training
+ * or generation step never allocates.
+ */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "util/common.h"
+
+/* ---- parameter layout ----------------------------------------------------
+ * The flat buffer is laid out in Hugging Face tensor order, so the tensor
+ * list, the safetensors file and the buffer all walk the same way:
+ *   embed_tokens [V,D]
+ *   per layer: input_layernorm [D], q,k,v [D,D] each (= wqkv [3D,D]),
+ *              o_proj [D,D], post_attention_layernorm [D],
+ *              gate, up [F,D] each (= wgu [2F,D]), down [D,F]
+ *   norm [D]
+ */
+
+static void layout_add(tlm_model *m, size_t *off, const char *name, int rows, int cols, int ndim, int decay) {
+    tlm_tensor *t = &m->tensors[m->ntensors++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->offset = *off;
+    t->rows = rows;
+    t->cols = cols;
+    t->ndim = ndim;
+    t->decay = decay;
+    *off += (size_t)rows * (size_t)cols;
+}
+
+static void layout_build(tlm_model *m) {
+    const tlm_config *c = &m->cfg;
+    int D = c->dim, F = c->hidden;
+    size_t off = 0;
+    char name[96];
+    m->ntensors = 0;
+    layout_add(m, &off, "model.embed_tokens.weight", c->vocab, D, 2, 1);
+    for (int l = 0; l < c->layers; l++) {
+#define LNAME(s) (snprintf(name, sizeof name, "model.layers.%d.%s", l, s), name)
+        layout_add(m, &off, LNAME("input_layernorm.weight"), D, 1, 1, 0);
+        layout_add(m, &off, LNAME("self_attn.q_proj.weight"), D, D, 2, 1);
+        layout_add(m, &off, LNAME("self_attn.k_proj.weight"), D, D, 2, 1);
+        layout_add(m, &off, LNAME("self_attn.v_proj.weight"), D, D, 2, 1);
+        layout_add(m, &off, LNAME("self_attn.o_proj.weight"), D, D, 2, 1);
+        layout_add(m, &off, LNAME("post_attention_layernorm.weight"), D, 1, 1, 0);
+        layout_add(m, &off, LNAME("mlp.gate_proj.weight"), F, D, 2, 1);
+        layout_add(m, &off, LNAME("mlp.up_proj.weight"), F, D, 2, 1);
+        layout_add(m, &off, LNAME("mlp.down_proj.weight"), D, F, 2, 1);
+#undef LNAME
+    }
+    layout_add(m, &off, "model.norm.weight", D, 1, 1, 0);
+}
+
+/* Point the per-layer views of base (params or grads) at their tensors. */
+static void layout_views(tlm_model *m, float *base, tlm_layer_params *lp, float **wte, float **fnorm) {
+    const int per_layer = 9;
+    *wte = base + m->tensors[0].offset;
+    for (int l = 0; l < m->cfg.layers; l++) {
+        const tlm_tensor *t = &m->tensors[1 + l * per_layer];
+        lp[l].attn_norm = base + t[0].offset;
+        lp[l].wqkv = base + t[1].offset;
+        lp[l].wo = base + t[4].offset;
+        lp[l].mlp_norm = base + t[5].offset;
+        lp[l].wgu = base + t[6].offset;
+        lp[l].wdown = base + t[8].offset;
+    }
+    *fnorm = base + m->tensors[m->ntensors - 1].offset;
+}
+
+int model_create(tlm_model *m, const tlm_config *cfg, tlm_ops *ops) {
+    memset(m, 0, sizeof *m);
+    if (config_validate(cfg)) return -1;
+    m->cfg = *cfg;
+    m->ops = ops;
+    m->nparams = config_param_count(cfg);
+    int nt = 2 + 9 * cfg->layers;
+    m->tensors = tlm_alloc(sizeof(tlm_tensor) * (size_t)nt);
+    m->layer = tlm_alloc(sizeof(tlm_layer_params) * (size_t)cfg->layers);
+    m->glayer = tlm_alloc(sizeof(tlm_layer_params) * (size_t)cfg->layers);
+    if (!m->tensors || !m->layer || !m->glayer) { model_destroy(m); return -1; }
+    layout_build(m);
+    m->params = ops->alloc(ops, m->nparams * sizeof(float));
+    if (!m->params) { model_destroy(m); return -1; }
+    layout_views(m, m->params, m->layer, &m->wte, &m->final_norm);
+    return 0;
+}
+
+static void free_dev(tlm_model *m, void *p) {
+    if (p) m->ops->free(m->ops, p);
+}
+
+static void free_train(tlm_model *m) {
+    if (m->acts) {
+        for (int l = 0; l < m->cfg.layers; l++) {
+            tlm_layer_acts *a = &m->acts[l];
+            free_dev(m, a->x); free_dev(m, a->xn1); free_dev(m, a->rstd1); free_dev(m, a->qkv);
+            free_dev(m, a->att); free_dev(m, a->lse); free_dev(m, a->xmid); free_dev(m, a->xn2);
+            free_dev(m, a->rstd2); free_dev(m, a->gu); free_dev(m, a->act);
+        }
+        tlm_free(m->acts);
+        m->acts = NULL;
+    }
+    free_dev(m, m->grads);
+    free_dev(m, m->xfinal); free_dev(m, m->xf); free_dev(m, m->rstdf); free_dev(m, m->logits);
+    free_dev(m, m->losses); free_dev(m, m->tokens_dev); free_dev(m, m->targets_dev);
+    free_dev(m, m->dx); free_dev(m, m->dtmp); free_dev(m, m->dqkv); free_dev(m, m->datt);
+    free_dev(m, m->dgu); free_dev(m, m->dact); free_dev(m, m->dxn);
+    m->grads = m->xfinal = m->xf = m->rstdf = m->logits = m->losses = NULL;
+    m->tokens_dev = m->targets_dev = NULL;
+    m->dx = m->dtmp = m->dqkv = m->datt = m->dgu = m->dact = m->dxn = NULL;
+    tlm_free(m->host_losses);
+    tlm_free(m->host_targets);
+    m->host_losses = NULL;
+    m->host_targets = NULL;
+    m->Bmax = m->Tmax = 0;
+}
+
+void model_destroy(tlm_model *m) {
+    if (!m) return;
+    if (m->ops) {
+        free_train(m);
+        free_dev(m, m->params);
+    }
+    tlm_free(m->tensors);
+    tlm_free(m->layer);
+    tlm_free(m->glayer);
+    memset(m, 0, sizeof *m);
+}
+
+void model_init_random(tlm_model *m, uint64_t seed) {
+    tlm_rng rng;
+    tlm_rng_seed(&rng, seed);
+    /* Residual-branch outputs (o_proj, down_proj) are scaled down so the
+     * residual stream's variance does not grow with depth (GPT-2 style). */
+    const float std = 0.02f;
+    const float out_scale = 1.0f / sqrtf(2.0f * (float)m->cfg.layers);
+    size_t maxn = 0;
+    for (int i = 0; i < m->ntensors; i++) {
+        size_t n = (size_t)m->tensors[i].rows * (size_t)m->tensors[i].cols;
+        if (n > maxn) maxn = n;
+    }
+    float *buf = tlm_alloc(maxn * sizeof(float));
+    if (!buf) return; /* out of memory: weights stay zero; the error is set */
+    for (int i = 0; i < m->ntensors; i++) {
+        const tlm_tensor *t = &m->tensors[i];
+        size_t n = (size_t)t->rows * (size_t)t->cols;
+        if (!t->decay) {
+            for (size_t k = 0; k < n; k++) buf[k] = 1.0f;
+        } else {
+            int is_out = strstr(t->name, "o_proj") != NULL || strstr(t->name, "down_proj") != NULL;
+            float s = is_out ? std * out_scale : std;
+            for (size_t k = 0; k < n; k++) buf[k] = s * tlm_rng_normal(&rng);
+        }
+        m->ops->copy_h2d(m->ops, m->params + t->offset, buf, n * sizeof(float));
+    }
+    tlm_free(buf);
+}
+
+int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
+    const tlm_config *c = &m->cfg;
+    if (Bmax <= 0 || Tmax <= 0) return tlm_errorf("--batch and --context must be positive");
+    if (Tmax > c->context)
+        return tlm_errorf("sequence length %d exceeds the model context %d: use --context %d or less", Tmax,
+                          c->context, c->context);
+    long long Nll = (long long)Bmax * Tmax;
+    if (Nll * c->vocab > 0x7fffffffLL || Nll * 3 * c->dim > 0x7fffffffLL || Nll * 2 * c->hidden > 0x7fffffffLL)
+        return tlm_errorf("--batch %d x context %d is too large for one step: use a smaller --batch", Bmax, Tmax);
+    free_train(m);
+    tlm_ops *o = m->ops;
+    size_t N = (size_t)Nll, D = (size_t)c->dim, F = (size_t)c->hidden, V = (size_t)c->vocab;
+    size_t H = (size_t)c->heads, L = (size_t)c->layers;
+    const size_t f = sizeof(float);
+    int ok = 1;
+#define DEV(ptr, bytes) do { if (ok) { (ptr) = o->alloc(o, (bytes)); if (!(ptr)) ok = 0; } } while (0)
+    DEV(m->grads, m->nparams * f);
+    m->acts = tlm_alloc(sizeof(tlm_layer_acts) * L);
+    if (!m->acts) ok = 0;
+    for (size_t l = 0; ok && l < L; l++) {
+        tlm_layer_acts *a = &m->acts[l];
+        DEV(a->x, N * D * f);
+        DEV(a->xn1, N * D * f);
+        DEV(a->rstd1, N * f);
+        DEV(a->qkv, N * 3 * D * f);
+        DEV(a->att, N * D * f);
+        DEV(a->lse, N * H * f);
+        DEV(a->xmid, N * D * f);
+        DEV(a->xn2, N * D * f);
+        DEV(a->rstd2, N * f);
+        DEV(a->gu, N * 2 * F * f);
+        DEV(a->act, N * F * f);
+    }
+    DEV(m->xfinal, N * D * f);
+    DEV(m->xf, N * D * f);
+    DEV(m->rstdf, N * f);
+    DEV(m->logits, N * V * f);
+    DEV(m->losses, N * f);
+    DEV(m->tokens_dev, N * sizeof(int32_t));
+    DEV(m->targets_dev, N * sizeof(int32_t));
+    DEV(m->dx, N * D * f);
+    DEV(m->dtmp, N * D * f);
+    DEV(m->dqkv, N * 3 * D * f);
+    DEV(m->datt, N * D * f);
+    DEV(m->dgu, N * 2 * F * f);
+    DEV(m->dact, N * F * f);
+    DEV(m->dxn, N * D * f);
+#undef DEV
+    if (ok) {
+        m->host_losses = tlm_alloc(N * f);
+        m->host_targets = tlm_alloc(N * sizeof(int32_t));
+        if (!m->host_losses || !m->host_targets) ok = 0;
+    }
+    if (!ok) {
+        char inner[1024];
+        snprintf(inner, sizeof inner, "%s", tlm_last_error());
+        free_train(m);
+        return tlm_errorf("cannot allocate training buffers for batch %d x %d: %s", Bmax, Tmax, inner);
+    }
+    layout_views(m, m->grads, m->glayer, &m->gwte, &m->gfinal_norm);
+    m->Bmax = Bmax;
+    m->Tmax = Tmax;
+    return 0;
+}
+
+void model_zero_grad(tlm_model *m) {
+    if (m->grads) m->ops->zero(m->ops, m->grads, m->nparams * sizeof(float));
+}
+
+/* y[N,out] = x[N,in] @ w[out,in]^T + beta * y  (a linear layer, no bias) */
+static void linear(tlm_ops *o, float *y, const float *x, const float *w, int N, int in, int out, float beta) {
+    o->matmul(o, 0, 1, N, out, in, 1.0f, x, in, w, in, beta, y, out);
+}
+
+/* Backward of linear: dx[N,in] = dy @ w (overwritten); dw[out,in] += dy^T @ x */
+static void linear_bwd(tlm_ops *o, float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
+                       int in, int out) {
+    o->matmul(o, 0, 0, N, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
+    o->matmul(o, 1, 0, out, in, N, 1.0f, dy, out, x, in, 1.0f, dw, in);
+}
+
+float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                             float grad_scale, int on_device) {
+    const tlm_config *c = &m->cfg;
+    tlm_ops *o = m->ops;
+    if (!m->acts || B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax) {
+        tlm_errorf("batch %d x %d does not fit the buffers allocated for %d x %d", B, T, m->Bmax, m->Tmax);
+        return NAN;
+    }
+    const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
+    const float eps = c->norm_eps, theta = c->rope_theta;
+    const int32_t *tok = inputs, *tgt = targets;
+    if (!on_device) {
+        o->copy_h2d(o, m->tokens_dev, inputs, (size_t)N * sizeof(int32_t));
+        o->copy_h2d(o, m->targets_dev, targets, (size_t)N * sizeof(int32_t));
+        tok = m->tokens_dev;
+        tgt = m->targets_dev;
+    }
+
+    /* ---- forward ---- */
+    o->embed_fwd(o, m->acts[0].x, tok, m->wte, N, D);
+    for (int l = 0; l < L; l++) {
+        const tlm_layer_params *p = &m->layer[l];
+        tlm_layer_acts *a = &m->acts[l];
+        float *xout = l + 1 < L ? m->acts[l + 1].x : m->xfinal;
+        o->rmsnorm_fwd(o, a->xn1, a->rstd1, a->x, p->attn_norm, N, D, eps);
+        linear(o, a->qkv, a->xn1, p->wqkv, N, D, 3 * D, 0.0f);
+        o->rope_fwd(o, a->qkv, B, T, H, hd, 0, theta);
+        o->attn_fwd(o, a->att, a->lse, a->qkv, B, T, H, hd);
+        /* residual: start from x, let the matmul add the branch (beta = 1) */
+        o->copy_d2d(o, a->xmid, a->x, (size_t)N * D * sizeof(float));
+        linear(o, a->xmid, a->att, p->wo, N, D, D, 1.0f);
+        o->rmsnorm_fwd(o, a->xn2, a->rstd2, a->xmid, p->mlp_norm, N, D, eps);
+        linear(o, a->gu, a->xn2, p->wgu, N, D, 2 * F, 0.0f);
+        o->swiglu_fwd(o, a->act, a->gu, N, F);
+        o->copy_d2d(o, xout, a->xmid, (size_t)N * D * sizeof(float));
+        linear(o, xout, a->act, p->wdown, N, F, D, 1.0f);
+    }
+    o->rmsnorm_fwd(o, m->xf, m->rstdf, m->xfinal, m->final_norm, N, D, eps);
+    linear(o, m->logits, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
+    int want_grad = grad_scale > 0.0f && m->grads != NULL;
+    o->xent(o, m->logits, m->losses, tgt, N, V, grad_scale, want_grad);
+
+    /* ---- backward (logits now hold dlogits) ---- */
+    if (want_grad) {
+        /* The head's share of dwte; the embedding's share is added at the end. */
+        linear_bwd(o, m->dxn, m->gwte, m->logits, m->xf, m->wte, N, D, V);
+        o->rmsnorm_bwd(o, m->dx, m->gfinal_norm, m->dxn, m->xfinal, m->final_norm, m->rstdf, N, D);
+        for (int l = L - 1; l >= 0; l--) {
+            const tlm_layer_params *p = &m->layer[l];
+            const tlm_layer_params *g = &m->glayer[l];
+            tlm_layer_acts *a = &m->acts[l];
+            /* dx holds d(layer output); the MLP branch */
+            linear_bwd(o, m->dact, g->wdown, m->dx, a->act, p->wdown, N, F, D);
+            o->swiglu_bwd(o, m->dgu, m->dact, a->gu, N, F);
+            linear_bwd(o, m->dxn, g->wgu, m->dgu, a->xn2, p->wgu, N, D, 2 * F);
+            o->rmsnorm_bwd(o, m->dtmp, g->mlp_norm, m->dxn, a->xmid, p->mlp_norm, a->rstd2, N, D);
+            o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(xmid) */
+            /* the attention branch */
+            linear_bwd(o, m->datt, g->wo, m->dx, a->att, p->wo, N, D, D);
+            o->attn_bwd(o, m->dqkv, m->datt, a->att, a->lse, a->qkv, B, T, H, hd);
+            o->rope_bwd(o, m->dqkv, B, T, H, hd, 0, theta);
+            linear_bwd(o, m->dxn, g->wqkv, m->dqkv, a->xn1, p->wqkv, N, D, 3 * D);
+            o->rmsnorm_bwd(o, m->dtmp, g->attn_norm, m->dxn, a->x, p->attn_norm, a->rstd1, N, D);
+            o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(layer input) */
+        }
+        o->embed_bwd(o, m->gwte, tok, m->dx, N, D);
+    }
+
+    /* ---- mean loss over non-ignored targets ---- */
+    o->copy_d2h(o, m->host_losses, m->losses, (size_t)N * sizeof(float));
+    const int32_t *htgt = targets;
+    if (on_device) {
+        o->copy_d2h(o, m->host_targets, targets, (size_t)N * sizeof(int32_t));
+        htgt = m->host_targets;
+    }
+    double sum = 0.0;
+    long count = 0;
+    for (int i = 0; i < N; i++) {
+        if (htgt[i] < 0) continue;
+        sum += m->host_losses[i];
+        count++;
+    }
+    return count ? (float)(sum / (double)count) : 0.0f;
+}
+
+/* ---- generation ---------------------------------------------------------- */
+
+int model_infer_scratch_alloc(tlm_model *m, tlm_infer_scratch *s, int Bmax, int Tchunk) {
+    memset(s, 0, sizeof *s);
+    const tlm_config *c = &m->cfg;
+    if (Bmax <= 0 || Tchunk <= 0) return tlm_errorf("generation batch and chunk sizes must be positive");
+    long long Nll = (long long)Bmax * Tchunk;
+    if (Nll * 3 * c->dim > 0x7fffffffLL || Nll * 2 * c->hidden > 0x7fffffffLL ||
+        (long long)Bmax * c->vocab > 0x7fffffffLL)
+        return tlm_errorf("generation batch %d x chunk %d is too large: use a smaller batch", Bmax, Tchunk);
+    tlm_ops *o = m->ops;
+    size_t N = (size_t)Nll, D = (size_t)c->dim, F = (size_t)c->hidden;
+    const size_t f = sizeof(float);
+    int ok = 1;
+#define DEV(ptr, bytes) do { if (ok) { (ptr) = o->alloc(o, (bytes)); if (!(ptr)) ok = 0; } } while (0)
+    DEV(s->x, N * D * f);
+    DEV(s->xn, N * D * f);
+    DEV(s->qkv, N * 3 * D * f);
+    DEV(s->att, N * D * f);
+    DEV(s->gu, N * 2 * F * f);
+    DEV(s->act, N * F * f);
+    DEV(s->xlast, (size_t)Bmax * D * f);
+    DEV(s->tokens_dev, N * sizeof(int32_t));
+#undef DEV
+    if (!ok) {
+        model_infer_scratch_free(m, s);
+        return -1;
+    }
+    s->Bmax = Bmax;
+    s->Tchunk = Tchunk;
+    return 0;
+}
+
+void model_infer_scratch_free(tlm_model *m, tlm_infer_scratch *s) {
+    free_dev(m, s->x); free_dev(m, s->xn); free_dev(m, s->qkv); free_dev(m, s->att);
+    free_dev(m, s->gu); free_dev(m, s->act); free_dev(m, s->xlast); free_dev(m, s->tokens_dev);
+    memset(s, 0, sizeof *s);
+}
+
+int model_forward_cached(tlm_model *m, tlm_infer_scratch *s, float **kc, float **vc, int Tmax,
+                         const int32_t *tokens, int B, int T, int pos0, float *logits_out) {
+    const tlm_config *c = &m->cfg;
+    tlm_ops *o = m->ops;
+    if (B <= 0 || T <= 0 || B > s->Bmax || T > s->Tchunk)
+        return tlm_errorf("generation batch %d x %d exceeds the scratch allocated for %d x %d", B, T, s->Bmax,
+                          s->Tchunk);
+    if (pos0 < 0 || pos0 + T > Tmax)
+        return tlm_errorf("positions %d..%d exceed the KV cache length %d", pos0, pos0 + T - 1, Tmax);
+    const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
+    const float eps = c->norm_eps, theta = c->rope_theta;
+    o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
+    o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
+    for (int l = 0; l < L; l++) {
+        const tlm_layer_params *p = &m->layer[l];
+        o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->attn_norm, N, D, eps);
+        linear(o, s->qkv, s->xn, p->wqkv, N, D, 3 * D, 0.0f);
+        o->rope_fwd(o, s->qkv, B, T, H, hd, pos0, theta);
+        o->kv_store(o, kc[l], vc[l], s->qkv, B, T, Tmax, D, pos0);
+        o->attn_cached(o, s->att, s->qkv, kc[l], vc[l], B, T, Tmax, H, hd, pos0);
+        linear(o, s->x, s->att, p->wo, N, D, D, 1.0f);
+        o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->mlp_norm, N, D, eps);
+        linear(o, s->gu, s->xn, p->wgu, N, D, 2 * F, 0.0f);
+        o->swiglu_fwd(o, s->act, s->gu, N, F);
+        linear(o, s->x, s->act, p->wdown, N, F, D, 1.0f);
+    }
+    /* Only the last position of each sequence needs logits: gather those B
+     * rows, so the [V,D] head costs B rows instead of B*T. */
+    for (int b = 0; b < B; b++)
+        o->copy_d2d(o, s->xlast + (size_t)b * D, s->x + ((size_t)b * T + (size_t)(T - 1)) * D,
+                    (size_t)D * sizeof(float));
+    o->rmsnorm_fwd(o, s->xn, NULL, s->xlast, m->final_norm, B, D, eps);
+    linear(o, logits_out, s->xn, m->wte, B, D, V, 0.0f);
+    return 0;
+}

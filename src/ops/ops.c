@@ -1,0 +1,160 @@
+/*
+ * Device selection (--device): builds the op table of the chosen backend.
+ *
+ * The CPU backends are linked in. The CUDA backend is a separate shared
+ * module (libtinylm-cuda.so) loaded at run time, so one tinylm binary runs
+ * on machines with and without a GPU and needs no CUDA libraries to start.
+ */
+#include "ops/ops.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "util/common.h"
+
+#define OPS_CUDA_MODULE "libtinylm-cuda.so"
+#define OPS_CUDA_ENTRY "tlm_cuda_ops_create"
+
+/* Entry point every CUDA module exports: device index, a buffer for one line
+ * (a banner on success, the reason on failure). NULL when it cannot start. */
+typedef tlm_ops *(*ops_cuda_create_fn)(int device, char *note, size_t n);
+
+/* snprintf that truncates quietly: paths and loader messages can be long,
+ * and a cut-off one-line note is fine. */
+__attribute__((format(printf, 3, 4))) static void ops_fmt(char *buf, size_t n, const char *fmt, ...) {
+    if (!buf || !n) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, n, fmt, ap);
+    va_end(ap);
+}
+
+/* Open the CUDA module: first beside the executable (an installed or built
+ * tree keeps them together), then through the default library path.
+ * On failure *why says whether it was absent or present but unloadable. */
+static void *ops_cuda_open(char *why, size_t n) {
+    why[0] = 0;
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len > 0) {
+        exe[len] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            char path[PATH_MAX + 32];
+            slash[1] = 0;
+            ops_fmt(path, sizeof path, "%s%s", exe, OPS_CUDA_MODULE);
+            if (access(path, F_OK) == 0) {
+                void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+                if (h) return h;
+                const char *e = dlerror();
+                ops_fmt(why, n, "%s could not be loaded: %s", path, e ? e : "unknown dlopen error");
+                return NULL;
+            }
+        }
+    }
+    void *h = dlopen(OPS_CUDA_MODULE, RTLD_NOW | RTLD_LOCAL);
+    if (h) return h;
+    /* dlopen cannot tell "not found" from "found but broken" by code; the
+     * message is only worth showing in the second case. */
+    const char *e = dlerror();
+    if (e && !strstr(e, "No such file")) ops_fmt(why, n, "%s could not be loaded: %s", OPS_CUDA_MODULE, e);
+    return NULL;
+}
+
+/* Try to start CUDA device `dev`. Returns the op table, or NULL with `why`
+ * holding the reason ("" when the module is simply not installed). */
+static tlm_ops *ops_cuda_try(int dev, char *banner, size_t bn, char *why, size_t wn) {
+    void *h = ops_cuda_open(why, wn);
+    if (!h) return NULL;
+    ops_cuda_create_fn create = (ops_cuda_create_fn)(uintptr_t)dlsym(h, OPS_CUDA_ENTRY);
+    if (!create) {
+        ops_fmt(why, wn, "%s has no %s entry point (mismatched build)", OPS_CUDA_MODULE, OPS_CUDA_ENTRY);
+        dlclose(h);
+        return NULL;
+    }
+    char mnote[256] = "";
+    tlm_ops *o = create(dev, mnote, sizeof mnote);
+    if (!o) {
+        ops_fmt(why, wn, "%s", mnote[0] ? mnote : "the CUDA backend could not start (no usable GPU?)");
+        dlclose(h);
+        return NULL;
+    }
+    /* The module stays loaded for the life of the process: o->destroy and
+     * every op live in it. */
+    ops_fmt(banner, bn, "%s", mnote[0] ? mnote : "cuda");
+    return o;
+}
+
+/* Parse "cuda" or "cuda:N". Returns the device index, or -1 if malformed. */
+static int ops_parse_cuda(const char *spec) {
+    if (strcmp(spec, "cuda") == 0) return 0;
+    if (strncmp(spec, "cuda:", 5) != 0 || !spec[5]) return -1;
+    char *end;
+    errno = 0;
+    long v = strtol(spec + 5, &end, 10);
+    if (*end || errno || v < 0 || v > 1024) return -1;
+    return (int)v;
+}
+
+tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len) {
+    if (note && note_len) note[0] = 0;
+    if (!spec || !*spec) spec = "auto";
+    tlm_ops *o = NULL;
+    if (strcmp(spec, "cpu") == 0) {
+        o = cpu_ops_create(threads);
+        if (o) ops_fmt(note, note_len, "%s", "cpu");
+        return o;
+    }
+    if (strcmp(spec, "cpu-ref") == 0) {
+        o = cpu_ref_ops_create();
+        if (o) ops_fmt(note, note_len, "%s", "cpu-ref (reference loops, single thread)");
+        return o;
+    }
+    char banner[256] = "", why[512] = "";
+    if (strcmp(spec, "auto") == 0) {
+        o = ops_cuda_try(0, banner, sizeof banner, why, sizeof why);
+        if (o) {
+            ops_fmt(note, note_len, "%s", banner);
+            return o;
+        }
+        o = cpu_ops_create(threads);
+        if (!o) return NULL;
+        if (why[0]) {
+            ops_fmt(note, note_len, "cpu (CUDA unavailable: %s)", why);
+        } else {
+            ops_fmt(note, note_len, "%s", "cpu (no CUDA backend module found)");
+        }
+        return o;
+    }
+    if (strncmp(spec, "cuda", 4) == 0) {
+        int dev = ops_parse_cuda(spec);
+        if (dev < 0) {
+            tlm_errorf("--device %s: malformed CUDA device, expected cuda or cuda:N (N = GPU index, e.g. cuda:0)",
+                       spec);
+            return NULL;
+        }
+        o = ops_cuda_try(dev, banner, sizeof banner, why, sizeof why);
+        if (o) {
+            ops_fmt(note, note_len, "%s", banner);
+            return o;
+        }
+        if (why[0])
+            tlm_errorf("--device %s: %s: use --device cpu", spec, why);
+        else
+            tlm_errorf("--device %s: no CUDA backend found (%s not installed or no GPU): use --device cpu", spec,
+                       OPS_CUDA_MODULE);
+        return NULL;
+    }
+    tlm_errorf("--device %s: unknown device, expected one of auto, cpu, cpu-ref, cuda, cuda:N", spec);
+    return NULL;
+}
+
+void ops_destroy(tlm_ops *o) {
+    if (o && o->destroy) o->destroy(o);
+}

@@ -1,0 +1,144 @@
+/*
+ * The op interface: everything the model needs from a compute device.
+ *
+ * A backend (src/backends/cpu, later cuda) fills a tlm_ops table once at
+ * start-up. The model is written once against this table and never names a
+ * backend; a backend never includes model headers.
+ *
+ * Conventions
+ *  - All tensors are row-major float32 unless said otherwise. Pointers named
+ *    in comments as [A,B] are device buffers obtained from ops->alloc (on the
+ *    CPU that is ordinary host memory).
+ *  - N = B*T rows. D = model width, H heads, hd = D/H head size, F = SwiGLU
+ *    hidden width, V = vocabulary.
+ *  - Fused projections: the attention input projection is one [3D, D]
+ *    matrix whose rows are q (D rows), then k, then v; so qkv activations
+ *    are [N, 3D] with each row laid out q|k|v, and head h of q sits at
+ *    columns h*hd .. h*hd+hd-1. The MLP input projection is one [2F, D]
+ *    matrix, gate rows then up rows; its activations are [N, 2F], gate|up.
+ *  - "_bwd" ops that produce parameter gradients ACCUMULATE into them
+ *    (+=), so gradient accumulation across micro-batches is free; gradients
+ *    of activations are OVERWRITTEN unless said otherwise.
+ *  - Ops may run asynchronously on a device; ops->sync waits for all of them.
+ *    Reads of results on the host go through copy_d2h (which syncs).
+ */
+#ifndef TLM_OPS_OPS_H
+#define TLM_OPS_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tlm_ops tlm_ops;
+
+struct tlm_ops {
+    const char *name;        /* "cpu", "cpu-ref", "cuda" */
+    char device_desc[128];   /* e.g. "AMD EPYC, 2 threads, OpenBLAS 0.3.21" */
+    void *ctx;               /* backend-private state */
+    int threads;             /* compute threads (CPU) */
+
+    /* ---- memory ---------------------------------------------------- */
+    /* Device memory, zero-filled, 64-byte aligned. NULL + error on failure. */
+    void *(*alloc)(tlm_ops *o, size_t bytes);
+    void (*free)(tlm_ops *o, void *p);
+    /* Host memory for staging transfers (the loader's batch ring). Page-locked
+     * where the device can DMA from it asynchronously (CUDA: cudaHostAlloc);
+     * aligned ordinary memory otherwise. *pinned says which was given. */
+    void *(*host_alloc)(tlm_ops *o, size_t bytes, int *pinned);
+    void (*host_free)(tlm_ops *o, void *p, int pinned);
+    void (*copy_h2d)(tlm_ops *o, void *dst, const void *src, size_t bytes);
+    void (*copy_d2h)(tlm_ops *o, void *dst, const void *src, size_t bytes);
+    void (*copy_d2d)(tlm_ops *o, void *dst, const void *src, size_t bytes);
+    void (*zero)(tlm_ops *o, void *p, size_t bytes);
+    void (*sync)(tlm_ops *o);
+
+    /* ---- dense algebra -------------------------------------------- */
+    /* C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major, BLAS semantics:
+     * op(A) is [M,K] (A stored [K,M] when transA), op(B) is [K,N] (B stored
+     * [N,K] when transB); lda/ldb/ldc are row strides in elements. */
+    void (*matmul)(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha,
+                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+    /* y[n] += x[n] (residual connections). */
+    void (*add_inplace)(tlm_ops *o, float *y, const float *x, size_t n);
+
+    /* ---- embedding ------------------------------------------------ */
+    /* out[N,D] = wte[tok[n], :] */
+    void (*embed_fwd)(tlm_ops *o, float *out, const int32_t *tok, const float *wte, int N, int D);
+    /* dwte[tok[n], :] += dout[n, :] (accumulates; repeated tokens sum) */
+    void (*embed_bwd)(tlm_ops *o, float *dwte, const int32_t *tok, const float *dout, int N, int D);
+
+    /* ---- RMSNorm: out = x / sqrt(mean(x^2) + eps) * w ----------------- */
+    /* out[N,D], rstd[N] (saved for backward, may be NULL), x[N,D], w[D] */
+    void (*rmsnorm_fwd)(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+                        float eps);
+    /* dx[N,D] (overwritten), dw[D] (accumulated), from dout, x, w, rstd */
+    void (*rmsnorm_bwd)(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+                        const float *rstd, int N, int D);
+
+    /* ---- RoPE (rotate-half convention, as Hugging Face Llama) ----------
+     * For head vector x[0..hd), pairs (x[i], x[i+hd/2]) for i < hd/2 rotate by
+     * angle pos * theta^(-2i/hd). Applied in place to the q and k parts of
+     * qkv[B,T,3D]; token t of every sequence has position pos0 + t.
+     * rope_bwd applies the inverse rotation to dq, dk in place in dqkv. */
+    void (*rope_fwd)(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta);
+    void (*rope_bwd)(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta);
+
+    /* ---- causal self-attention, fused (never stores T x T) -------------
+     * out[B,T,D] = softmax(q k^T / sqrt(hd) + causal mask) v per head, reading
+     * q, k, v from qkv[B,T,3D]. lse[B,H,T] receives the log-sum-exp of each
+     * score row, which backward uses to recompute probabilities. */
+    void (*attn_fwd)(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd);
+    /* dqkv[B,T,3D] (overwritten) from dout[B,T,D], out, lse, qkv. */
+    void (*attn_bwd)(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
+                     const float *qkv, int B, int T, int H, int hd);
+
+    /* ---- attention over a KV cache (generation) ------------------------
+     * kv_store copies the k and v parts of qkv[B,T,3D] into the caches
+     * kc, vc [B,Tmax,D] at positions pos0 .. pos0+T-1.
+     * attn_cached: out[B,T,D]; query t (position pos0+t) attends to cached
+     * keys 0 .. pos0+t. */
+    void (*kv_store)(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D,
+                     int pos0);
+    void (*attn_cached)(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
+                        int T, int Tmax, int H, int hd, int pos0);
+
+    /* ---- SwiGLU: a = silu(gate) * up ----------------------------------
+     * gu[N,2F] (gate|up per row), a[N,F]. */
+    void (*swiglu_fwd)(tlm_ops *o, float *a, const float *gu, int N, int F);
+    /* dgu[N,2F] (overwritten) from da[N,F] and gu. */
+    void (*swiglu_bwd)(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F);
+
+    /* ---- softmax + cross-entropy over the vocabulary --------------------
+     * logits[N,V] (in/out), targets[N] (int32; a negative target is ignored:
+     * loss 0, gradient 0), losses[N] out (natural log, per row).
+     * If want_grad, logits are overwritten by dscale * (softmax - onehot). */
+    void (*xent)(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+                 int want_grad);
+
+    /* ---- optimizer ------------------------------------------------------
+     * out[0] (+)= sum(x[i]^2) over n elements; accumulate=0 overwrites. Kept
+     * on the device so clipping needs no host round trip. */
+    void (*sumsq)(tlm_ops *o, float *out, const float *x, size_t n, int accumulate);
+    /* AdamW on n parameters. The gradient actually used is g * s, where
+     * s = min(1, clip / sqrt(*gnorm_sq)) if clip > 0 (gnorm_sq is a device
+     * scalar produced by sumsq over all gradients) and 1 otherwise.
+     * m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+     * p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p).
+     * t is the 1-based step number. */
+    void (*adamw)(tlm_ops *o, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+                  float b2, float eps, float wd, int t, const float *gnorm_sq, float clip);
+
+    void (*destroy)(tlm_ops *o);
+};
+
+/* Device selection. spec is "auto", "cpu", "cpu-ref", "cuda" or "cuda:N";
+ * threads <= 0 means all cores. On "auto" the CUDA module is tried and the
+ * CPU used when it is not present; *note receives one banner line saying
+ * what happened (may be NULL). Returns NULL + error on failure. */
+tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len);
+void ops_destroy(tlm_ops *o);
+
+/* Backend constructors (src/backends/...). */
+tlm_ops *cpu_ops_create(int threads);     /* fast: CBLAS + OpenMP + SIMD */
+tlm_ops *cpu_ref_ops_create(void);        /* plain loops, single thread: the reference for tests */
+
+#endif

@@ -1,0 +1,201 @@
+/*
+ * Training: the learning-rate schedule, AdamW with global-norm clipping,
+ * checkpoints (a Hugging Face run folder plus trainer_state.*), and the loop.
+ *
+ * The loop never prints: it reports every step, evaluation and save through
+ * a callback, and returns errors via tlm_last_error(). A run is a pure
+ * function of its options: the batches come from (seed, epoch, index), the
+ * optimizer state is saved exactly, so a stopped-and-resumed run reproduces
+ * an uninterrupted one bit for bit (on the same device and thread count).
+ */
+#ifndef TLM_TRAIN_TRAIN_H
+#define TLM_TRAIN_TRAIN_H
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "data/loader.h"
+#include "data/tokfile.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "ops/ops.h"
+#include "util/common.h"
+
+/* ---- options ------------------------------------------------------------ */
+
+typedef struct {
+    char data[1024];        /* --data: folder from `tinylm prepare` */
+    char out[1024];         /* --out: the run folder */
+    /* Model shape. vocab always comes from the data. On --resume, a zero
+     * field means "as saved"; a non-zero one must equal the saved value. */
+    tlm_config cfg;
+    int batch;              /* --batch: sequences per micro-batch */
+    int accum;              /* --accum: micro-batches per optimizer step */
+    double lr;              /* --lr: peak learning rate */
+    double min_lr;          /* --min-lr: < 0 means lr / 10 */
+    int64_t warmup;         /* --warmup: < 0 means min(100, max_steps) */
+    double weight_decay;    /* --weight-decay (2-D weights only) */
+    double clip;            /* --clip: global gradient norm, 0 = off */
+    int64_t max_steps;      /* --max-steps: also the cosine horizon */
+    double max_time;        /* --max-time seconds for this invocation, 0 = none */
+    int64_t eval_every;     /* --eval-every */
+    int64_t eval_batches;   /* --eval-batches */
+    int64_t save_every;     /* --save-every: 0 means eval_every */
+    int64_t log_every;      /* --log-every: metrics.jsonl cadence */
+    int workers;            /* --workers: loader threads (0 = caller's thread) */
+    int prefetch;           /* --prefetch: ring slots */
+    uint64_t seed;          /* --seed */
+    int threads;            /* --threads: compute threads, 0 = all cores */
+    char device[32];        /* --device: auto, cpu, cpu-ref, cuda[:N] */
+    int resume;             /* --resume */
+} tlm_train_opts;
+
+/* Defaults of every flag (model shape left zero: the caller picks a preset). */
+void train_opts_default(tlm_train_opts *o);
+
+/* Read the options a run was saved with (RUN/trainer_state.json), for a
+ * resume that keeps everything not given on the command line. cfg is left
+ * zeroed (the shape comes from RUN/config.json), resume is set. */
+int train_opts_load(tlm_train_opts *o, const char *run_dir);
+
+/* ---- schedule ----------------------------------------------------------- */
+
+/* Learning rate for 1-based `step`: linear warmup lr*step/warmup up to
+ * step == warmup, then cosine from lr down to min_lr at step == max_steps,
+ * then constant min_lr. */
+double schedule_lr(int64_t step, double lr, double min_lr, int64_t warmup, int64_t max_steps);
+
+/* ---- optimizer ---------------------------------------------------------- */
+
+#define TLM_ADAM_BETA1 0.9
+#define TLM_ADAM_BETA2 0.95
+#define TLM_ADAM_EPS 1e-8
+
+/* AdamW moments, one flat device array each, aligned with model->params. */
+typedef struct {
+    float *m, *v;       /* device [P] */
+    float *gnorm_sq;    /* device scalar: sum of squared gradients */
+    size_t n;
+} tlm_adamw;
+
+int adamw_create(tlm_adamw *a, tlm_ops *ops, size_t nparams);
+void adamw_destroy(tlm_adamw *a, tlm_ops *ops);
+/* Global gradient norm of model->grads (also left on the device for
+ * clipping by the next adamw_update). */
+double adamw_grad_norm(tlm_adamw *a, tlm_model *m);
+/* One AdamW step (t is 1-based) on every tensor of the model, decoupled
+ * weight decay only where tensor.decay is set, gradients scaled so their
+ * global norm is at most clip (clip <= 0: no clipping). Call
+ * adamw_grad_norm first. */
+void adamw_update(tlm_adamw *a, tlm_model *m, double lr, double weight_decay, double clip, int64_t t);
+
+/* ---- metrics ------------------------------------------------------------ */
+
+typedef struct {
+    int64_t step;
+    uint64_t tokens;
+    double loss, val_loss;   /* val_loss NAN where not evaluated */
+    double lr, tokens_per_s, elapsed_s, grad_norm;
+} tlm_metric;
+
+/* ---- the trainer -------------------------------------------------------- */
+
+typedef struct tlm_trainer {
+    tlm_train_opts opt;      /* resolved: min_lr, warmup, save_every filled in */
+    tlm_ops *ops;
+    char device_note[256];   /* ops_create's banner line */
+    tlm_tokfile train, val;
+    int train_ok, val_ok;
+    char *tok_json;          /* DIR/tokenizer.json bytes, copied into RUN */
+    size_t tok_json_len;
+    tlm_model model;
+    int model_ok;
+    tlm_loader *loader;
+    tlm_adamw adam;
+    int adam_ok;
+    int32_t *eval_in, *eval_tg; /* host [B,T] */
+    int eval_B;              /* rows per eval batch (B, or fewer when val is small) */
+    int64_t eval_nb;         /* eval batches actually used */
+    uint64_t loader_seed;
+    tlm_rng rng;             /* seeds everything random; saved with the run */
+
+    /* progress */
+    int64_t step;            /* optimizer steps done */
+    uint64_t tokens;         /* training tokens consumed */
+    double elapsed_s;        /* training seconds over all invocations */
+    double last_val, best_val; /* NAN until evaluated */
+    int64_t saved_step;      /* step of the checkpoint on disk, -1 if none */
+    tlm_metric *metrics;
+    size_t nmetrics, cap_metrics;
+} tlm_trainer;
+
+/* Open the data, check it against the options (and, with opt->resume, the
+ * checkpoint in opt->out), create the device, model, optimizer and loader.
+ * Fresh runs refuse a folder that already holds a checkpoint. Nothing is
+ * written to opt->out here except creating the folder. On failure the
+ * trainer is closed and the error names the file or flag. */
+int trainer_open(tlm_trainer *t, const tlm_train_opts *opt);
+void trainer_close(tlm_trainer *t);
+
+typedef enum { TLM_TRAIN_STEP, TLM_TRAIN_EVAL, TLM_TRAIN_SAVE } tlm_train_event;
+
+typedef struct {
+    tlm_train_event event;
+    int64_t step, max_steps;
+    uint64_t tokens;
+    double loss;             /* this step's mean training loss */
+    double val_loss;         /* last evaluation (NAN if none yet) */
+    double best_val_loss;
+    double lr, grad_norm;
+    double tokens_per_s;     /* recent training throughput */
+    double elapsed_s;        /* over all invocations of this run */
+    double eta_s;            /* to max_steps or max_time, whichever is sooner */
+} tlm_train_progress;
+
+/* Called after every step (TLM_TRAIN_STEP), after each evaluation and each
+ * save. A non-zero return asks the loop to stop: it saves and returns 1. */
+typedef int (*tlm_train_cb)(void *user, const tlm_train_progress *p);
+
+/* Train until max_steps or max_time (then evaluate, save, return 0), or
+ * until the callback or *stop (set from a signal handler; may be NULL) asks
+ * to stop (save, return 1). A non-finite loss or gradient returns -1 at
+ * once without saving, leaving the last good checkpoint as it was. */
+int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop);
+
+/* Mean validation loss over the first eval_batches batches of val.bin. */
+double trainer_eval(tlm_trainer *t);
+
+/* Write the checkpoint for the current step into opt.out (see checkpoint.c
+ * for the order that keeps it consistent across a crash). */
+int trainer_save(tlm_trainer *t);
+
+/* Does run_dir hold checkpoint files? */
+int checkpoint_exists(const char *run_dir);
+
+/* ---- internal to src/train (checkpoint.c <-> trainer.c) ------------------ */
+
+/* What trainer_state.json records besides the options. */
+typedef struct {
+    tlm_train_opts opt;       /* the options the run was saved with */
+    int64_t step;
+    uint64_t tokens;
+    uint64_t epoch, index;    /* loader position of the next batch */
+    uint64_t loader_seed;
+    tlm_rng rng;
+    double elapsed_s, best_val, last_val;
+    uint64_t sum_model, sum_m, sum_v, sum_tok; /* FNV-1a of the saved data */
+} tlm_ckpt_state;
+
+int checkpoint_read_state(tlm_ckpt_state *s, const char *run_dir);
+/* Load params and AdamW moments from the run folder into t and verify they
+ * belong to state s (same step, same checksums). */
+int checkpoint_load_tensors(tlm_trainer *t, const tlm_ckpt_state *s);
+/* metrics.jsonl and loss.svg from t->metrics. */
+int metrics_write(const tlm_trainer *t);
+/* Read RUN/metrics.jsonl back, keeping records up to max_step. A missing
+ * file gives no records. */
+int metrics_load(tlm_trainer *t, int64_t max_step);
+int metrics_add(tlm_trainer *t, const tlm_metric *r);
+
+#endif
