@@ -824,8 +824,8 @@ static void test_fast_vs_ref_rows(void **state) {
 static void test_fast_vs_ref_attention(void **state) {
     (void)state;
     tlm_ops *r = REF(), *f = FAST();
-    int shapes[][4] = {{2, 37, 2, 8}, {1, 29, 3, 16}, {2, 23, 1, 32}, {1, 19, 2, 64}, {3, 1, 2, 16}};
-    for (int s = 0; s < 5; s++) {
+    int shapes[][4] = {{2, 37, 2, 8}, {1, 29, 3, 16}, {2, 23, 1, 32}, {1, 19, 2, 64}, {3, 1, 2, 16}, {1, 9, 1, 128}};
+    for (int s = 0; s < 6; s++) {
         int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], hd = shapes[s][3], D = H * hd;
         size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D, nl = (size_t)B * H * T;
         float *qkv = hrand(nq, 1), *R = hrand(no, 1);

@@ -117,6 +117,7 @@ typedef struct {
     int tty;
     int64_t log_every;
     int line_open; /* a \r progress line is on screen */
+    double last_print;
     const char *out;
 } printer;
 
@@ -133,6 +134,11 @@ static int on_progress(void *user, const tlm_train_progress *p) {
     if (p->event == TLM_TRAIN_STEP) {
         int last = p->step >= p->max_steps;
         if (!pp->tty && !(p->step % pp->log_every == 0 || p->step == 1 || last)) return 0;
+        /* A terminal line is redrawn at most ten times a second: tiny models
+         * run thousands of steps per second. */
+        double now = tlm_now();
+        if (pp->tty && !last && p->step != 1 && now - pp->last_print < 0.1) return 0;
+        pp->last_print = now;
         if (p->val_loss == p->val_loss) snprintf(val, sizeof val, "%.4f", p->val_loss);
         else snprintf(val, sizeof val, "-");
         printf("%sstep %lld/%lld | loss %.4f | val %s | lr %.2e | %s tok/s | %s | ETA %s%s", pp->tty ? "\r" : "",
@@ -328,7 +334,7 @@ int cmd_train(int argc, char **argv) {
     if (trainer_open(&t, &o)) return cli_fail(CMD, tlm_last_error());
     print_banner(&t);
 
-    printer pp = {isatty(STDOUT_FILENO), t.opt.log_every, 0, t.opt.out};
+    printer pp = {isatty(STDOUT_FILENO), t.opt.log_every, 0, 0.0, t.opt.out};
     install_signals();
     int rc = trainer_run(&t, on_progress, &pp, &g_stop);
     close_line(&pp);

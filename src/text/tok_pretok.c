@@ -4,8 +4,13 @@
 #include "text/tok_internal.h"
 #include "util/common.h"
 
-static const char tok_pattern[] =
-    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+/* The GPT-2 pattern with \s spelled out as the Unicode White_Space set.
+ * PCRE2's own \s (with UCP) also takes U+180E, which Oniguruma, the engine
+ * behind `tokenizers`, does not; spelling the set out makes both split
+ * text the same way (up to Unicode-version differences in letters). */
+#define WS "\\t\\n\\x0b\\f\\r\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
+static const char tok_pattern[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^" WS "\\p{L}\\p{N}]+|[" WS "]+(?![^" WS
+                                  "])|[" WS "]+";
 
 int tok_regex_init(tok_regex *r) {
     memset(r, 0, sizeof *r);

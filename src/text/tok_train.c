@@ -15,6 +15,7 @@
 typedef struct {
     int32_t a, b;
     int32_t stamp;      /* last merge step that changed the count */
+    int32_t banned;     /* joins into an existing token's bytes: never merged */
     uint32_t nwhere, cwhere;
     int64_t count;      /* occurrences, weighted by word frequency */
     int32_t *where;     /* words that may contain the pair (may repeat or be stale) */
@@ -47,6 +48,7 @@ typedef struct {
     size_t nwords;
     int32_t *changed;
     size_t nchanged, cchanged;
+    bmap tokset;  /* bytes of every token so far */
     int32_t step;
     int oom;
 } trainer;
@@ -101,7 +103,7 @@ static int32_t pair_lookup(trainer *tr, int32_t a, int32_t b) {
         return -1;
     }
     int32_t id = (int32_t)tr->npairs++;
-    tr->pairs[id] = (tpair){a, b, -1, 0, 0, 0, NULL};
+    tr->pairs[id] = (tpair){a, b, -1, 0, 0, 0, 0, NULL};
     tr->keys[i] = key;
     tr->idx[i] = id;
     tr->nkeys++;
@@ -227,6 +229,7 @@ static void trainer_free(trainer *tr) {
     free(tr->wstamp);
     free(tr->wfreq);
     free(tr->changed);
+    bmap_free(&tr->tokset);
 }
 
 /* Count the pieces of all documents into one map (val = count). Pieces of
@@ -390,27 +393,46 @@ tlm_tokenizer *tokenizer_train(const char *const *docs, const size_t *lens, size
     for (size_t i = 0; i < tr.npairs; i++) heap_push(&tr, (int32_t)i);
     if (tr.oom) goto oom;
 
-    int m;
-    for (m = 0; m < nmerges; m++) {
+    if (bmap_init(&tr.tokset, (size_t)vocab_size)) goto oom;
+    for (int b = 0; b < 256; b++) {
+        int added;
+        bmap_entry *e = bmap_upsert(&tr.tokset, tr.tok_bytes + b, 1, tok_hash_bytes(tr.tok_bytes + b, 1), &added);
+        if (!e) goto oom;
+        e->val = b;
+    }
+
+    int m = 0;
+    while (m < nmerges) {
         int32_t pid = -1;
         while (tr.nheap) {
             theap top = heap_pop(&tr);
             const tpair *p = &tr.pairs[top.pair];
-            if (p->count > 0 && p->count == top.count) {
+            if (p->count > 0 && p->count == top.count && !p->banned) {
                 pid = top.pair;
                 break;
             }
         }
         if (pid < 0) break;  /* every word is a single token already */
         int32_t a = tr.pairs[pid].a, b = tr.pairs[pid].b, c = 256 + m;
-        t->merge_left[m] = a;
-        t->merge_right[m] = b;
-        t->merge_result[m] = c;
         size_t na = tr.tok_off[a + 1] - tr.tok_off[a], nb = tr.tok_off[b + 1] - tr.tok_off[b];
         size_t at = tr.tok_off[c];
         if (grow((void **)&tr.tok_bytes, &tr.ctok_bytes, at + na + nb, 1)) goto oom;
         memcpy(tr.tok_bytes + at, tr.tok_bytes + tr.tok_off[a], na);
         memcpy(tr.tok_bytes + at + na, tr.tok_bytes + tr.tok_off[b], nb);
+        /* Token strings must stay unique (the vocab is keyed by them). Should
+         * two different splits of one string ever both become frequent, the
+         * later pair is skipped for good rather than duplicating a token. */
+        int added;
+        bmap_entry *e = bmap_upsert(&tr.tokset, tr.tok_bytes + at, na + nb, tok_hash_bytes(tr.tok_bytes + at, na + nb), &added);
+        if (!e) goto oom;
+        if (!added) {
+            tr.pairs[pid].banned = 1;
+            continue;
+        }
+        e->val = c;
+        t->merge_left[m] = a;
+        t->merge_right[m] = b;
+        t->merge_result[m] = c;
         tr.tok_off[c + 1] = at + na + nb;
         tr.ntok++;
 
@@ -433,6 +455,7 @@ tlm_tokenizer *tokenizer_train(const char *const *docs, const size_t *lens, size
             if (tr.pairs[tr.changed[k]].count > 0) heap_push(&tr, tr.changed[k]);
         if (tr.oom) goto oom;
         if (progress && (m % 64 == 0)) progress(user, "merges", (double)m, (double)nmerges);
+        m++;
     }
     if (m < nmerges) {
         tlm_errorf("the training text has too few distinct byte pairs for a vocab of %d (only %d merges possible): "

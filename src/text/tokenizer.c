@@ -372,27 +372,44 @@ int32_t *tokenizer_encode_many(const tlm_tokenizer *t, const char *const *docs, 
 #pragma omp atomic write
             failed = 1;
         }
+        /* Encode into a reused scratch buffer, then keep an exact-size copy:
+         * a fresh bytes-sized buffer per unit costs more in page faults than
+         * the encoding saves. */
+        int32_t *scratch = NULL;
+        size_t cscratch = 0;
 #pragma omp for schedule(dynamic, 1)
         for (size_t i = 0; i < nu; i++) {
             if (!ok) continue;
             size_t n = u[i].end - u[i].start;
-            /* Byte-level BPE never yields more tokens than bytes. */
-            u[i].toks = malloc((n ? n : 1) * sizeof(int32_t));
+            if (n > cscratch) {
+                /* Byte-level BPE never yields more tokens than bytes. */
+                int32_t *ns = realloc(scratch, n * sizeof *ns);
+                if (!ns) {
+                    ok = 0;
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                scratch = ns;
+                cscratch = n;
+            }
+            u[i].n = encoder_run(&e, (const unsigned char *)docs[u[i].doc] + u[i].start, n, scratch, n, 0);
+            u[i].toks = malloc((u[i].n ? u[i].n : 1) * sizeof(int32_t));
             if (!u[i].toks) {
+                ok = 0;
 #pragma omp atomic write
                 failed = 1;
                 continue;
             }
-            u[i].n = encoder_run(&e, (const unsigned char *)docs[u[i].doc] + u[i].start, n, u[i].toks, n, 0);
-            int32_t *shrunk = realloc(u[i].toks, (u[i].n ? u[i].n : 1) * sizeof(int32_t));
-            if (shrunk) u[i].toks = shrunk;
+            if (u[i].n) memcpy(u[i].toks, scratch, u[i].n * sizeof(int32_t));
             size_t sofar;
 #pragma omp atomic capture
             sofar = done_bytes += n;
             if (progress && omp_get_thread_num() == 0 && sofar < total_bytes)
                 progress(user, "encode", (double)sofar, (double)total_bytes);
         }
-        if (ok) encoder_free(&e);
+        free(scratch);
+        encoder_free(&e);
     }
     int32_t *all = NULL;
     if (!failed) {

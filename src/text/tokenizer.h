@@ -3,6 +3,10 @@
  *
  * Pre-tokenization: the GPT-2 regex with Unicode classes via PCRE2
  *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * (\s is the Unicode White_Space set, as in the `tokenizers` library). Text
+ * that is not valid UTF-8 is handled bytewise: valid runs are split by the
+ * regex, and each byte outside them is a piece of its own, so every byte
+ * string encodes and decode(encode(x)) == x.
  * Each piece's bytes are mapped to the GPT-2 byte-to-unicode alphabet; id b
  * (0..255) is the single byte b, then one id per merge in rank order, then
  * the special token <|endoftext|> last (id vocab-1). Saved as a Hugging Face tokenizer.json (model type
@@ -25,12 +29,21 @@ typedef void (*tlm_progress_fn)(void *user, const char *stage, double done, doub
 /* Train on a set of documents (each a byte string, any content, not
  * necessarily valid UTF-8). vocab_size includes the 256 byte tokens and the
  * end-of-text token. Deterministic: ties between equally frequent pairs go
- * to the lexicographically smallest pair of token ids' byte strings. */
+ * to the lexicographically smallest pair of token ids' byte strings
+ * (compare the left tokens' bytes, then the right ones'; memcmp order, a
+ * prefix first). Pieces never span documents. progress stages:
+ * "pre-tokenize" (bytes) and "merges". Fails (NULL + error) if vocab_size
+ * is outside 257..2^24 or the text has too few distinct pairs for it. */
 tlm_tokenizer *tokenizer_train(const char *const *docs, const size_t *lens, size_t ndocs, int vocab_size,
                                tlm_progress_fn progress, void *user);
 
 int tokenizer_save(const tlm_tokenizer *t, const char *path);   /* tokenizer.json, atomic */
-tlm_tokenizer *tokenizer_load(const char *path);                /* NULL + error */
+/* Load a tokenizer.json: ours, or any byte-level BPE from `tokenizers` whose
+ * ids run 0..V-1 and that has the <|endoftext|> added token (merges as
+ * "a b" or ["a", "b"]). Ids then follow the file. NULL + a one-line error
+ * naming the path and the fault (missing file, not JSON, not a byte-level
+ * BPE, bad or duplicate ids, merges naming unknown tokens, no special token). */
+tlm_tokenizer *tokenizer_load(const char *path);
 void tokenizer_free(tlm_tokenizer *t);
 
 int tokenizer_vocab_size(const tlm_tokenizer *t);

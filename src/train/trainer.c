@@ -299,14 +299,14 @@ static int notify(tlm_train_cb cb, void *user, tlm_train_progress *p, tlm_train_
 }
 
 static int diverged(const tlm_trainer *t, const char *what, double v, int64_t step) {
-    char kept[1400];
+    const char *val = isnan(v) ? "NaN" : v > 0 ? "+Inf" : "-Inf";
     if (t->saved_step >= 0)
-        snprintf(kept, sizeof kept, "the checkpoint of step %lld in %s is kept; resume it", (long long)t->saved_step,
-                 t->opt.out);
-    else
-        snprintf(kept, sizeof kept, "no checkpoint was saved; start again");
-    return tlm_errorf("%s is %g at step %lld (training diverged): nothing was saved, %s with a lower --lr than %g", what,
-                      v, (long long)step, kept, t->opt.lr);
+        return tlm_errorf("%s is %s at step %lld (training diverged): this state was not saved and the checkpoint of "
+                          "step %lld in %s is kept; resume it with a lower --lr than %g",
+                          what, val, (long long)step, (long long)t->saved_step, t->opt.out, t->opt.lr);
+    return tlm_errorf("%s is %s at step %lld (training diverged): nothing was saved; start again with a lower --lr "
+                      "than %g",
+                      what, val, (long long)step, t->opt.lr);
 }
 
 int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop) {
@@ -353,18 +353,12 @@ int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic
         t->elapsed_s = base_elapsed + (now - t0);
         const int timed_out = o->max_time > 0 && now - t0 >= o->max_time;
         const int finished = step >= o->max_steps || timed_out;
-        if (stop && *stop) stop_req = 1;
 
         double eta = (double)(o->max_steps - step) * (now - t0) / (double)session_steps;
         if (o->max_time > 0 && o->max_time - (now - t0) < eta) eta = o->max_time - (now - t0);
         if (eta < 0) eta = 0;
 
         const int eval_due = step % o->eval_every == 0 || finished;
-        const int log_due = step % o->log_every == 0 || step == 1 || eval_due || stop_req;
-        if (log_due) {
-            tlm_metric r = {step, t->tokens, loss, NAN, lr, tps, t->elapsed_s, gnorm};
-            if (metrics_add(t, &r)) return -1;
-        }
         pr.step = step;
         pr.tokens = t->tokens;
         pr.loss = loss;
@@ -376,6 +370,13 @@ int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic
         pr.elapsed_s = t->elapsed_s;
         pr.eta_s = eta;
         if (notify(cb, user, &pr, TLM_TRAIN_STEP)) stop_req = 1;
+        if (stop && *stop) stop_req = 1;
+        /* Recorded after the callback, so a step where it asked to stop
+         * (the last one before a resume) is in the history too. */
+        if (step % o->log_every == 0 || step == 1 || eval_due || stop_req) {
+            tlm_metric r = {step, t->tokens, loss, NAN, lr, tps, t->elapsed_s, gnorm};
+            if (metrics_add(t, &r)) return -1;
+        }
 
         if (eval_due) {
             const double val = trainer_eval(t);

@@ -1,0 +1,341 @@
+/* The measurements behind `tinylm bench` (see bench_run.h for the FLOP count). */
+#include "cli/bench_run.h"
+
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <omp.h>
+
+#include "infer/infer.h"
+#include "io/fileio.h"
+#include "text/tokenizer.h"
+#include "train/train.h"
+#include "util/common.h"
+
+/* ---- FLOP counting ---------------------------------------------------------- */
+
+size_t bench_matmul_params(const tlm_config *c) {
+    const size_t D = (size_t)c->dim, F = (size_t)c->hidden, L = (size_t)c->layers, V = (size_t)c->vocab;
+    return L * (4 * D * D + 3 * D * F) + V * D;
+}
+
+double bench_train_flops_per_token(const tlm_config *c, int T) {
+    return 6.0 * (double)bench_matmul_params(c) + 6.0 * c->layers * (double)c->dim * ((double)T + 1.0);
+}
+
+/* ---- training ---------------------------------------------------------------- */
+
+void bench_random_tokens(int32_t *out, int n, int V, uint64_t seed) {
+    tlm_rng rng;
+    tlm_rng_seed(&rng, seed);
+    /* V-1 is the end-of-text id: a benchmark prompt should look like text. */
+    uint64_t range = V > 1 ? (uint64_t)(V - 1) : 1;
+    for (int i = 0; i < n; i++) out[i] = (int32_t)tlm_rng_below(&rng, range);
+}
+
+int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, bench_train_result *r) {
+    memset(r, 0, sizeof *r);
+    const int B = o->batch, T = cfg->context;
+    if (B < 1 || o->steps < 1 || o->warmup_steps < 0) return tlm_errorf("bench: --batch and --steps must be positive");
+    tlm_model m;
+    tlm_adamw adam;
+    memset(&adam, 0, sizeof adam);
+    int have_model = 0, have_adam = 0, rc = -1;
+    size_t n = (size_t)B * (size_t)T;
+    int32_t *in = malloc(n * sizeof *in), *tg = malloc(n * sizeof *tg);
+    if (!in || !tg) {
+        tlm_errorf("out of memory for a batch of %d x %d tokens: use a smaller --batch", B, T);
+        goto out;
+    }
+    if (model_create(&m, cfg, ops)) goto out;
+    have_model = 1;
+    model_init_random(&m, o->seed);
+    if (model_alloc_train(&m, B, T)) goto out;
+    if (adamw_create(&adam, ops, m.nparams)) goto out;
+    have_adam = 1;
+    /* Random tokens: the work per step does not depend on their values, and
+     * a random model's loss on them is about ln V (a check of the run). */
+    bench_random_tokens(in, (int)n, cfg->vocab, o->seed ^ 0x5eedULL);
+    bench_random_tokens(tg, (int)n, cfg->vocab, o->seed ^ 0x7a56e7ULL);
+
+    const float grad_scale = 1.0f / (float)n;
+    double t0 = 0;
+    for (int s = 0; s < o->warmup_steps + o->steps; s++) {
+        if (s == o->warmup_steps) {
+            ops->sync(ops);
+            t0 = tlm_now();
+        }
+        model_zero_grad(&m);
+        float loss = model_forward_backward(&m, in, tg, B, T, grad_scale, 0);
+        double gnorm = adamw_grad_norm(&adam, &m);
+        if (!isfinite(loss) || !isfinite(gnorm)) {
+            if (!isfinite(loss) && tlm_last_error()[0]) goto out;
+            tlm_errorf("bench: training step %d gave a non-finite loss or gradient", s + 1);
+            goto out;
+        }
+        /* Constant learning rate: the schedule costs nothing measurable. */
+        adamw_update(&adam, &m, 1e-3, 0.1, 1.0, s + 1);
+        if (s == 0) r->loss_first = loss;
+        r->loss_last = loss;
+    }
+    ops->sync(ops);
+    r->seconds = tlm_now() - t0;
+    r->tokens = (long long)n * o->steps;
+    r->tokens_per_s = r->seconds > 0 ? (double)r->tokens / r->seconds : 0;
+    r->flops_per_token = bench_train_flops_per_token(cfg, T);
+    r->gflops = r->flops_per_token * r->tokens_per_s / 1e9;
+    rc = 0;
+out:
+    if (have_adam) adamw_destroy(&adam, ops);
+    if (have_model) model_destroy(&m);
+    free(in);
+    free(tg);
+    return rc;
+}
+
+/* ---- matrix-product peak ------------------------------------------------------ */
+
+int bench_sgemm(tlm_ops *ops, int n, int reps, double *gflops) {
+    *gflops = 0;
+    if (n < 1 || reps < 1) return tlm_errorf("bench: --gemm-size and --gemm-reps must be positive");
+    size_t nn = (size_t)n * (size_t)n, bytes = nn * sizeof(float);
+    float *h = tlm_alloc(bytes);
+    float *a = ops->alloc(ops, bytes), *b = ops->alloc(ops, bytes), *c = ops->alloc(ops, bytes);
+    int rc = -1;
+    if (!h || !a || !b || !c) {
+        tlm_errorf("out of memory for three %d x %d matrices: use a smaller --gemm-size", n, n);
+        goto out;
+    }
+    tlm_rng rng;
+    tlm_rng_seed(&rng, 42);
+    for (size_t i = 0; i < nn; i++) h[i] = tlm_rng_uniform(&rng) - 0.5f;
+    ops->copy_h2d(ops, a, h, bytes);
+    for (size_t i = 0; i < nn; i++) h[i] = tlm_rng_uniform(&rng) - 0.5f;
+    ops->copy_h2d(ops, b, h, bytes);
+    double best = 0;
+    /* One untimed product first: BLAS thread start-up and first-touch. */
+    for (int k = 0; k <= reps; k++) {
+        ops->sync(ops);
+        double t0 = tlm_now();
+        /* x @ W^T, the layout of every product in the model. */
+        ops->matmul(ops, 0, 1, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        ops->sync(ops);
+        double dt = tlm_now() - t0;
+        double g = dt > 0 ? 2.0 * (double)n * n * n / dt / 1e9 : 0;
+        if (k > 0 && g > best) best = g;
+    }
+    *gflops = best;
+    rc = 0;
+out:
+    tlm_free(h);
+    if (a) ops->free(ops, a);
+    if (b) ops->free(ops, b);
+    if (c) ops->free(ops, c);
+    return rc;
+}
+
+/* ---- generation ---------------------------------------------------------------- */
+
+static tlm_gen_params gen_params(int streams, int max_tokens, uint64_t seed) {
+    tlm_gen_params p;
+    memset(&p, 0, sizeof p);
+    p.samples = streams;
+    p.max_tokens = max_tokens;
+    p.sampling.temperature = BENCH_TEMPERATURE;
+    p.sampling.top_k = 0;
+    p.sampling.top_p = BENCH_TOP_P;
+    p.seed = seed;
+    return p;
+}
+
+int bench_prompt(tlm_model *m, const int32_t *prompt, int nprompt, int reps, double *tokens_per_s) {
+    *tokens_per_s = 0;
+    tlm_gen_params p = gen_params(1, 1, 1);
+    double best = 0;
+    for (int k = 0; k < reps; k++) {
+        tlm_gen_stats st;
+        if (generate_run(m, prompt, nprompt, -1, &p, NULL, NULL, NULL, NULL, &st)) return -1;
+        if (st.prompt_seconds > 0 && (best == 0 || st.prompt_seconds < best)) best = st.prompt_seconds;
+    }
+    *tokens_per_s = best > 0 ? (double)nprompt / best : 0;
+    return 0;
+}
+
+int bench_generate(tlm_model *m, const int32_t *prompt, int nprompt, int streams, int max_tokens, uint64_t seed,
+                   bench_gen_result *r) {
+    memset(r, 0, sizeof *r);
+    r->streams = streams;
+    tlm_gen_params p = gen_params(streams, max_tokens, seed);
+    tlm_gen_stats st;
+    /* eot = -1: sequences never stop early, so every stream makes max_tokens. */
+    if (generate_run(m, prompt, nprompt, -1, &p, NULL, NULL, NULL, NULL, &st)) return -1;
+    r->new_tokens = st.new_tokens;
+    r->seconds = st.gen_seconds;
+    r->tokens_per_s = st.gen_seconds > 0 ? (double)st.new_tokens / st.gen_seconds : 0;
+    return 0;
+}
+
+/* ---- tokenizer ----------------------------------------------------------------- */
+
+typedef struct {
+    char **bufs;    /* file contents, owned */
+    int nbufs;
+    const char **docs;
+    size_t *lens;
+    size_t ndocs, cap;
+    size_t bytes;
+} corpus_t;
+
+static void corpus_add_doc(corpus_t *c, const char *text, size_t len) {
+    if (len == 0) return;
+    if (c->ndocs == c->cap) {
+        c->cap = c->cap ? c->cap * 2 : 64;
+        c->docs = realloc(c->docs, c->cap * sizeof *c->docs);
+        c->lens = realloc(c->lens, c->cap * sizeof *c->lens);
+    }
+    c->docs[c->ndocs] = text;
+    c->lens[c->ndocs++] = len;
+}
+
+/* Documents of one file: the pieces between lines holding only <|endoftext|>. */
+static void corpus_split(corpus_t *c, const char *buf, size_t len) {
+    const size_t sl = strlen(TLM_EOT_TEXT);
+    size_t start = 0, i = 0;
+    while (i < len) {
+        size_t e = i;
+        while (e < len && buf[e] != '\n') e++;
+        size_t ll = e - i;
+        if (ll > 0 && buf[e - 1] == '\r') ll--;
+        if (ll == sl && !memcmp(buf + i, TLM_EOT_TEXT, sl)) {
+            corpus_add_doc(c, buf + start, i - start);
+            start = e < len ? e + 1 : len;
+        }
+        i = e + 1;
+    }
+    if (start < len) corpus_add_doc(c, buf + start, len - start);
+}
+
+static int corpus_add_file(corpus_t *c, const char *path, int split) {
+    size_t len;
+    char *buf = file_read_all(path, &len);
+    if (!buf) return -1;
+    c->bufs = realloc(c->bufs, (size_t)(c->nbufs + 1) * sizeof *c->bufs);
+    c->bufs[c->nbufs++] = buf;
+    c->bytes += len;
+    if (split) corpus_split(c, buf, len);
+    else corpus_add_doc(c, buf, len);
+    return 0;
+}
+
+static int cmp_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static int corpus_read(corpus_t *c, const char *path) {
+    memset(c, 0, sizeof *c);
+    struct stat st;
+    if (stat(path, &st) != 0) return tlm_errorf("--corpus %s does not exist: give a text file or a folder of .txt files", path);
+    if (S_ISREG(st.st_mode)) return corpus_add_file(c, path, 1);
+    if (!S_ISDIR(st.st_mode)) return tlm_errorf("--corpus %s is neither a file nor a folder", path);
+    DIR *d = opendir(path);
+    if (!d) return tlm_errorf("--corpus %s: cannot open the folder", path);
+    char **names = NULL;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name);
+        if (l < 5 || strcmp(e->d_name + l - 4, ".txt") != 0 || e->d_name[0] == '.') continue;
+        names = realloc(names, (size_t)(n + 1) * sizeof *names);
+        names[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    /* Sorted, so the documents (and the tokenizer) are the same on every run. */
+    if (n > 0) qsort(names, (size_t)n, sizeof *names, cmp_name);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        char p[4096];
+        if (!rc && corpus_add_file(c, path_join(p, sizeof p, path, names[i]), 0)) rc = -1;
+        free(names[i]);
+    }
+    free(names);
+    if (!rc && c->ndocs == 0) return tlm_errorf("--corpus %s holds no text in .txt files", path);
+    return rc;
+}
+
+static void corpus_free(corpus_t *c) {
+    for (int i = 0; i < c->nbufs; i++) free(c->bufs[i]);
+    free(c->bufs);
+    free(c->docs);
+    free(c->lens);
+    memset(c, 0, sizeof *c);
+}
+
+int bench_tokenizer(const char *corpus, int vocab, int threads, bench_tok_result *r) {
+    memset(r, 0, sizeof *r);
+    corpus_t c;
+    int rc = -1;
+    tlm_tokenizer *tok = NULL;
+    if (corpus_read(&c, corpus)) goto out;
+    if (c.ndocs == 0) {
+        tlm_errorf("--corpus %s holds no text", corpus);
+        goto out;
+    }
+    r->bytes = c.bytes;
+    r->docs = c.ndocs;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    double t0 = tlm_now();
+    tok = tokenizer_train(c.docs, c.lens, c.ndocs, vocab, NULL, NULL);
+    r->train_seconds = tlm_now() - t0;
+    if (!tok) goto restore;
+    /* Encoding on one thread, then on all the benchmark's threads. */
+    for (int pass = 0; pass < 2; pass++) {
+        omp_set_num_threads(pass == 0 ? 1 : threads);
+        size_t ntok = 0;
+        t0 = tlm_now();
+        int32_t *ids = tokenizer_encode_many(tok, c.docs, c.lens, c.ndocs, 1, NULL, &ntok, NULL, NULL);
+        double dt = tlm_now() - t0;
+        if (!ids) goto restore;
+        free(ids);
+        double mbs = dt > 0 ? (double)c.bytes / 1e6 / dt : 0;
+        if (pass == 0) r->encode_mb_s_1 = mbs;
+        else r->encode_mb_s_n = mbs;
+        r->tokens = ntok;
+    }
+    rc = 0;
+restore:
+    omp_set_num_threads(saved);
+out:
+    tokenizer_free(tok);
+    corpus_free(&c);
+    return rc;
+}
+
+/* ---- memory ---------------------------------------------------------------------- */
+
+long long bench_peak_rss(void) {
+    /* VmHWM is this address space's own peak: it excludes whatever the
+     * parent held before exec, which ru_maxrss may include. */
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f) {
+        char line[256];
+        long long kb = -1;
+        while (fgets(line, sizeof line, f))
+            if (!strncmp(line, "VmHWM:", 6)) {
+                kb = strtoll(line + 6, NULL, 10);
+                break;
+            }
+        fclose(f);
+        if (kb >= 0) return kb * 1024;
+    }
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+#ifdef __APPLE__
+    return (long long)ru.ru_maxrss; /* bytes on macOS */
+#else
+    return (long long)ru.ru_maxrss * 1024; /* kilobytes elsewhere */
+#endif
+}
