@@ -6,6 +6,7 @@
  * or generation step never allocates.
  */
 #include "model/model.h"
+#include "model/model_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -91,26 +92,22 @@ int model_create(tlm_model *m, const tlm_config *cfg, tlm_ops *ops) {
     return 0;
 }
 
-static void free_dev(tlm_model *m, void *p) {
-    if (p) m->ops->free(m->ops, p);
-}
-
 static void free_train(tlm_model *m) {
     if (m->acts) {
         for (int l = 0; l < m->cfg.layers; l++) {
             tlm_layer_acts *a = &m->acts[l];
-            free_dev(m, a->x); free_dev(m, a->xn1); free_dev(m, a->rstd1); free_dev(m, a->qkv);
-            free_dev(m, a->att); free_dev(m, a->lse); free_dev(m, a->xmid); free_dev(m, a->xn2);
-            free_dev(m, a->rstd2); free_dev(m, a->gu); free_dev(m, a->act);
+            model_free_dev(m, a->x); model_free_dev(m, a->xn1); model_free_dev(m, a->rstd1); model_free_dev(m, a->qkv);
+            model_free_dev(m, a->att); model_free_dev(m, a->lse); model_free_dev(m, a->xmid); model_free_dev(m, a->xn2);
+            model_free_dev(m, a->rstd2); model_free_dev(m, a->gu); model_free_dev(m, a->act);
         }
         tlm_free(m->acts);
         m->acts = NULL;
     }
-    free_dev(m, m->grads);
-    free_dev(m, m->xfinal); free_dev(m, m->xf); free_dev(m, m->rstdf); free_dev(m, m->logits);
-    free_dev(m, m->losses); free_dev(m, m->tokens_dev); free_dev(m, m->targets_dev);
-    free_dev(m, m->dx); free_dev(m, m->dtmp); free_dev(m, m->dqkv); free_dev(m, m->datt);
-    free_dev(m, m->dgu); free_dev(m, m->dact); free_dev(m, m->dxn);
+    model_free_dev(m, m->grads);
+    model_free_dev(m, m->xfinal); model_free_dev(m, m->xf); model_free_dev(m, m->rstdf); model_free_dev(m, m->logits);
+    model_free_dev(m, m->losses); model_free_dev(m, m->tokens_dev); model_free_dev(m, m->targets_dev);
+    model_free_dev(m, m->dx); model_free_dev(m, m->dtmp); model_free_dev(m, m->dqkv); model_free_dev(m, m->datt);
+    model_free_dev(m, m->dgu); model_free_dev(m, m->dact); model_free_dev(m, m->dxn);
     m->grads = m->xfinal = m->xf = m->rstdf = m->logits = m->losses = NULL;
     m->tokens_dev = m->targets_dev = NULL;
     m->dx = m->dtmp = m->dqkv = m->datt = m->dgu = m->dact = m->dxn = NULL;
@@ -125,7 +122,7 @@ void model_destroy(tlm_model *m) {
     if (!m) return;
     if (m->ops) {
         free_train(m);
-        free_dev(m, m->params);
+        model_free_dev(m, m->params);
     }
     tlm_free(m->tensors);
     tlm_free(m->layer);
@@ -231,11 +228,6 @@ void model_zero_grad(tlm_model *m) {
     if (m->grads) m->ops->zero(m->ops, m->grads, m->nparams * sizeof(float));
 }
 
-/* y[N,out] = x[N,in] @ w[out,in]^T + beta * y  (a linear layer, no bias) */
-static void linear(tlm_ops *o, float *y, const float *x, const float *w, int N, int in, int out, float beta) {
-    o->matmul(o, 0, 1, N, out, in, 1.0f, x, in, w, in, beta, y, out);
-}
-
 /* Backward of linear: dx[N,in] = dy @ w (overwritten); dw[out,in] += dy^T @ x */
 static void linear_bwd(tlm_ops *o, float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
                        int in, int out) {
@@ -268,20 +260,20 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
         tlm_layer_acts *a = &m->acts[l];
         float *xout = l + 1 < L ? m->acts[l + 1].x : m->xfinal;
         o->rmsnorm_fwd(o, a->xn1, a->rstd1, a->x, p->attn_norm, N, D, eps);
-        linear(o, a->qkv, a->xn1, p->wqkv, N, D, 3 * D, 0.0f);
+        model_linear(o, a->qkv, a->xn1, p->wqkv, N, D, 3 * D, 0.0f);
         o->rope_fwd(o, a->qkv, B, T, H, hd, 0, theta);
         o->attn_fwd(o, a->att, a->lse, a->qkv, B, T, H, hd);
         /* residual: start from x, let the matmul add the branch (beta = 1) */
         o->copy_d2d(o, a->xmid, a->x, (size_t)N * D * sizeof(float));
-        linear(o, a->xmid, a->att, p->wo, N, D, D, 1.0f);
+        model_linear(o, a->xmid, a->att, p->wo, N, D, D, 1.0f);
         o->rmsnorm_fwd(o, a->xn2, a->rstd2, a->xmid, p->mlp_norm, N, D, eps);
-        linear(o, a->gu, a->xn2, p->wgu, N, D, 2 * F, 0.0f);
+        model_linear(o, a->gu, a->xn2, p->wgu, N, D, 2 * F, 0.0f);
         o->swiglu_fwd(o, a->act, a->gu, N, F);
         o->copy_d2d(o, xout, a->xmid, (size_t)N * D * sizeof(float));
-        linear(o, xout, a->act, p->wdown, N, F, D, 1.0f);
+        model_linear(o, xout, a->act, p->wdown, N, F, D, 1.0f);
     }
     o->rmsnorm_fwd(o, m->xf, m->rstdf, m->xfinal, m->final_norm, N, D, eps);
-    linear(o, m->logits, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
+    model_linear(o, m->logits, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
     int want_grad = grad_scale > 0.0f && m->grads != NULL;
     o->xent(o, m->logits, m->losses, tgt, N, V, grad_scale, want_grad);
 
@@ -329,76 +321,3 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
 }
 
 /* ---- generation ---------------------------------------------------------- */
-
-int model_infer_scratch_alloc(tlm_model *m, tlm_infer_scratch *s, int Bmax, int Tchunk) {
-    memset(s, 0, sizeof *s);
-    const tlm_config *c = &m->cfg;
-    if (Bmax <= 0 || Tchunk <= 0) return tlm_errorf("generation batch and chunk sizes must be positive");
-    long long Nll = (long long)Bmax * Tchunk;
-    if (Nll * 3 * c->dim > 0x7fffffffLL || Nll * 2 * c->hidden > 0x7fffffffLL ||
-        (long long)Bmax * c->vocab > 0x7fffffffLL)
-        return tlm_errorf("generation batch %d x chunk %d is too large: use a smaller batch", Bmax, Tchunk);
-    tlm_ops *o = m->ops;
-    size_t N = (size_t)Nll, D = (size_t)c->dim, F = (size_t)c->hidden;
-    const size_t f = sizeof(float);
-    int ok = 1;
-#define DEV(ptr, bytes) do { if (ok) { (ptr) = o->alloc(o, (bytes)); if (!(ptr)) ok = 0; } } while (0)
-    DEV(s->x, N * D * f);
-    DEV(s->xn, N * D * f);
-    DEV(s->qkv, N * 3 * D * f);
-    DEV(s->att, N * D * f);
-    DEV(s->gu, N * 2 * F * f);
-    DEV(s->act, N * F * f);
-    DEV(s->xlast, (size_t)Bmax * D * f);
-    DEV(s->tokens_dev, N * sizeof(int32_t));
-#undef DEV
-    if (!ok) {
-        model_infer_scratch_free(m, s);
-        return -1;
-    }
-    s->Bmax = Bmax;
-    s->Tchunk = Tchunk;
-    return 0;
-}
-
-void model_infer_scratch_free(tlm_model *m, tlm_infer_scratch *s) {
-    free_dev(m, s->x); free_dev(m, s->xn); free_dev(m, s->qkv); free_dev(m, s->att);
-    free_dev(m, s->gu); free_dev(m, s->act); free_dev(m, s->xlast); free_dev(m, s->tokens_dev);
-    memset(s, 0, sizeof *s);
-}
-
-int model_forward_cached(tlm_model *m, tlm_infer_scratch *s, float **kc, float **vc, int Tmax,
-                         const int32_t *tokens, int B, int T, int pos0, float *logits_out) {
-    const tlm_config *c = &m->cfg;
-    tlm_ops *o = m->ops;
-    if (B <= 0 || T <= 0 || B > s->Bmax || T > s->Tchunk)
-        return tlm_errorf("generation batch %d x %d exceeds the scratch allocated for %d x %d", B, T, s->Bmax,
-                          s->Tchunk);
-    if (pos0 < 0 || pos0 + T > Tmax)
-        return tlm_errorf("positions %d..%d exceed the KV cache length %d", pos0, pos0 + T - 1, Tmax);
-    const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
-    const float eps = c->norm_eps, theta = c->rope_theta;
-    o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
-    o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
-    for (int l = 0; l < L; l++) {
-        const tlm_layer_params *p = &m->layer[l];
-        o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->attn_norm, N, D, eps);
-        linear(o, s->qkv, s->xn, p->wqkv, N, D, 3 * D, 0.0f);
-        o->rope_fwd(o, s->qkv, B, T, H, hd, pos0, theta);
-        o->kv_store(o, kc[l], vc[l], s->qkv, B, T, Tmax, D, pos0);
-        o->attn_cached(o, s->att, s->qkv, kc[l], vc[l], B, T, Tmax, H, hd, pos0);
-        linear(o, s->x, s->att, p->wo, N, D, D, 1.0f);
-        o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->mlp_norm, N, D, eps);
-        linear(o, s->gu, s->xn, p->wgu, N, D, 2 * F, 0.0f);
-        o->swiglu_fwd(o, s->act, s->gu, N, F);
-        linear(o, s->x, s->act, p->wdown, N, F, D, 1.0f);
-    }
-    /* Only the last position of each sequence needs logits: gather those B
-     * rows, so the [V,D] head costs B rows instead of B*T. */
-    for (int b = 0; b < B; b++)
-        o->copy_d2d(o, s->xlast + (size_t)b * D, s->x + ((size_t)b * T + (size_t)(T - 1)) * D,
-                    (size_t)D * sizeof(float));
-    o->rmsnorm_fwd(o, s->xn, NULL, s->xlast, m->final_norm, B, D, eps);
-    linear(o, logits_out, s->xn, m->wte, B, D, V, 0.0f);
-    return 0;
-}
