@@ -46,6 +46,12 @@ cat "$tmp"/corpus/doc1.txt > "$tmp/one.txt"; echo "<|endoftext|>" >> "$tmp/one.t
 "$bin" prepare --input "$tmp/one.txt" --out "$tmp/prep3" --vocab 280 --val-fraction 0.5 >/dev/null 2>&1 \
   && grep -q '"documents":[[:space:]]*2' "$tmp/prep3/meta.json" && ok "single file splits at <|endoftext|> lines" || bad "single-file documents"
 
+# encode | decode round-trips text through the prepared tokenizer.
+txt='Fellow-Citizens: naïve café, 日本語 — 1790s!'
+out=$("$bin" encode --tokenizer "$tmp/prep/tokenizer.json" --text "$txt" | "$bin" decode --tokenizer "$tmp/prep/tokenizer.json")
+[ "$out" = "$txt" ] && ok "encode | decode round-trips" || bad "encode/decode gave '$out'"
+expect_error "decode rejects an out-of-range id" "not a token id" "$bin" decode --tokenizer "$tmp/prep/tokenizer.json" --text "1 99999"
+
 cp "$tmp/prep/train.bin" "$tmp/train.before"
 : > "$tmp/empty.txt"
 expect_error "empty corpus" "empty.txt.*no text|no text" "$bin" prepare --input "$tmp/empty.txt" --out "$tmp/prep"

@@ -7,6 +7,9 @@ int cmd_prepare(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_info(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+/* encode and decode share one file; argv[0] says which. */
+int cmd_encode(int argc, char **argv);
 
 /* Print "tinylm <cmd>: error: <msg>" on one line to stderr; returns 1. */
 int cli_fail(const char *cmd, const char *msg);

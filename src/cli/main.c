@@ -15,6 +15,8 @@ static void usage(FILE *f) {
             "  prepare   train a byte-level BPE tokenizer on a corpus and write token files\n"
             "  train     train a model on prepared data; checkpoints to a Hugging Face folder\n"
             "  generate  sample text from a trained model (KV-cached, batched)\n"
+            "  bench     measure training/generation speed, share of the sgemm peak, memory\n"
+            "  encode    print the token ids of a text (decode: the reverse)\n"
             "  info      show the CPU, threads, BLAS, devices and pinned-memory support\n"
             "  version   print the version\n",
             TLM_VERSION_STRING);
@@ -30,6 +32,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "encode") || !strcmp(cmd, "decode")) return cmd_encode(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("tinylm %s\n", TLM_VERSION_STRING);
         return 0;
