@@ -863,6 +863,117 @@ static void test_fast_vs_ref_attention(void **state) {
     }
 }
 
+
+/* ---- the fast backend's blocked kernels --------------------------------- */
+/* Where the build has AVX-512, the fast backend multiplies with its own
+ * packed micro-kernel (14 x 32 blocks of C, K in passes of 256, packed B in
+ * blocks of N) and runs attention in blocks of 112 queries. The small
+ * shapes above never cross those boundaries; these do: K over several
+ * passes, N over several packed blocks, row tails of 14 and column tails of
+ * 32, products large enough to be split over threads along M and along N,
+ * attention with several query blocks and head sizes that take several or
+ * partial 32-column passes. Also: the result must not depend on the thread
+ * count (bit for bit), which exact resume of training relies on. */
+
+static void test_matmul_blocked(void **state) {
+    (void)state;
+    tlm_ops *f = FAST(), *f1 = cpu_ops_create(1);
+    assert_non_null(f1);
+    /* {M, N, K}: split along N; split along M; N over two packed blocks;
+     * single-threaded tails (below the threading threshold) */
+    int shapes[][3] = {{60, 600, 300}, {300, 50, 300}, {40, 1100, 300}, {45, 33, 17}};
+    for (int s = 0; s < 4; s++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int withbeta = 0; withbeta < 2; withbeta++) {
+                    int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                    int ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+                    int lda = ac + 3, ldb = bc + 5, ldc = N + 2;
+                    float *A = hrand((size_t)ar * lda, 1), *B = hrand((size_t)br * ldb, 1);
+                    float *C = hrand((size_t)M * ldc, 1);
+                    float beta = withbeta ? 0.5f : 0.0f;
+                    if (!withbeta)
+                        for (int i = 0; i < M; i++)
+                            for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = NAN; /* must not be read */
+                    double *Ad = hdbl(A, (size_t)ar * lda), *Bd = hdbl(B, (size_t)br * ldb);
+                    double *Cd = hdbl(C, (size_t)M * ldc);
+                    d_matmul(ta, tb, M, N, K, 0.7, Ad, lda, Bd, ldb, beta, Cd, ldc);
+                    float *got[2];
+                    tlm_ops *be[2] = {f, f1};
+                    for (int bi = 0; bi < 2; bi++) {
+                        tlm_ops *o = be[bi];
+                        float *dA = upf(o, A, (size_t)ar * lda), *dB = upf(o, B, (size_t)br * ldb),
+                              *dC = upf(o, C, (size_t)M * ldc);
+                        o->matmul(o, ta, tb, M, N, K, 0.7f, dA, lda, dB, ldb, beta, dC, ldc);
+                        got[bi] = down(o, dC, (size_t)M * ldc);
+                        o->free(o, dA), o->free(o, dB), o->free(o, dC);
+                    }
+                    for (int i = 0; i < M; i++) {
+                        char what[96];
+                        snprintf(what, sizeof what, "matmul %dx%dx%d ta=%d tb=%d beta=%g row %d", M, N, K, ta, tb,
+                                 beta, i);
+                        check(what, f->name, got[0] + (size_t)i * ldc, Cd + (size_t)i * ldc, N, FWD_TOL);
+                        /* the padding of C is never written */
+                        for (int j = N; j < ldc; j++)
+                            assert_memory_equal(&got[0][(size_t)i * ldc + j], &C[(size_t)i * ldc + j], sizeof(float));
+                    }
+                    /* 2 threads and 1 thread: the same bits */
+                    assert_memory_equal(got[0], got[1], sizeof(float) * (size_t)M * ldc);
+                    free(got[0]), free(got[1]);
+                    free(A), free(B), free(C), free(Ad), free(Bd), free(Cd);
+                }
+    ops_destroy(f1);
+}
+
+static void test_attention_blocked(void **state) {
+    (void)state;
+    tlm_ops *r = REF(), *f = FAST(), *f1 = cpu_ops_create(1);
+    assert_non_null(f1);
+    /* {B, T, H, hd, scale, tolerances}: 2 query blocks; 3 blocks with a
+     * short last one; hd = 80 takes 32 + 32 + 16 columns; hd = 8 one partial
+     * pass; a peaked softmax (q, k, v scaled by 4: scores of ~16), whose
+     * float32 rounding is ~16x larger (the original row-by-row kernels
+     * measured up to 2.8e-5 on it) */
+    struct { int B, T, H, hd; float scale; double ftol, btol; } sh[] = {
+        {1, 150, 2, 32, 1, 1e-5, 1e-4}, {1, 260, 1, 16, 1, 1e-5, 1e-4}, {2, 120, 1, 80, 1, 1e-5, 1e-4},
+        {1, 113, 2, 8, 1, 1e-5, 1e-4},  {1, 130, 1, 32, 4, 2e-4, 1e-3}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int B = sh[s].B, T = sh[s].T, H = sh[s].H, hd = sh[s].hd, D = H * hd;
+        size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D, nl = (size_t)B * H * T;
+        float *qkv = hrand(nq, sh[s].scale), *R = hrand(no, 1);
+        float *rq = upf(r, qkv, nq), *rR = upf(r, R, no), *ro = upf(r, NULL, no), *rl = upf(r, NULL, nl);
+        float *rd = upf(r, NULL, nq);
+        r->attn_fwd(r, ro, rl, rq, B, T, H, hd);
+        r->attn_bwd(r, rd, rR, ro, rl, rq, B, T, H, hd);
+        float *out[2], *lse[2], *dq[2];
+        tlm_ops *be[2] = {f, f1};
+        for (int bi = 0; bi < 2; bi++) {
+            tlm_ops *o = be[bi];
+            float *fq = upf(o, qkv, nq), *fR = upf(o, R, no), *fo = upf(o, NULL, no), *fl = upf(o, NULL, nl);
+            float *fd = upf(o, NULL, nq);
+            o->attn_fwd(o, fo, fl, fq, B, T, H, hd);
+            o->attn_bwd(o, fd, fR, fo, fl, fq, B, T, H, hd);
+            out[bi] = down(o, fo, no), lse[bi] = down(o, fl, nl), dq[bi] = down(o, fd, nq);
+            o->free(o, fq), o->free(o, fR), o->free(o, fo), o->free(o, fl), o->free(o, fd);
+        }
+        char what[96];
+        snprintf(what, sizeof what, "attn_fwd out B%d T%d H%d hd%d", B, T, H, hd);
+        float *ho = down(r, ro, no), *hl = down(r, rl, nl), *hd_ = down(r, rd, nq);
+        check_ff(what, f->name, out[0], ho, no, sh[s].ftol);
+        snprintf(what, sizeof what, "attn_fwd lse B%d T%d H%d hd%d", B, T, H, hd);
+        check_ff(what, f->name, lse[0], hl, nl, sh[s].ftol);
+        snprintf(what, sizeof what, "attn_bwd B%d T%d H%d hd%d", B, T, H, hd);
+        check_ff(what, f->name, dq[0], hd_, nq, sh[s].btol);
+        assert_memory_equal(out[0], out[1], sizeof(float) * no);
+        assert_memory_equal(lse[0], lse[1], sizeof(float) * nl);
+        assert_memory_equal(dq[0], dq[1], sizeof(float) * nq);
+        for (int bi = 0; bi < 2; bi++) free(out[bi]), free(lse[bi]), free(dq[bi]);
+        free(ho), free(hl), free(hd_), free(qkv), free(R);
+        r->free(r, rq), r->free(r, rR), r->free(r, ro), r->free(r, rl), r->free(r, rd);
+    }
+    ops_destroy(f1);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),
@@ -879,6 +990,8 @@ int main(void) {
         cmocka_unit_test(test_fast_vs_ref_dense),
         cmocka_unit_test(test_fast_vs_ref_rows),
         cmocka_unit_test(test_fast_vs_ref_attention),
+        cmocka_unit_test(test_matmul_blocked),
+        cmocka_unit_test(test_attention_blocked),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

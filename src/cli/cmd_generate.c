@@ -38,7 +38,10 @@ static void generate_usage(FILE *f) {
             "  --seed S            random seed (default: from the clock; printed in the summary)\n"
             "  --samples N         number of samples, generated as one batch (default 1)\n"
             "  --threads N         CPU threads (default: all cores)\n"
-            "  --device D          auto, cpu (default auto)\n");
+            "  --device D          auto, cpu (default auto)\n"
+            "  --dtype T           weight format for generation: bf16, fp32, ref (unpacked fp32,\n"
+            "                      op by op) or auto (default: bf16 where the CPU has bf16 dot\n"
+            "                      products or fast conversion, else fp32); the summary names it\n");
 }
 
 typedef struct {
@@ -59,6 +62,7 @@ static int on_token(void *user, int seq, int32_t token) {
 
 int cmd_generate(int argc, char **argv) {
     const char *run = NULL, *prompt = "", *device = "auto";
+    int dtype = TLM_GEN_AUTO;
     long max_tokens = 200, top_k = 0, samples = 1, threads = 0, seed_l = 0;
     double temperature = 0.8, top_p = 0.95;
     int max_given = 0, seed_given = 0;
@@ -75,6 +79,13 @@ int cmd_generate(int argc, char **argv) {
         if (cli_is_flag(a, "--model")) { VAL(); run = v; }
         else if (cli_is_flag(a, "--prompt")) { VAL(); prompt = v; }
         else if (cli_is_flag(a, "--device")) { VAL(); device = v; }
+        else if (cli_is_flag(a, "--dtype")) {
+            VAL();
+            if (model_infer_parse_dtype(v, &dtype)) {
+                cli_fail(CMD, tlm_last_error());
+                return 2;
+            }
+        }
         else if (cli_is_flag(a, "--max-tokens")) {
             VAL();
             if (cli_parse_int(CMD, "--max-tokens", v, 1, 1L << 30, &max_tokens)) return 2;
@@ -115,6 +126,11 @@ int cmd_generate(int argc, char **argv) {
     char note[256] = "";
     tlm_generator *g = generator_open(run, device, (int)threads, note, sizeof note);
     if (!g) return cli_fail(CMD, tlm_last_error());
+    if (dtype != TLM_GEN_AUTO && generator_set_dtype(g, dtype)) {
+        cli_fail(CMD, tlm_last_error());
+        generator_close(g);
+        return 1;
+    }
     const tlm_config *c = &g->model.cfg;
 
     int rc = 1;
@@ -134,7 +150,8 @@ int cmd_generate(int argc, char **argv) {
     tlm_gen_params p = {.samples = (int)samples,
                         .max_tokens = (int)max_tokens,
                         .sampling = {.temperature = (float)temperature, .top_k = (int)top_k, .top_p = (float)top_p},
-                        .seed = seed};
+                        .seed = seed,
+                        .weights = &g->packed};
     /* Every input check before the banner, so bad input gives one line. */
     if (generate_validate(&g->model, ids, (int)np, g->eot, &p)) {
         cli_fail(CMD, tlm_last_error());
@@ -182,9 +199,9 @@ int cmd_generate(int argc, char **argv) {
     double pt = st.prompt_seconds, gt = st.gen_seconds;
     fprintf(stderr,
             "prompt: %d token%s in %.3fs (%.1f tok/s) | generation: %ld tokens over %ld sample%s in %.3fs "
-            "(%.1f tok/s) | seed %llu\n",
+            "(%.1f tok/s) | weights %s | seed %llu\n",
             st.prompt_tokens, st.prompt_tokens == 1 ? "" : "s", pt, pt > 0 ? st.prompt_tokens / pt : 0.0, st.new_tokens, samples,
-            samples == 1 ? "" : "s", gt, gt > 0 ? (double)st.new_tokens / gt : 0.0, (unsigned long long)seed);
+            samples == 1 ? "" : "s", gt, gt > 0 ? (double)st.new_tokens / gt : 0.0, model_infer_dtype_name(st.dtype), (unsigned long long)seed);
     rc = 0;
 done:
     free(ids);

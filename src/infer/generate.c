@@ -55,14 +55,19 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
 
     int rc = -1, stop = 0;
     tlm_sampler sm;
+    int have_sm = 0;
     tlm_kvcache kv;
     /* Two scratches: the prompt needs 1 x Tc rows, a step B x 1; one
      * scratch for both would hold B x Tc rows. */
     tlm_infer_scratch sp, ss;
-    memset(&sm, 0, sizeof sm);
     memset(&kv, 0, sizeof kv);
     int have_sp = 0, have_ss = 0;
     float *logits_dev = NULL, *logits = NULL;
+    /* Packed weights: the caller's, or packed here for this call. */
+    tlm_infer_weights own;
+    memset(&own, 0, sizeof own);
+    own.dtype = TLM_GEN_REF;
+    const tlm_infer_weights *wts = p->weights;
     tlm_rng *rng = calloc((size_t)B, sizeof *rng);
     int32_t *tok = calloc((size_t)B, sizeof *tok);
     int *len = calloc((size_t)B, sizeof *len);
@@ -74,8 +79,14 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         tlm_errorf("out of memory for %d samples: use fewer --samples", B);
         goto out;
     }
+    if (!wts) {
+        if (model_infer_pack(m, &own, p->dtype)) goto out;
+        wts = &own;
+    }
+    st.dtype = wts->dtype;
     if (sampler_init(&sm, V, &p->sampling)) goto out;
-    if (kvcache_alloc(&kv, m, B, Tmax)) goto out;
+    have_sm = 1;
+    if (kvcache_alloc_dtype(&kv, m, B, Tmax, model_infer_kv_dtype(wts))) goto out;
     if (model_infer_scratch_alloc(m, &sp, 1, Tc)) goto out;
     have_sp = 1;
     if (model_infer_scratch_alloc(m, &ss, B, 1)) goto out;
@@ -90,7 +101,7 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     double t0 = tlm_now();
     for (int pos = 0; pos < nprompt; pos += Tc) {
         int T = nprompt - pos < Tc ? nprompt - pos : Tc;
-        if (model_forward_cached(m, &sp, kv.k, kv.v, Tmax, prompt + pos, 1, T, pos, logits_dev)) goto out;
+        if (model_forward_packed(m, wts, &sp, kv.k, kv.v, Tmax, prompt + pos, 1, T, pos, logits_dev)) goto out;
     }
     if (B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
     ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
@@ -118,7 +129,7 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         if (stop || live == 0 || k == maxt - 1) break;
         /* Finished sequences are stepped along with the rest (feeding their
          * last token); their outputs are ignored. */
-        if (model_forward_cached(m, &ss, kv.k, kv.v, Tmax, tok, B, 1, nprompt + k, logits_dev)) goto out;
+        if (model_forward_packed(m, wts, &ss, kv.k, kv.v, Tmax, tok, B, 1, nprompt + k, logits_dev)) goto out;
         ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
         st.steps++;
     }
@@ -133,7 +144,8 @@ out:
     if (have_sp) model_infer_scratch_free(m, &sp);
     if (have_ss) model_infer_scratch_free(m, &ss);
     kvcache_free(&kv, m);
-    sampler_free(&sm);
+    if (have_sm) sampler_free(&sm);
+    model_infer_unpack(m, &own);
     free(rng);
     free(tok);
     free(len);

@@ -111,6 +111,7 @@ tlm_generator *generator_open(const char *run, const char *device, int threads, 
     if (!g->ops) goto fail;
     if (model_create(&g->model, &cfg, g->ops)) goto fail;
     if (infer_load_weights(&g->model, mpath)) goto fail;
+    if (model_infer_pack(&g->model, &g->packed, TLM_GEN_AUTO)) goto fail;
     return g;
 fail:
     generator_close(g);
@@ -119,10 +120,21 @@ fail:
 
 void generator_close(tlm_generator *g) {
     if (!g) return;
-    if (g->model.params) model_destroy(&g->model);
+    if (g->model.params) {
+        model_infer_unpack(&g->model, &g->packed);
+        model_destroy(&g->model);
+    }
     if (g->ops) ops_destroy(g->ops);
     if (g->tok) tokenizer_free(g->tok);
     free(g);
+}
+
+int generator_set_dtype(tlm_generator *g, int dtype) {
+    tlm_infer_weights w;
+    if (model_infer_pack(&g->model, &w, dtype)) return -1;
+    model_infer_unpack(&g->model, &g->packed);
+    g->packed = w;
+    return 0;
 }
 
 /* ---- public API (include/tinylm/tinylm.h) -------------------------------- */
@@ -157,7 +169,8 @@ int tlm_generator_generate(tlm_generator *g, const char *prompt, const tlm_gener
     tlm_gen_params p = {.samples = 1,
                         .max_tokens = o->max_tokens,
                         .sampling = {.temperature = o->temperature, .top_k = o->top_k, .top_p = o->top_p},
-                        .seed = o->seed};
+                        .seed = o->seed,
+                        .weights = &g->packed};
     int n = 0, rc = -1;
     if (np > cap) {
         tlm_errorf("prompt encoding overflowed its buffer");

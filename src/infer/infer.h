@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "model/model.h"
+#include "model/model_infer.h"
 #include "text/tokenizer.h"
 #include "util/common.h"
 
@@ -36,6 +37,7 @@ typedef struct {
     int V;
     int32_t *idx; /* [V] candidate token ids */
     float *prob;  /* [V] unnormalised probabilities of the candidates */
+    double *hist; /* [256] probability mass per bucket (top-p) */
 } tlm_sampler;
 
 /* Error naming --temperature, --top-k or --top-p if p is out of range. */
@@ -52,13 +54,20 @@ int32_t sampler_argmax(const float *logits, int V);
 
 /* ---- KV cache ----------------------------------------------------------- */
 
-/* Per layer l: k[l], v[l] are device buffers [B,Tmax,D]. */
+/* Per layer l: k[l], v[l] are device buffers. kv_dtype 0 (the reference
+ * path, kv_store/attn_cached): fp32 [B,Tmax,D]. TLM_KV_F32 or TLM_KV_F16
+ * (packed weights, attn_decode): head-major [B,H,Tmax,hd] of that element
+ * type (halves behind the float *). */
 typedef struct {
-    int L, B, Tmax, D;
+    int L, B, Tmax, D, H;
+    int kv_dtype;
     float **k, **v; /* host arrays [L] of device pointers */
 } tlm_kvcache;
 
+/* The reference path's cache (kv_dtype 0). */
 int kvcache_alloc(tlm_kvcache *c, tlm_model *m, int B, int Tmax);
+/* The cache for model_infer_kv_dtype(weights) (0, TLM_KV_F32, TLM_KV_F16). */
+int kvcache_alloc_dtype(tlm_kvcache *c, tlm_model *m, int B, int Tmax, int kv_dtype);
 void kvcache_free(tlm_kvcache *c, tlm_model *m);
 /* Copy positions 0..npos-1 of sequence `src` to every other sequence, so a
  * shared prompt is computed once for the whole batch. */
@@ -73,6 +82,13 @@ typedef struct {
     uint64_t seed;               /* sequence i draws from rng(seed, seq_base + i) */
     int seq_base;                /* index of sequence 0 for seeding (0 normally) */
     int chunk;                   /* prompt positions per forward; 0 = 128 */
+    /* Number format (model_infer.h): TLM_GEN_AUTO (0, the backend's fastest:
+     * packed bf16 on CPUs with AVX-512 BF16 / AVX2 / NEON), TLM_GEN_F32,
+     * TLM_GEN_BF16, or TLM_GEN_REF (the unpacked fp32 reference path). The
+     * weights are packed at the start of the call (a few ms) unless
+     * `weights` already holds them, which then decides the format. */
+    int dtype;
+    const tlm_infer_weights *weights;
 } tlm_gen_params;
 
 typedef struct {
@@ -81,6 +97,7 @@ typedef struct {
     int steps;              /* batched forward steps after the prompt */
     double prompt_seconds;  /* prompt forward (+ cache broadcast) */
     double gen_seconds;     /* sampling + stepping, all sequences */
+    int dtype;              /* the number format used (TLM_GEN_F32, _BF16 or _REF) */
 } tlm_gen_stats;
 
 /* Called for every new token of sequence seq (0..B-1), in order; the EOT
@@ -119,6 +136,7 @@ struct tlm_generator {
     tlm_tokenizer *tok;
     int eot;
     char run[1024];
+    tlm_infer_weights packed; /* the model's weights packed for generation */
 };
 
 /* Open RUN (config.json, model.safetensors, tokenizer.json) on the device
@@ -126,5 +144,8 @@ struct tlm_generator {
  * device banner. Errors name the file at fault. */
 tlm_generator *generator_open(const char *run, const char *device, int threads, char *note, size_t note_len);
 void generator_close(tlm_generator *g);
+/* Re-pack g's weights for generation in `dtype` (TLM_GEN_*; generator_open
+ * packs TLM_GEN_AUTO). Error naming --dtype if the device cannot. */
+int generator_set_dtype(tlm_generator *g, int dtype);
 
 #endif

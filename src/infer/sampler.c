@@ -4,15 +4,22 @@
  * Cost per draw is O(V) plus only the ordering the filters need:
  *  - top-k: a size-k min-heap selects the k best in O(V log k), then those
  *    k are heap-sorted (O(k log k)); the vocabulary is never sorted.
- *  - top-p without top-k: a max-heap over V (built in O(V)) is popped only
- *    until the nucleus mass is reached, O(V + m log V) for a nucleus of m.
+ *  - top-p without top-k: histograms of the probability mass over buckets
+ *    of the probabilities' float bits (monotonic in the probability) find
+ *    where the nucleus ends; only the few tokens of the last sub-bucket are
+ *    sorted. The draw then walks the nucleus in id order. O(V)
+ *    plus a sort of a few tokens: at 64 streams x 2560 tokens per step the
+ *    sampler must not cost more than the model.
  * Candidates are totally ordered by (probability desc, id asc), so the
  * nucleus is well defined even with ties and every backend agrees.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "infer/infer.h"
+
+#define SAMPLER_BUCKETS 256 /* sub-buckets of nucleus_threshold */
 
 int sampler_check_params(const tlm_sampler_params *p) {
     if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
@@ -31,7 +38,8 @@ int sampler_init(tlm_sampler *s, int V, const tlm_sampler_params *p) {
     s->V = V;
     s->idx = tlm_alloc((size_t)V * sizeof *s->idx);
     s->prob = tlm_alloc((size_t)V * sizeof *s->prob);
-    if (!s->idx || !s->prob) {
+    s->hist = tlm_alloc(SAMPLER_BUCKETS * sizeof *s->hist);
+    if (!s->idx || !s->prob || !s->hist) {
         sampler_free(s);
         return -1;
     }
@@ -41,8 +49,10 @@ int sampler_init(tlm_sampler *s, int V, const tlm_sampler_params *p) {
 void sampler_free(tlm_sampler *s) {
     tlm_free(s->idx);
     tlm_free(s->prob);
+    tlm_free(s->hist);
     s->idx = NULL;
     s->prob = NULL;
+    s->hist = NULL;
 }
 
 int32_t sampler_argmax(const float *logits, int V) {
@@ -93,89 +103,149 @@ static void select_top_k(const float *lg, int V, int k, int32_t *idx) {
     }
 }
 
-/* ---- top-p: pop the most likely candidates until the mass is reached ---- */
+/* ---- top-p without top-k: a histogram over probability buckets ------- */
 
-static inline int prob_better(const float *p, const int32_t *id, int a, int b) {
-    return p[a] > p[b] || (p[a] == p[b] && id[a] < id[b]);
+/* e^x for x <= 0, written so that the loop over the vocabulary vectorises
+ * (expf does not): x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor
+ * series to r^7 (relative error < 1e-7), 2^n built in the exponent bits.
+ * Below -87 the result stays e^-87 (~1.6e-38): such a token is never drawn
+ * by a 24-bit uniform, as it would not be with the exact value. */
+static inline float sampler_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
-static inline void swap_pair(float *p, int32_t *id, int a, int b) {
-    float tp = p[a];
-    p[a] = p[b];
-    p[b] = tp;
-    int32_t ti = id[a];
-    id[a] = id[b];
-    id[b] = ti;
+static inline int prob_better(const float *p, int32_t a, int32_t b) {
+    return p[a] > p[b] || (p[a] == p[b] && a < b);
 }
 
-/* Max-heap on (prob, id) over positions 0..n-1 of the parallel arrays. */
-static void best_heap_down(float *p, int32_t *id, int n, int i) {
+/* Max-heap on "worse" used to sort ids best first (heap sort). */
+static void sort_heap_down(const float *p, int32_t *h, int n, int i) {
     for (;;) {
-        int l = 2 * i + 1, r = l + 1, b = i;
-        if (l < n && prob_better(p, id, l, b)) b = l;
-        if (r < n && prob_better(p, id, r, b)) b = r;
-        if (b == i) return;
-        swap_pair(p, id, i, b);
-        i = b;
+        int l = 2 * i + 1, r = l + 1, w = i;
+        if (l < n && prob_better(p, h[w], h[l])) w = l;
+        if (r < n && prob_better(p, h[w], h[r])) w = r;
+        if (w == i) return;
+        int32_t t = h[i];
+        h[i] = h[w];
+        h[w] = t;
+        i = w;
     }
 }
 
-/* Reorders p/id[0..n) so the nucleus (mass >= target) sits at the back,
- * most likely at n-1; returns its first position and its mass in *mass. */
-static int nucleus_by_heap(float *p, int32_t *id, int n, double target, double *mass) {
-    for (int i = n / 2 - 1; i >= 0; i--) best_heap_down(p, id, n, i);
-    double cum = 0;
-    int heap = n;
-    while (heap > 0) {
-        swap_pair(p, id, 0, heap - 1);
-        heap--;
-        cum += p[heap];
-        if (cum >= target) break;
-        best_heap_down(p, id, heap, 0);
+/* ids[0..n) sorted by (p desc, id asc). */
+static void sort_by_prob(const float *p, int32_t *ids, int n) {
+    for (int i = n / 2 - 1; i >= 0; i--) sort_heap_down(p, ids, n, i);
+    for (int k = n - 1; k > 0; k--) {
+        int32_t t = ids[0];
+        ids[0] = ids[k];
+        ids[k] = t;
+        sort_heap_down(p, ids, k, 0);
     }
-    *mass = cum;
-    return heap;
+}
+
+/* A probability's float bits, which order positive floats like their values. */
+static inline uint32_t prob_bits(float p) {
+    uint32_t u;
+    memcpy(&u, &p, sizeof u);
+    return u;
+}
+
+/* The last member of the nucleus of prob[V] (mass >= target) in the
+ * (prob desc, id asc) order: the nucleus is every token at least as good as
+ * (*pthr, *ithr). Returns the nucleus mass.
+ *
+ * Two rounds of bucketing by the probabilities' bits instead of ordering
+ * the vocabulary: by exponent (octaves) over all tokens, then by the next 8
+ * mantissa bits over the tokens of the octave where the running mass from
+ * the top reaches the target; only the tokens of the one sub-bucket where
+ * it ends are sorted (a handful). */
+static double nucleus_threshold(tlm_sampler *s, const float *prob, int V, double target, float *pthr,
+                                int32_t *ithr) {
+    double *hist = s->hist; /* [SAMPLER_BUCKETS] sub-buckets */
+    float oct[4][256];      /* four interleaved copies: consecutive tokens rarely wait on one sum */
+    memset(oct, 0, sizeof oct);
+    for (int i = 0; i < V; i++) oct[i & 3][prob_bits(prob[i]) >> 23] += prob[i];
+    int ko = 0;
+    double above = 0;
+    for (int k = 255; k >= 0; k--) {
+        double m = (double)oct[0][k] + oct[1][k] + oct[2][k] + oct[3][k];
+        if (m == 0) continue;
+        ko = k;
+        if (above + m >= target) break;
+        above += m;
+    }
+    /* the octave's tokens, by their next 8 bits */
+    int32_t *cand = s->idx;
+    int nc = 0;
+    memset(hist, 0, SAMPLER_BUCKETS * sizeof *hist);
+    for (int i = 0; i < V; i++) {
+        uint32_t u = prob_bits(prob[i]);
+        if ((int)(u >> 23) != ko) continue;
+        cand[nc++] = i;
+        hist[(u >> 15) & 0xff] += prob[i];
+    }
+    int ks = 0;
+    for (int k = SAMPLER_BUCKETS - 1; k >= 0; k--) {
+        if (hist[k] == 0) continue;
+        ks = k;
+        if (above + hist[k] >= target) break;
+        above += hist[k];
+    }
+    /* the sub-bucket's tokens, best first */
+    int n = 0;
+    for (int c = 0; c < nc; c++)
+        if ((int)((prob_bits(prob[cand[c]]) >> 15) & 0xff) == ks) cand[n++] = cand[c];
+    sort_by_prob(prob, cand, n);
+    double cum = above;
+    int c = 0;
+    for (; c < n; c++) {
+        cum += prob[cand[c]];
+        if (cum >= target) break;
+    }
+    if (c == n) c = n - 1; /* rounding: the whole sub-bucket */
+    *pthr = prob[cand[c]];
+    *ithr = cand[c];
+    return cum;
 }
 
 int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng) {
     const int V = s->V;
     const tlm_sampler_params *p = &s->p;
     if (p->temperature == 0.0f || p->top_k == 1) return sampler_argmax(logits, V);
-
+    const float invT = 1.0f / p->temperature;
     int32_t *idx = s->idx;
     float *prob = s->prob;
-    int n;
-    float mx;
-    int sorted;
+
     if (p->top_k > 0 && p->top_k < V) {
-        n = p->top_k;
+        /* top-k: the k best, best first, then the nucleus as a prefix */
+        const int n = p->top_k;
         select_top_k(logits, V, n, idx);
-        mx = logits[idx[0]];
-        sorted = 1;
-    } else {
-        n = V;
-        mx = logits[0];
-        for (int i = 0; i < V; i++) {
-            idx[i] = i;
-            if (logits[i] > mx) mx = logits[i];
+        const float mx = logits[idx[0]];
+        /* exp((l - max) / T): the max subtraction keeps every term in (0, 1]. */
+        double sum = 0;
+        for (int j = 0; j < n; j++) {
+            prob[j] = expf((logits[idx[j]] - mx) * invT);
+            sum += prob[j];
         }
-        sorted = 0;
-    }
-
-    /* exp((l - max) / T): the max subtraction keeps every term in (0, 1]. */
-    const float invT = 1.0f / p->temperature;
-    double sum = 0;
-    for (int j = 0; j < n; j++) {
-        prob[j] = expf((logits[idx[j]] - mx) * invT);
-        sum += prob[j];
-    }
-
-    int lo = 0, hi = n; /* candidates are positions lo..hi-1 */
-    double mass = sum;
-    if (p->top_p < 1.0f) {
-        double target = (double)p->top_p * sum;
-        if (sorted) {
-            double cum = 0;
+        int hi = n;
+        double mass = sum;
+        if (p->top_p < 1.0f) {
+            double target = (double)p->top_p * sum, cum = 0;
             int m = 0;
             while (m < n) {
                 cum += prob[m++];
@@ -183,18 +253,56 @@ int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng) {
             }
             hi = m;
             mass = cum;
-        } else {
-            lo = nucleus_by_heap(prob, idx, n, target, &mass);
         }
+        /* Inverse CDF with one uniform; rounding can leave r just past the
+         * last bucket, which then takes it. */
+        double r = (double)tlm_rng_uniform(rng) * mass, cum = 0;
+        for (int j = 0; j < hi; j++) {
+            cum += prob[j];
+            if (r < cum) return idx[j];
+        }
+        return idx[hi - 1];
     }
 
-    /* Inverse CDF with one uniform; rounding can leave r just past the
-     * last bucket, which then takes it. */
-    double r = (double)tlm_rng_uniform(rng) * mass;
-    double cum = 0;
-    for (int j = lo; j < hi; j++) {
-        cum += prob[j];
-        if (r < cum) return idx[j];
+    /* the whole vocabulary: probabilities in id order */
+    float mx = logits[0];
+#pragma omp simd reduction(max : mx)
+    for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
+    float fsum = 0;
+#pragma omp simd reduction(+ : fsum)
+    for (int i = 0; i < V; i++) {
+        prob[i] = sampler_expf((logits[i] - mx) * invT);
+        fsum += prob[i];
     }
-    return idx[hi - 1];
+    double mass = fsum;
+    float pthr = 0.0f;
+    int32_t ithr = V;
+    if (p->top_p < 1.0f) mass = nucleus_threshold(s, prob, V, (double)p->top_p * fsum, &pthr, &ithr);
+    /* Inverse CDF over the nucleus in id order (one uniform): whole blocks
+     * of 16 tokens first (their nucleus mass summed as vectors), then the
+     * block where the uniform falls, token by token. */
+    double r = (double)tlm_rng_uniform(rng) * mass, cum = 0;
+    int32_t last = -1;
+    int i0 = 0;
+    for (; i0 + 16 <= V; i0 += 16) {
+        float bs = 0;
+#pragma omp simd reduction(+ : bs)
+        for (int i = i0; i < i0 + 16; i++) {
+            int in = prob[i] > pthr || (prob[i] == pthr && i <= ithr);
+            bs += in ? prob[i] : 0.0f;
+        }
+        if (r < cum + bs) break;
+        cum += bs;
+    }
+    for (int i = i0; i < V; i++) {
+        if (prob[i] < pthr || (prob[i] == pthr && i > ithr)) continue;
+        cum += prob[i];
+        last = i;
+        if (r < cum) return i;
+    }
+    if (last >= 0) return last;
+    /* rounding left r past every token: the last member of the nucleus */
+    for (int i = V - 1; i >= 0; i--)
+        if (prob[i] > pthr || (prob[i] == pthr && i <= ithr)) return i;
+    return ithr < V ? ithr : V - 1;
 }

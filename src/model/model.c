@@ -96,9 +96,9 @@ static void free_train(tlm_model *m) {
     if (m->acts) {
         for (int l = 0; l < m->cfg.layers; l++) {
             tlm_layer_acts *a = &m->acts[l];
-            model_free_dev(m, a->x); model_free_dev(m, a->xn1); model_free_dev(m, a->rstd1); model_free_dev(m, a->qkv);
-            model_free_dev(m, a->att); model_free_dev(m, a->lse); model_free_dev(m, a->xmid); model_free_dev(m, a->xn2);
-            model_free_dev(m, a->rstd2); model_free_dev(m, a->gu); model_free_dev(m, a->act);
+            model_free_dev(m, a->x); model_free_dev(m, a->rstd1); model_free_dev(m, a->qkv); model_free_dev(m, a->att);
+            model_free_dev(m, a->lse); model_free_dev(m, a->xmid); model_free_dev(m, a->rstd2); model_free_dev(m, a->gu);
+            model_free_dev(m, a->act);
         }
         tlm_free(m->acts);
         m->acts = NULL;
@@ -106,7 +106,8 @@ static void free_train(tlm_model *m) {
     model_free_dev(m, m->grads);
     model_free_dev(m, m->xfinal); model_free_dev(m, m->xf); model_free_dev(m, m->rstdf); model_free_dev(m, m->logits);
     model_free_dev(m, m->losses); model_free_dev(m, m->tokens_dev); model_free_dev(m, m->targets_dev);
-    model_free_dev(m, m->dx); model_free_dev(m, m->dtmp); model_free_dev(m, m->dqkv); model_free_dev(m, m->datt);
+    /* dqkv and datt share the buffers of dgu and dact (model_alloc_train) */
+    model_free_dev(m, m->dx); model_free_dev(m, m->dtmp);
     model_free_dev(m, m->dgu); model_free_dev(m, m->dact); model_free_dev(m, m->dxn);
     m->grads = m->xfinal = m->xf = m->rstdf = m->logits = m->losses = NULL;
     m->tokens_dev = m->targets_dev = NULL;
@@ -180,14 +181,14 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
     if (!m->acts) ok = 0;
     for (size_t l = 0; ok && l < L; l++) {
         tlm_layer_acts *a = &m->acts[l];
+        /* xn1, xn2 are not kept: the normalised rows are rebuilt from x
+         * in backward (model_forward_backward), into m->xf */
         DEV(a->x, N * D * f);
-        DEV(a->xn1, N * D * f);
         DEV(a->rstd1, N * f);
         DEV(a->qkv, N * 3 * D * f);
         DEV(a->att, N * D * f);
         DEV(a->lse, N * H * f);
         DEV(a->xmid, N * D * f);
-        DEV(a->xn2, N * D * f);
         DEV(a->rstd2, N * f);
         DEV(a->gu, N * 2 * F * f);
         DEV(a->act, N * F * f);
@@ -201,12 +202,14 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
     DEV(m->targets_dev, N * sizeof(int32_t));
     DEV(m->dx, N * D * f);
     DEV(m->dtmp, N * D * f);
-    DEV(m->dqkv, N * 3 * D * f);
-    DEV(m->datt, N * D * f);
-    DEV(m->dgu, N * 2 * F * f);
-    DEV(m->dact, N * F * f);
+    /* Backward of a layer is MLP first, then attention: dgu and dact are
+     * dead by the time dqkv and datt are written, so they share buffers. */
+    DEV(m->dgu, N * (2 * F > 3 * D ? 2 * F : 3 * D) * f);
+    DEV(m->dact, N * (F > D ? F : D) * f);
     DEV(m->dxn, N * D * f);
 #undef DEV
+    m->dqkv = m->dgu;
+    m->datt = m->dact;
     if (ok) {
         m->host_losses = tlm_alloc(N * f);
         m->host_targets = tlm_alloc(N * sizeof(int32_t));
@@ -259,15 +262,16 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
         const tlm_layer_params *p = &m->layer[l];
         tlm_layer_acts *a = &m->acts[l];
         float *xout = l + 1 < L ? m->acts[l + 1].x : m->xfinal;
-        o->rmsnorm_fwd(o, a->xn1, a->rstd1, a->x, p->attn_norm, N, D, eps);
-        model_linear(o, a->qkv, a->xn1, p->wqkv, N, D, 3 * D, 0.0f);
+        float *xn = m->xf; /* scratch until the final norm */
+        o->rmsnorm_fwd(o, xn, a->rstd1, a->x, p->attn_norm, N, D, eps);
+        model_linear(o, a->qkv, xn, p->wqkv, N, D, 3 * D, 0.0f);
         o->rope_fwd(o, a->qkv, B, T, H, hd, 0, theta);
         o->attn_fwd(o, a->att, a->lse, a->qkv, B, T, H, hd);
         /* residual: start from x, let the matmul add the branch (beta = 1) */
         o->copy_d2d(o, a->xmid, a->x, (size_t)N * D * sizeof(float));
         model_linear(o, a->xmid, a->att, p->wo, N, D, D, 1.0f);
-        o->rmsnorm_fwd(o, a->xn2, a->rstd2, a->xmid, p->mlp_norm, N, D, eps);
-        model_linear(o, a->gu, a->xn2, p->wgu, N, D, 2 * F, 0.0f);
+        o->rmsnorm_fwd(o, xn, a->rstd2, a->xmid, p->mlp_norm, N, D, eps);
+        model_linear(o, a->gu, xn, p->wgu, N, D, 2 * F, 0.0f);
         o->swiglu_fwd(o, a->act, a->gu, N, F);
         o->copy_d2d(o, xout, a->xmid, (size_t)N * D * sizeof(float));
         model_linear(o, xout, a->act, p->wdown, N, F, D, 1.0f);
@@ -282,6 +286,10 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
         /* The head's share of dwte; the embedding's share is added at the end. */
         linear_bwd(o, m->dxn, m->gwte, m->logits, m->xf, m->wte, N, D, V);
         o->rmsnorm_bwd(o, m->dx, m->gfinal_norm, m->dxn, m->xfinal, m->final_norm, m->rstdf, N, D);
+        /* From here m->xf is scratch again: each layer's normalised input is
+         * recomputed from its saved residual (a cheap pass over [N,D]; the
+         * alternative is keeping two more [N,D] buffers per layer). */
+        float *xn = m->xf;
         for (int l = L - 1; l >= 0; l--) {
             const tlm_layer_params *p = &m->layer[l];
             const tlm_layer_params *g = &m->glayer[l];
@@ -289,14 +297,16 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
             /* dx holds d(layer output); the MLP branch */
             linear_bwd(o, m->dact, g->wdown, m->dx, a->act, p->wdown, N, F, D);
             o->swiglu_bwd(o, m->dgu, m->dact, a->gu, N, F);
-            linear_bwd(o, m->dxn, g->wgu, m->dgu, a->xn2, p->wgu, N, D, 2 * F);
+            o->rmsnorm_fwd(o, xn, NULL, a->xmid, p->mlp_norm, N, D, eps);
+            linear_bwd(o, m->dxn, g->wgu, m->dgu, xn, p->wgu, N, D, 2 * F);
             o->rmsnorm_bwd(o, m->dtmp, g->mlp_norm, m->dxn, a->xmid, p->mlp_norm, a->rstd2, N, D);
             o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(xmid) */
             /* the attention branch */
             linear_bwd(o, m->datt, g->wo, m->dx, a->att, p->wo, N, D, D);
             o->attn_bwd(o, m->dqkv, m->datt, a->att, a->lse, a->qkv, B, T, H, hd);
             o->rope_bwd(o, m->dqkv, B, T, H, hd, 0, theta);
-            linear_bwd(o, m->dxn, g->wqkv, m->dqkv, a->xn1, p->wqkv, N, D, 3 * D);
+            o->rmsnorm_fwd(o, xn, NULL, a->x, p->attn_norm, N, D, eps);
+            linear_bwd(o, m->dxn, g->wqkv, m->dqkv, xn, p->wqkv, N, D, 3 * D);
             o->rmsnorm_bwd(o, m->dtmp, g->attn_norm, m->dxn, a->x, p->attn_norm, a->rstd1, N, D);
             o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(layer input) */
         }

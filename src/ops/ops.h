@@ -30,6 +30,12 @@
 
 typedef struct tlm_ops tlm_ops;
 
+/* ---- generation block: packed weight handles (see the end of tlm_ops) ---- */
+typedef struct tlm_packed tlm_packed; /* opaque, owned by the backend that packed it */
+enum { TLM_PACK_F32 = 1, TLM_PACK_BF16 = 2 };     /* storage of packed weights */
+enum { TLM_PACK_LINEAR = 0, TLM_PACK_SWIGLU = 1 }; /* what matmul_packed computes */
+enum { TLM_KV_F32 = 1, TLM_KV_F16 = 2 };           /* elements of attn_decode's caches */
+
 struct tlm_ops {
     const char *name;        /* "cpu", "cpu-ref", "cuda" */
     char device_desc[128];   /* e.g. "AMD EPYC, 2 threads, OpenBLAS 0.3.21" */
@@ -127,6 +133,55 @@ struct tlm_ops {
     void (*adamw)(tlm_ops *o, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
                   float b2, float eps, float wd, int t, const float *gnorm_sq, float clip);
 
+    /* ==== generation: packed weights and fused decode ops ================
+     * (block owned by the generation path: src/model/model_infer.c, with the
+     * CPU versions in src/backends/cpu/cpu_infer*.c)
+     *
+     * Token-by-token generation multiplies small activations (M = number of
+     * streams, often 1) by every weight matrix, so it is bound by reading the
+     * weights. A backend therefore converts each matrix ONCE into its own
+     * inference format (e.g. bf16 panels laid out for its SIMD kernel) and
+     * multiplies by that handle every step; the fp32 parameters stay as they
+     * are for training and checkpoints.
+     *
+     * Every result row depends only on its own input row and on the weights,
+     * summed in an order fixed by the format: M (the number of streams) and
+     * the thread count never change a bit of it, so a batch of streams
+     * generates exactly what each stream would alone. */
+
+    /* Storage the backend runs generation fastest with: TLM_PACK_BF16 where
+     * it has bf16 dot products or cheap bf16 -> fp32 conversion, else
+     * TLM_PACK_F32. 0 (with pack == NULL): no packed ops, use the
+     * unpacked path (matmul, rmsnorm_fwd, ...). */
+    int pack_dtype_fast;
+    /* Convert w[N,K] (a linear layer's [out,in] rows, device fp32) into a
+     * packed handle of dtype TLM_PACK_F32 or TLM_PACK_BF16 (round to nearest
+     * even). kind TLM_PACK_LINEAR: y = x W^T. kind TLM_PACK_SWIGLU: N = 2F
+     * rows, gate rows then up rows (as wgu), and the product yields
+     * silu(x Wg^T) * (x Wu^T), [M,F]. NULL + error on failure. */
+    tlm_packed *(*pack)(tlm_ops *o, const float *w, int N, int K, int dtype, int kind);
+    void (*pack_free)(tlm_ops *o, tlm_packed *p);
+    /* y[M,Nout] = f(xn[M,K] @ W^T), or y += that when accumulate (LINEAR only;
+     * the residual connections), Nout = N (LINEAR) or N/2 (SWIGLU).
+     * xn = rmsnorm(x, norm_w, eps) when norm_w is given (the norm is fused
+     * into reading x), x itself otherwise. With TLM_PACK_BF16 xn is rounded
+     * to bf16 too: products are then exact and sums are fp32. y must not
+     * overlap x. */
+    void (*matmul_packed)(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *w, const float *norm_w,
+                          float eps, int accumulate);
+    /* rope_fwd + kv_store + attn_cached in one pass: rotates q and k of
+     * qkv[B,T,3D] in place (positions pos0 + t), stores k and v into the
+     * caches kc, vc and writes out[B,T,D] = attention of each query over
+     * cached keys 0 .. pos0+t. These caches are HEAD-MAJOR, [B,H,Tmax,hd]
+     * (unlike kv_store's [B,Tmax,D]): the keys of one (sequence, head) are
+     * contiguous, so attention streams them from memory, which bounds it at
+     * many streams. Elements are kv_dtype: TLM_KV_F32, or TLM_KV_F16 (IEEE
+     * half, rounded to nearest even, saturated to +-65504) for half the
+     * bytes; sums are fp32 either way. */
+    void (*attn_decode)(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T, int Tmax,
+                        int H, int hd, int pos0, float theta);
+    /* ==== end of the generation block ==================================== */
+
     void (*destroy)(tlm_ops *o);
 };
 
@@ -140,5 +195,9 @@ void ops_destroy(tlm_ops *o);
 /* Backend constructors (src/backends/...). */
 tlm_ops *cpu_ops_create(int threads);     /* fast: CBLAS + OpenMP + SIMD */
 tlm_ops *cpu_ref_ops_create(void);        /* plain loops, single thread: the reference for tests */
+/* Generation block: fill the packed ops of a CPU op table (fast: SIMD +
+ * OpenMP; ref: plain loops). Called by the two constructors above. */
+void cpu_infer_install(tlm_ops *o);
+void cpu_infer_ref_install(tlm_ops *o);
 
 #endif

@@ -19,6 +19,7 @@
 
 #include "backends/cpu/cpu_info.h"
 #include "backends/cpu/cpu_internal.h"
+#include "backends/cpu/cpu_train.h"
 #include "ops/ops.h"
 #include "util/common.h"
 
@@ -29,6 +30,9 @@
 typedef struct {
     float *scratch;        /* per-thread rows for attention scores */
     size_t scratch_floats; /* capacity of scratch */
+    float *gemm_ws;        /* per-thread packing buffers of cpu_gemm, allocated on first use */
+    float *attn_ws;        /* per-thread scratch of the blocked attention */
+    size_t attn_ws_floats; /* capacity of attn_ws */
 } cpu_ctx;
 
 /* Scratch of per_thread floats for each of o->threads threads, grown on
@@ -48,43 +52,27 @@ static float *cpu_scratch(tlm_ops *o, size_t per_thread, size_t *stride) {
     return c->scratch;
 }
 
-/* exp(x) for float, written so that loops calling it vectorise (glibc's
- * expf only does without -ffast-math). x = n ln2 + r with |r| <= ln2/2, then
- * e^r by its Taylor series to r^7 (truncation < 1e-8 relative) and 2^n by
- * building the float exponent directly. Input is clamped to [-87, 88] so
- * 2^n stays a normal float; e^-87 ~ 1.6e-38 stands in for anything smaller,
- * which is harmless for softmax and sigmoid. */
-static inline float cpu_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    /* round to nearest by adding and removing 1.5 * 2^23 (no floorf, which
-     * some compilers will not vectorise under a mask) */
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    /* ln2 split in a high part exact in float times small n, and the rest */
-    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    /* NaN slips past the clamps (every comparison with it is false) and
-     * converting it to int is undefined; use 0 there: r is NaN already, so
-     * the result stays NaN and a diverging run is still detected. */
-    n = (n == n) ? n : 0.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
-
 /* ---- dense algebra ------------------------------------------------------ */
 
+/* Below this many multiply-adds a product runs on one thread. */
+#define CPU_MATMUL_PAR_MIN (1 << 21)
+
+/* Products with fewer rows than this go to BLAS: packing all of B for a
+ * handful of rows (token-by-token generation) costs more than it saves. */
+#define CPU_GEMM_MIN_ROWS 32
+
+/* Matrix products run on our AVX-512 kernels where the build has them
+ * (cpu_train_gemm.c: the Debian OpenBLAS uses its AVX2 kernels on AMD Zen
+ * 4/5, half the speed), otherwise through BLAS. Either way the OpenMP team
+ * splits the product and BLAS runs single-threaded inside it: a pthreads
+ * OpenBLAS keeps its own workers spinning after every call, which on a
+ * machine with as many cores as threads steals the cores from the OpenMP
+ * loops that follow (and vice versa). The larger of M and N is cut, so the
+ * operand each thread packs whole is the smaller one; each C element is
+ * still computed by one thread with the same k order, so results do not
+ * depend on the cut. */
 static void cpu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const float *A,
                        int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-    (void)o;
     if (M <= 0 || N <= 0) return;
     if (K <= 0) { /* C = beta C; BLAS would reject the degenerate strides */
         for (int i = 0; i < M; i++)
@@ -94,8 +82,44 @@ static void cpu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, 
             }
         return;
     }
-    cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans, M, N, K,
-                alpha, A, lda, B, ldb, beta, C, ldc);
+    int nt = o->threads;
+    if ((double)M * N * K < CPU_MATMUL_PAR_MIN) nt = 1;
+#if CPU_HAVE_KERNELS
+    if (M >= CPU_GEMM_MIN_ROWS && N >= 16) {
+        cpu_ctx *c = o->ctx;
+        if (!c->gemm_ws) {
+            c->gemm_ws = tlm_alloc(cpu_gemm_ws_floats(o->threads) * sizeof(float));
+            if (!c->gemm_ws) abort(); /* an op has no error path */
+        }
+        cpu_gemm(c->gemm_ws, nt, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+#endif
+    const CBLAS_TRANSPOSE ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans;
+    int split_m = M >= N;
+    int len = split_m ? M : N;
+    if (nt > (len + 15) / 16) nt = (len + 15) / 16;
+    if (nt <= 1) {
+        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int chunks = (len + 15) / 16;
+        int c0 = (int)((long)chunks * t / n), c1 = (int)((long)chunks * (t + 1) / n);
+        int i0 = c0 * 16, i1 = c1 * 16 < len ? c1 * 16 : len;
+        if (i1 > i0) {
+            if (split_m) {
+                const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
+                cblas_sgemm(CblasRowMajor, ta, tb, i1 - i0, N, K, alpha, a, lda, B, ldb, beta, C + (size_t)i0 * ldc,
+                            ldc);
+            } else {
+                const float *b = transB ? B + (size_t)i0 * ldb : B + i0;
+                cblas_sgemm(CblasRowMajor, ta, tb, M, i1 - i0, K, alpha, A, lda, b, ldb, beta, C + i0, ldc);
+            }
+        }
+    }
 }
 
 static void cpu_add_inplace(tlm_ops *o, float *y, const float *x, size_t n) {
@@ -264,8 +288,30 @@ static float cpu_attn_row(float *out, const float *q, const float *k, const floa
 
 /* Rows are independent, so the team splits (b, h, t); later rows see more
  * keys, hence the dynamic schedule. */
+#if CPU_HAVE_KERNELS
+/* Scratch of the blocked attention for every thread, grown on demand. */
+static float *cpu_attn_ws(tlm_ops *o, int T, int hd) {
+    cpu_ctx *c = o->ctx;
+    size_t need = cpu_attn_ws_floats(T, hd) * (size_t)o->threads;
+    if (need > c->attn_ws_floats) {
+        tlm_free(c->attn_ws);
+        c->attn_ws = tlm_alloc(need * sizeof(float)); /* zero-filled: padding reads see zeros */
+        if (!c->attn_ws) abort();
+        c->attn_ws_floats = need;
+    }
+    return c->attn_ws;
+}
+#endif
+
 static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
+#if CPU_HAVE_KERNELS
+    {
+        int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
+        cpu_attn_fwd_blocked(cpu_attn_ws(o, T, hd), nt, out, lse, qkv, B, T, H, hd);
+        return;
+    }
+#endif
     float scale = 1.0f / sqrtf((float)hd);
     size_t stride;
     float *scr = cpu_scratch(o, (size_t)T, &stride);
@@ -326,6 +372,10 @@ static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
                          const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
     int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
+#if CPU_HAVE_KERNELS
+    cpu_attn_bwd_blocked(cpu_attn_ws(o, T, hd), nt, dqkv, dout, out, lse, qkv, B, T, H, hd);
+    return;
+#endif
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -477,7 +527,11 @@ static void cpu_adamw(tlm_ops *o, float *p, const float *g, float *m, float *v, 
 static void cpu_destroy(tlm_ops *o) {
     if (!o) return;
     cpu_ctx *c = o->ctx;
-    if (c) tlm_free(c->scratch);
+    if (c) {
+        tlm_free(c->scratch);
+        tlm_free(c->gemm_ws);
+        tlm_free(c->attn_ws);
+    }
     free(c);
     free(o);
 }
@@ -494,11 +548,11 @@ tlm_ops *cpu_ops_create(int threads) {
     o->ctx = c;
     o->name = "cpu";
     o->threads = threads > 0 ? threads : cpu_count_available();
-    /* One thread count for both pools: OpenMP loops and OpenBLAS products
-     * alternate, never overlap, and should each use the whole budget. */
+    /* One thread pool: OpenBLAS runs on the calling thread and cpu_matmul
+     * splits products over the OpenMP team (see there). */
     omp_set_num_threads(o->threads);
 #if defined(TLM_BLAS_OPENBLAS)
-    openblas_set_num_threads(o->threads);
+    openblas_set_num_threads(1);
 #endif
     tlm_cpu_info ci;
     cpu_info_query(&ci);
@@ -524,5 +578,6 @@ tlm_ops *cpu_ops_create(int threads) {
     o->sumsq = cpu_sumsq;
     o->adamw = cpu_adamw;
     o->destroy = cpu_destroy;
+    cpu_infer_install(o); /* generation block of ops.h (cpu_infer.c) */
     return o;
 }

@@ -348,5 +348,6 @@ tlm_ops *cpu_ref_ops_create(void) {
     o->sumsq = ref_sumsq;
     o->adamw = ref_adamw;
     o->destroy = ref_destroy;
+    cpu_infer_ref_install(o); /* generation block of ops.h (cpu_infer_ref.c) */
     return o;
 }

@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# The one-shot GPU check of the CUDA backend, for a session with a GPU lent
+# for a few minutes: build, GPU tests, the rest of ctest, compute-sanitizer,
+# the benchmark beside PyTorch, and a short table printed LAST. Logs go to
+# $OUT (the device tool's folder that comes back) or build-gpu/logs.
+#
+# usage: bash bench/gpu_check.sh                 # on the GPU machine
+#        bash bench/gpu_check.sh --prepare-deps  # here, before: see below
+#
+# The GPU machine has the CUDA toolkit, CMake and PyTorch but maybe not the
+# C libraries tinylm builds with (OpenBLAS, PCRE2, cJSON, cmocka) nor
+# pkg-config, and nothing can be installed there. --prepare-deps, run on a
+# development machine, packs this machine's copies (headers, shared
+# libraries, pkg-config files, pkgconf) into build-gpudeps/deps.tar.xz
+# (about 5 MB); the GPU run unpacks it into /tmp when a library is missing.
+# The device call then carries it:
+#     run(command="bash bench/gpu_check.sh", carry=["build-gpudeps"], timeout_s=540)
+#
+# Steps, in this order, with their time limits (about 7 minutes in all on an
+# H100 with 16 cores; a step that would end past TLM_GPU_CHECK_BUDGET seconds,
+# default 450, is cut short or skipped, so the call ends by ~8 minutes):
+#   build (Release, TLM_CUDA=ON)                                      180 s
+#   test_cuda on the GPU (max errors printed: TLM_TEST_VERBOSE)        120 s
+#   compute-sanitizer memcheck + racecheck on 3 (2) training steps and a
+#     short generation of the tiny preset                          4 x 75 s
+#   a GPU-trained run resumed on the CPU (same checkpoint files)     2 x 60 s
+#   tinylm bench --device cuda, seed preset, context 256: training at batch
+#     64 and 256 in fp32 and bf16 (TLM_CUDA_DTYPE), generation with 1 and
+#     1024 streams, the fp32 sgemm peak                         ~ 6 x 60 s
+#   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
+#     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
+#   ctest, everything else (its CLI tests run on the GPU: --device auto) 120 s
+# A step that fails or times out is reported in the table; the rest still run.
+# Environment: TLM_GPU_CHECK_QUICK=1 skips the sanitizers and ctest (a
+# benchmark-only rerun); TLM_TORCH_COMPILE=1 adds torch.compile (slow).
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# ---- --prepare-deps: pack the build dependencies (run without a GPU) -----------
+if [ "${1:-}" = "--prepare-deps" ]; then
+  out="$root/build-gpudeps"
+  stage="$(mktemp -d)"
+  trap 'rm -rf "$stage"' EXIT
+  mkdir -p "$stage/include/cjson" "$stage/lib/pkgconfig" "$stage/bin"
+  obinc="$(pkg-config --variable=includedir openblas)"
+  oblib="$(pkg-config --variable=libdir openblas)"
+  cp "$obinc"/*.h "$stage/include/"
+  cp /usr/include/pcre2.h /usr/include/cmocka.h /usr/include/cmocka_pbc.h "$stage/include/"
+  cp /usr/include/cjson/cJSON.h "$stage/include/cjson/"
+  # runtime libraries by soname, plus the unversioned names the linker wants
+  copy_lib() { # copy_lib SONAME_PATH DEVNAME
+    local real; real="$(readlink -f "$1")"
+    cp "$real" "$stage/lib/$(basename "$1")"
+    [ -n "${2:-}" ] && ln -sf "$(basename "$1")" "$stage/lib/$2"
+    return 0
+  }
+  copy_lib "$oblib/libopenblas.so.0" libopenblas.so
+  for l in libgfortran.so.5 libquadmath.so.0; do
+    p="$(ldconfig -p | awk -v l="$l" '$1 == l && /x86-64/ { print $NF; exit }')"
+    [ -n "$p" ] && copy_lib "$p"
+  done
+  copy_lib "$(ldconfig -p | awk '$1 == "libpcre2-8.so.0" && /x86-64/ { print $NF; exit }')" libpcre2-8.so
+  copy_lib "$(ldconfig -p | awk '$1 == "libcjson.so.1" && /x86-64/ { print $NF; exit }')" libcjson.so
+  copy_lib "$(ldconfig -p | awk '$1 == "libcmocka.so.0" && /x86-64/ { print $NF; exit }')" libcmocka.so
+  copy_lib "$(ldconfig -p | awk '$1 == "libpkgconf.so.3" && /x86-64/ { print $NF; exit }')"
+  cp "$(readlink -f "$(command -v pkgconf)")" "$stage/bin/pkgconf"
+  ln -sf pkgconf "$stage/bin/pkg-config"
+  # pkg-config files with a placeholder prefix, set when unpacked
+  pc() { # pc NAME VERSION LIBS
+    printf 'prefix=@PREFIX@\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n\nName: %s\nDescription: %s (bundled for the GPU check)\nVersion: %s\nLibs: -L${libdir} %s\nCflags: -I${includedir}\n' \
+      "$1" "$1" "$2" "$3" >"$stage/lib/pkgconfig/$1.pc"
+  }
+  pc openblas "$(pkg-config --modversion openblas)" "-lopenblas"
+  pc libpcre2-8 "$(pkg-config --modversion libpcre2-8)" "-lpcre2-8"
+  pc libcjson "$(pkg-config --modversion libcjson)" "-lcjson"
+  pc cmocka "$(pkg-config --modversion cmocka)" "-lcmocka"
+  mkdir -p "$out"
+  tar -C "$stage" -cJf "$out/deps.tar.xz" .
+  echo "gpu_check: wrote $out/deps.tar.xz ($(du -h "$out/deps.tar.xz" | cut -f1)); carry build-gpudeps in the device call"
+  exit 0
+fi
+
+# ---- the GPU run -------------------------------------------------------------------
+logs="${OUT:-$root/build-gpu/logs}"
+mkdir -p "$logs"
+build="$root/build-gpu"
+t_start=$(date +%s)
+declare -A RES      # step -> result text for the table
+log() { echo "[gpu_check +$(( $(date +%s) - t_start ))s] $*" | tee -a "$logs/summary.txt"; }
+# step NAME LIMIT CMD...: run with a time limit, output to $logs/NAME.log
+step() {
+  local name="$1" limit="$2"; shift 2
+  local t0=$(date +%s)
+  if [ $(( t0 - t_start )) -gt "${TLM_GPU_CHECK_BUDGET:-450}" ]; then
+    log "$name: skipped (past the ${TLM_GPU_CHECK_BUDGET:-450}s budget)"
+    return 125
+  fi
+  [ $(( t0 - t_start + limit )) -gt "${TLM_GPU_CHECK_BUDGET:-450}" ] && limit=$(( ${TLM_GPU_CHECK_BUDGET:-450} - t0 + t_start + 30 ))
+  timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then log "$name: TIMED OUT after ${limit}s (log $name.log)"
+  elif [ $rc -ne 0 ]; then log "$name: FAILED rc=$rc in ${dt}s (log $name.log); last lines:"; tail -5 "$logs/$name.log" | sed 's/^/    /' | tee -a "$logs/summary.txt"
+  else log "$name: ok in ${dt}s"; fi
+  return $rc
+}
+
+log "start on $(hostname), $(nproc) cores"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null ||
+  echo "no GPU (nvidia-smi failed)"; } | tee "$logs/gpu.txt"
+gpu_name="$(head -1 "$logs/gpu.txt" | cut -d, -f1)"
+nvcc_bin="$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)"
+log "nvcc: ${nvcc_bin:-none} $($nvcc_bin --version 2>/dev/null | tail -2 | head -1); cmake: $(cmake --version | head -1)"
+
+# dependencies: the machine's, else the bundle (whose libraries must not
+# leak into PyTorch's process: it gets the original library path back)
+orig_ld="${LD_LIBRARY_PATH:-}"
+if ! { command -v pkg-config >/dev/null && pkg-config --exists openblas libpcre2-8 libcjson cmocka; }; then
+  if [ -f "$root/build-gpudeps/deps.tar.xz" ]; then
+    deps=/tmp/tlm-gpudeps
+    rm -rf "$deps" && mkdir -p "$deps" && tar -C "$deps" -xJf "$root/build-gpudeps/deps.tar.xz"
+    sed -i "s|@PREFIX@|$deps|" "$deps"/lib/pkgconfig/*.pc
+    export PATH="$deps/bin:$PATH" PKG_CONFIG_LIBDIR="$deps/lib/pkgconfig" PKG_CONFIG_PATH="$deps/lib/pkgconfig"
+    export LD_LIBRARY_PATH="$deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LIBRARY_PATH="$deps/lib"
+    log "using the bundled build dependencies (build-gpudeps/deps.tar.xz)"
+  else
+    log "missing build dependencies (OpenBLAS, PCRE2, cJSON, cmocka or pkg-config) and no build-gpudeps/deps.tar.xz:" \
+        "run bash bench/gpu_check.sh --prepare-deps on the development machine and carry build-gpudeps"
+  fi
+fi
+
+cuda_args=(-DTLM_CUDA=ON)
+[ -n "$nvcc_bin" ] && cuda_args+=(-DCMAKE_CUDA_COMPILER="$nvcc_bin")
+if step configure 120 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" &&
+   step build 180 cmake --build "$build" -j"$(nproc)"; then
+  RES[build]="ok"
+else
+  RES[build]="FAILED (see build.log / configure.log)"
+  log "cannot continue without a build"
+fi
+bin="$build/tinylm"
+
+if [ -x "$bin" ]; then
+  # ---- tests ----
+  TLM_TEST_VERBOSE=1 step test_cuda 120 "$build/test_cuda"
+  RES[test_cuda]="$(grep -E '^\[  (PASSED|FAILED|SKIPPED) *\]' "$logs/test_cuda.log" | grep -E 'test\(s\)|PASSED' | head -3 | tr -s ' ' | tr '\n' ' ')"
+  grep -q '^SKIPPED: no CUDA GPU' "$logs/test_cuda.log" && RES[test_cuda]="$(grep '^SKIPPED' "$logs/test_cuda.log")"
+
+  # ---- a tiny corpus, a short run, compute-sanitizer ----
+  w="$build/check"
+  rm -rf "$w" && mkdir -p "$w/corpus"
+  for d in 1 2 3 4 5 6 7 8; do
+    for i in $(seq 1 80); do echo "Document $d, line $i: the quick brown fox jumps over the lazy dog $((d*i)) times."; done \
+      >"$w/corpus/doc$d.txt"
+  done
+  step prepare 60 "$bin" prepare --input "$w/corpus" --out "$w/data" --vocab 300 --val-fraction 0.2
+  TR=(train --data "$w/data" --preset tiny --batch 4 --eval-every 3 --eval-batches 1 --log-every 1 --device cuda)
+  if [ "${TLM_GPU_CHECK_QUICK:-0}" != 1 ]; then
+    cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+    if [ -n "$cs" ]; then
+      san() { # san NAME TOOL CMD...
+        local name="$1" tool="$2"; shift 2
+        step "$name" 75 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
+        local rc=$?
+        local errs; errs="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error|RACECHECK SUMMARY: [0-9]+ hazard' "$logs/$name.log" | tail -1)"
+        RES[$name]="${errs:-no summary} (rc $rc)"
+      }
+      san memcheck_train memcheck "$bin" "${TR[@]}" --out "$w/run_mc" --max-steps 3
+      san racecheck_train racecheck "$bin" "${TR[@]}" --out "$w/run_rc" --max-steps 2
+      if [ -d "$w/run_mc" ]; then
+        san memcheck_generate memcheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 12 --samples 3 --device cuda --seed 1
+        san racecheck_generate racecheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 6 --samples 2 --device cuda --seed 1
+      fi
+    else
+      RES[memcheck_train]="compute-sanitizer not found"
+    fi
+    # the same checkpoint files: trained on the GPU, resumed on the CPU
+    if step resume_gpu 60 "$bin" "${TR[@]}" --out "$w/run_x" --max-steps 4 &&
+       step resume_cpu 60 "$bin" train --data "$w/data" --out "$w/run_x" --resume --max-steps 6 --device cpu; then
+      RES[gpu_to_cpu_resume]="ok"
+    else
+      RES[gpu_to_cpu_resume]="FAILED"
+    fi
+  fi
+
+  # ---- benchmark: tinylm ----
+  B=(bench --device cuda --preset seed --json --warmup-steps 3 --steps 10)
+  for dt in fp32 bf16; do
+    for b in 64 256; do
+      TLM_CUDA_DTYPE=$dt step "bench_train_${dt}_b$b" 60 "$bin" "${B[@]}" --only train --batch $b
+    done
+  done
+  # generation runs the packed path (bf16 weights, fp16 KV cache: --dtype
+  # auto of generation), whatever TLM_CUDA_DTYPE says
+  step bench_gen 90 "$bin" "${B[@]}" --only gen,prompt --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
+  step bench_sgemm 60 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
+fi
+
+# ---- benchmark: PyTorch ----
+py="$(command -v python3 || true)"
+if [ -n "$py" ] && LD_LIBRARY_PATH="$orig_ld" "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  targs=(--json --batches 64,256 --streams 1,1024 --gen-tokens 48 --prompt-tokens 128)
+  [ "${TLM_TORCH_COMPILE:-0}" = 1 ] && targs+=(--compile)
+  LD_LIBRARY_PATH="$orig_ld" step torch 150 "$py" "$root/dev/bench_torch_gpu.py" "${targs[@]}"
+else
+  echo '{"error": "python3 with CUDA PyTorch not available"}' >"$logs/torch.log"
+fi
+
+# ---- the rest of the test suite (its CLI tests run on the GPU too: --device auto) ----
+if [ -x "$bin" ] && [ "${TLM_GPU_CHECK_QUICK:-0}" != 1 ]; then
+  (cd "$build" && step ctest 120 ctest -j8 --output-on-failure -E '^test_cuda$')
+  RES[ctest]="$(grep -E 'tests passed|tests failed' "$logs/ctest.log" | tail -1)"
+fi
+
+# ---- the table (last) ----
+log "done in $(( $(date +%s) - t_start ))s"
+{
+echo
+echo "==================== gpu_check: $gpu_name, $(date -u +%Y-%m-%d) ===================="
+for k in build test_cuda ctest memcheck_train racecheck_train memcheck_generate racecheck_generate gpu_to_cpu_resume; do
+  [ -n "${RES[$k]:-}" ] && printf '%-20s %s\n' "$k" "${RES[$k]}"
+done
+python3 - "$logs" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    p = os.path.join(d, name + ".log")
+    if not os.path.exists(p):
+        return None
+    for line in reversed(open(p, errors="replace").read().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    return None
+tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_bf16_b64",
+                           "bench_train_bf16_b256", "bench_gen", "bench_sgemm"]}
+pt = load("torch") or {}
+peak_bf16 = (pt.get("peak") or {}).get("bf16_tflops")
+fpt = next((v["flops_per_token"] for v in tl.values() if v and "flops_per_token" in v), pt.get("flops_per_token"))
+def fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x/1e6:.2f}M{unit}"
+    if x >= 1e3:
+        return f"{x/1e3:.1f}K{unit}"
+    return f"{x:.0f}{unit}"
+def torch_train(mode, b):
+    for r in pt.get("train", []):
+        if r.get("mode") == mode and r.get("batch") == b:
+            return r.get("tokens_per_s")
+def torch_gen(s):
+    for r in pt.get("gen", []):
+        if r.get("streams") == s:
+            return r.get("tokens_per_s")
+def tl_gen(k, s):
+    j = tl.get(k) or {}
+    for r in j.get("gen", []):
+        if r.get("streams") == s:
+            return r.get("tokens_per_s")
+def mfu(tps):
+    if tps is None or not fpt or not peak_bf16:
+        return "-"
+    return f"{100 * tps * fpt / (peak_bf16 * 1e12):.1f}%"
+print(f"{'figure (seed preset, T=256)':34} {'tinylm':>10} {'MFU':>6} {'PyTorch':>10}  target")
+rows = [("train tok/s b64 fp32", "bench_train_fp32_b64", "fp32", 64, "-"),
+        ("train tok/s b64 bf16", "bench_train_bf16_b64", "bf16", 64, ">= 1.2M"),
+        ("train tok/s b256 fp32", "bench_train_fp32_b256", "fp32", 256, "-"),
+        ("train tok/s b256 bf16", "bench_train_bf16_b256", "bf16", 256, ">= 3.7M")]
+for name, k, mode, b, target in rows:
+    j = tl.get(k) or {}
+    v = j.get("train_tokens_per_s")
+    print(f"{name:34} {fmt(v):>10} {mfu(v):>6} {fmt(torch_train(mode, b)):>10}  {target}")
+for s, target in ((1, ">= 5,000"), (1024, ">= 1.25M")):
+    print(f"{'gen tok/s ' + str(s) + ' stream' + ('s' if s > 1 else '') + ' (bf16)':34} "
+          f"{fmt(tl_gen('bench_gen', s)):>10} {'':>6} {fmt(torch_gen(s)):>10}  {target}")
+pr = (tl.get("bench_gen") or {}).get("prompt_tokens_per_s")
+print(f"{'prompt tok/s (1 stream, 128)':34} {fmt(pr):>10}")
+sg = (tl.get("bench_sgemm") or {}).get("sgemm_gflops")
+print(f"{'fp32 sgemm 8192^3 TFLOP/s':34} {fmt(sg / 1e3 if sg else None):>10} {'':>6} "
+      f"{fmt((pt.get('peak') or {}).get('fp32_tflops')):>10}")
+print(f"{'bf16 matmul peak TFLOP/s (torch)':34} {'':>10} {'':>6} {fmt(peak_bf16):>10}")
+if "error" in pt:
+    print("PyTorch:", pt["error"])
+for k, v in tl.items():
+    if v is None:
+        print(f"(no result from {k}: see its log)")
+EOF
+echo "logs: $logs"
+} 2>&1 | tee "$logs/table.txt"

@@ -1,0 +1,1048 @@
+/*
+ * Generation ops of the fast CPU backend (ops.h, generation block): weight
+ * matrices packed once into SIMD-friendly panels, a register-tiled kernel
+ * over them, and attention over the KV cache fused with RoPE and the cache
+ * store.
+ *
+ * Packed format. The output columns of y = x W^T are cut into panels of
+ * CI_NR = 32 columns; a panel holds those 32 weight rows for every k, k
+ * outermost, so the kernel reads each panel front to back exactly once per
+ * row tile:
+ *   bf16: [Kp/2][32][2]  (pairs (k, k+1) of one column side by side: the
+ *                        operand layout of the AVX-512 BF16 and Arm BF16 dot
+ *                        products; Kp = K rounded up to even, zero padded)
+ *   fp32: [K][32]
+ * Columns past N are zero. A SWIGLU matrix (gate rows, then up rows) packs
+ * 16 gate rows and the 16 matching up rows into each panel, so one tile
+ * yields silu(gate) * up for 16 hidden units without storing gate or up.
+ *
+ * Every output element is one chain of multiply-adds over k in increasing
+ * order, started from zero, whatever the tile shape or thread: results do
+ * not depend on M or on the thread count (ops.h promises it).
+ *
+ * Instruction sets: AVX-512 BF16 (vdpbf16ps) and AVX-512F, Arm NEON (BF16
+ * dot products where the compiler targets them), and a portable C path; the
+ * choice is made at compile time (-march=native by default).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CI_AVX512 1
+#if defined(__AVX512BF16__)
+#define CI_AVX512BF16 1
+#endif
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#define CI_NEON 1
+#if defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define CI_NEON_BF16 1
+#endif
+#endif
+
+#include "backends/cpu/cpu_internal.h"
+#include "ops/ops.h"
+#include "util/common.h"
+
+#define CI_NR 32 /* output columns per panel */
+#define CI_MR 12 /* most rows per register tile */
+/* Below this many multiply-adds an op runs on one thread: at one token the
+ * fork and join of the team would cost more than the product. */
+#define CI_PAR_MIN 32768L
+/* Attention of one stream is a few microseconds: shared from longer work on. */
+#define CI_ATTN_PAR_MIN 131072L
+
+struct tlm_packed {
+    int N, K, dtype, kind;
+    int Kp;             /* K rounded up to even (bf16 pairs) */
+    int npanels;
+    int Nout;           /* result columns: N (LINEAR) or N/2 (SWIGLU) */
+    size_t panel_elems; /* uint16 (bf16) or float (fp32) elements per panel */
+    void *data;
+};
+
+
+/* ---- the thread team ------------------------------------------------------------ *
+ * At one token every op is a few microseconds of work, and on a shared
+ * machine an OpenMP fork/join per op is worse than slow: with a static split
+ * the caller must wait for every thread, and a thread the scheduler has put
+ * aside holds everyone for a time slice. Here an op is cut into chunks that
+ * the caller and the helper threads CLAIM from one counter: a helper that is
+ * not running claims nothing and is not waited for, so a busy machine
+ * degrades to one-thread speed instead of stalling. Helpers spin briefly
+ * between ops (the next op comes within microseconds) and then sleep.
+ *
+ * Chunks write disjoint outputs and compute each output exactly as one
+ * thread would, so results never depend on who ran what. */
+
+#define CI_MAX_HELPERS 63
+#define CI_SPIN_LIMIT 100000 /* waiting rounds before a helper sleeps (~1 ms) */
+
+typedef void (*ci_chunk_fn)(void *arg, int chunk);
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int nhelpers;                        /* started; only ever grows */
+    atomic_int busy;                     /* a caller owns the team */
+    atomic_uint gen;                     /* generation of the posted job */
+    atomic_ullong claim;                 /* (gen << 32) | next chunk */
+    atomic_int done;                     /* chunks finished */
+    atomic_int sleeping;                 /* helpers blocked on cv */
+    _Atomic(ci_chunk_fn) fn;
+    _Atomic(void *) arg;
+    atomic_int nchunks, nhelp;           /* the job's chunks; helpers 0..nhelp-1 take part */
+} ci_team;
+
+static ci_team ci_the_team = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+/* One round of waiting. Every 32nd round gives the CPU away: when the
+ * machine is busy, a helper may share its core with the caller (or the
+ * caller with a helper that holds a chunk), and plain spinning would then
+ * take the time the other one needs to make progress. */
+static inline void ci_pause(int round) {
+    if ((round & 31) == 31) {
+        sched_yield();
+        return;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Claim and run chunks of job g until none is left. */
+static void ci_team_work(ci_team *tm, unsigned g) {
+    ci_chunk_fn fn = atomic_load_explicit(&tm->fn, memory_order_relaxed);
+    void *arg = atomic_load_explicit(&tm->arg, memory_order_relaxed);
+    const unsigned long long n = (unsigned long long)atomic_load_explicit(&tm->nchunks, memory_order_relaxed);
+    unsigned long long cur = atomic_load_explicit(&tm->claim, memory_order_acquire);
+    for (;;) {
+        /* a stale job (the caller finished it and moved on) is left alone;
+         * the fields read above are only used after a successful claim of
+         * job g, which cannot be over while its chunk is unfinished */
+        if ((unsigned)(cur >> 32) != g || (cur & 0xffffffffu) >= n) return;
+        if (atomic_compare_exchange_weak_explicit(&tm->claim, &cur, cur + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            fn(arg, (int)(cur & 0xffffffffu));
+            atomic_fetch_add_explicit(&tm->done, 1, memory_order_release);
+            cur = atomic_load_explicit(&tm->claim, memory_order_acquire);
+        }
+    }
+}
+
+static void *ci_helper_main(void *p) {
+    ci_team *tm = &ci_the_team;
+    const int id = (int)(intptr_t)p;
+    unsigned last = atomic_load(&tm->gen);
+    for (;;) {
+        int spins = 0;
+        unsigned g;
+        while ((g = atomic_load_explicit(&tm->gen, memory_order_acquire)) == last) {
+            if (++spins < CI_SPIN_LIMIT) {
+                ci_pause(spins);
+                continue;
+            }
+            /* idle: sleep until the next job (the caller signals when it sees
+             * a sleeper; seq_cst on both sides rules out a lost wake-up) */
+            pthread_mutex_lock(&tm->mu);
+            atomic_fetch_add(&tm->sleeping, 1);
+            while (atomic_load(&tm->gen) == last) pthread_cond_wait(&tm->cv, &tm->mu);
+            atomic_fetch_sub(&tm->sleeping, 1);
+            pthread_mutex_unlock(&tm->mu);
+            spins = 0;
+        }
+        last = g;
+        if (id < atomic_load_explicit(&tm->nhelp, memory_order_relaxed)) ci_team_work(tm, g);
+    }
+    return NULL;
+}
+
+/* Run fn(arg, c) for c in [0, nchunks) on up to `threads` threads (the
+ * caller included) and return when all are done. Runs inline when asked
+ * for one thread, when the team is in use by another caller, or when
+ * helpers cannot be started. */
+static void ci_run(int threads, int nchunks, ci_chunk_fn fn, void *arg) {
+    ci_team *tm = &ci_the_team;
+    int expect = 0;
+    if (threads <= 1 || nchunks <= 1 || !atomic_compare_exchange_strong(&tm->busy, &expect, 1)) {
+        for (int c = 0; c < nchunks; c++) fn(arg, c);
+        return;
+    }
+    int want = threads - 1 > CI_MAX_HELPERS ? CI_MAX_HELPERS : threads - 1;
+    while (tm->nhelpers < want) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &at, ci_helper_main, (void *)(intptr_t)tm->nhelpers);
+        pthread_attr_destroy(&at);
+        if (rc) break;
+        tm->nhelpers++;
+    }
+    if (want > tm->nhelpers) want = tm->nhelpers;
+    const unsigned g = atomic_load_explicit(&tm->gen, memory_order_relaxed) + 1;
+    atomic_store_explicit(&tm->fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&tm->arg, arg, memory_order_relaxed);
+    atomic_store_explicit(&tm->nchunks, nchunks, memory_order_relaxed);
+    atomic_store_explicit(&tm->nhelp, want, memory_order_relaxed);
+    atomic_store_explicit(&tm->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&tm->claim, (unsigned long long)g << 32, memory_order_release);
+    atomic_store(&tm->gen, g); /* seq_cst: publishes the job, pairs with the sleepers' check */
+    if (atomic_load(&tm->sleeping) > 0) {
+        pthread_mutex_lock(&tm->mu);
+        pthread_cond_broadcast(&tm->cv);
+        pthread_mutex_unlock(&tm->mu);
+    }
+    ci_team_work(tm, g);
+    for (int round = 0; atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks; round++) ci_pause(round);
+    atomic_store_explicit(&tm->busy, 0, memory_order_release);
+}
+
+/* ---- bf16 ------------------------------------------------------------------- */
+
+/* Round to nearest even; NaN stays NaN (quiet). */
+static inline uint16_t ci_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float ci_from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- packing ---------------------------------------------------------------- */
+
+/* Weight row feeding column c of panel p, or -1 for padding. */
+static inline int ci_panel_row(const tlm_packed *w, int p, int c) {
+    if (w->kind == TLM_PACK_SWIGLU) {
+        int F = w->N / 2, f = p * 16 + (c & 15);
+        if (f >= F) return -1;
+        return c < 16 ? f : F + f;
+    }
+    int n = p * CI_NR + c;
+    return n < w->N ? n : -1;
+}
+
+static tlm_packed *ci_pack(tlm_ops *o, const float *W, int N, int K, int dtype, int kind) {
+    (void)o;
+    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16) ||
+        (kind != TLM_PACK_LINEAR && kind != TLM_PACK_SWIGLU) || (kind == TLM_PACK_SWIGLU && N % 2)) {
+        tlm_errorf("pack: invalid matrix %d x %d (dtype %d, kind %d)", N, K, dtype, kind);
+        return NULL;
+    }
+    tlm_packed *w = calloc(1, sizeof *w);
+    if (!w) {
+        tlm_errorf("out of memory packing a %d x %d weight matrix", N, K);
+        return NULL;
+    }
+    w->N = N;
+    w->K = K;
+    w->dtype = dtype;
+    w->kind = kind;
+    w->Kp = (K + 1) & ~1;
+    w->Nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    w->npanels = kind == TLM_PACK_SWIGLU ? (N / 2 + 15) / 16 : (N + CI_NR - 1) / CI_NR;
+    size_t esize = dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : sizeof(float);
+    w->panel_elems = (size_t)(dtype == TLM_PACK_BF16 ? w->Kp : K) * CI_NR;
+    w->data = tlm_alloc((size_t)w->npanels * w->panel_elems * esize); /* zero-filled: padding is 0 */
+    if (!w->data) {
+        free(w);
+        return NULL;
+    }
+    for (int p = 0; p < w->npanels; p++) {
+        for (int c = 0; c < CI_NR; c++) {
+            int r = ci_panel_row(w, p, c);
+            if (r < 0) continue;
+            const float *src = W + (size_t)r * K;
+            if (dtype == TLM_PACK_BF16) {
+                uint16_t *dst = (uint16_t *)w->data + (size_t)p * w->panel_elems;
+                for (int k = 0; k < K; k++) dst[(size_t)(k / 2) * 2 * CI_NR + 2 * c + (k & 1)] = ci_to_bf16(src[k]);
+            } else {
+                float *dst = (float *)w->data + (size_t)p * w->panel_elems;
+                for (int k = 0; k < K; k++) dst[(size_t)k * CI_NR + c] = src[k];
+            }
+        }
+    }
+    return w;
+}
+
+static void ci_pack_free(tlm_ops *o, tlm_packed *w) {
+    (void)o;
+    if (!w) return;
+    tlm_free(w->data);
+    free(w);
+}
+
+/* ---- activation staging: optional RMSNorm, then the kernel's input format ---- */
+
+/* 1/rms of x[K] (float sums, as the fast rmsnorm_fwd). */
+static inline float ci_rstd(const float *x, int K, float eps) {
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int k = 0; k < K; k++) ss += x[k] * x[k];
+    return 1.0f / sqrtf(ss / (float)K + eps);
+}
+
+/* dst[Kpad] bf16 = round(x * r * nw) (nw NULL: x), zero past K. Kpad is a
+ * multiple of 32. */
+static void ci_stage_bf16(uint16_t *dst, int Kpad, const float *x, int K, const float *nw, float eps) {
+    float r = nw ? ci_rstd(x, K, eps) : 1.0f;
+#if defined(CI_AVX512BF16)
+    const __m512 rv = _mm512_set1_ps(r);
+    for (int k = 0; k < Kpad; k += 32) {
+        __mmask16 m0 = k >= K ? 0 : (K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1));
+        __mmask16 m1 = k + 16 >= K ? 0 : (K - k - 16 >= 16 ? 0xffff : (__mmask16)((1u << (K - k - 16)) - 1));
+        __m512 a = _mm512_maskz_loadu_ps(m0, x + k), b = _mm512_maskz_loadu_ps(m1, x + k + 16);
+        if (nw) {
+            a = _mm512_mul_ps(_mm512_mul_ps(a, rv), _mm512_maskz_loadu_ps(m0, nw + k));
+            b = _mm512_mul_ps(_mm512_mul_ps(b, rv), _mm512_maskz_loadu_ps(m1, nw + k + 16));
+        }
+        _mm512_storeu_si512((void *)(dst + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+#else
+    for (int k = 0; k < K; k++) dst[k] = ci_to_bf16(nw ? x[k] * r * nw[k] : x[k]);
+    for (int k = K; k < Kpad; k++) dst[k] = 0;
+#endif
+}
+
+static void ci_stage_f32(float *dst, const float *x, int K, const float *nw, float eps) {
+    float r = ci_rstd(x, K, eps);
+#pragma omp simd
+    for (int k = 0; k < K; k++) dst[k] = x[k] * r * nw[k];
+}
+
+/* ---- vector exp and silu ---------------------------------------------------- */
+
+/* silu(g) * u, scalar. */
+static inline float ci_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+#if defined(CI_AVX512)
+/* e^x for x in float range: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
+ * polynomial to r^7 (relative error < 1e-7), scaled by 2^n with scalef
+ * (which also takes care of under- and overflow). */
+static inline __m512 ci_exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 ci_silu_mul512(__m512 g, __m512 u) {
+    __m512 e = ci_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+static inline __mmask16 ci_mask(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* Store the tile's accumulators: acc[m][2i], acc[m][2i+1] are the low and
+ * high 16 columns of panel p0+i for row m. */
+static inline __attribute__((always_inline)) void ci_store512(const int MR, const int NP, __m512 acc[CI_MR][8],
+                                                              const tlm_packed *w, int p0, float *y, size_t ldy,
+                                                              int accumulate) {
+    for (int i = 0; i < NP; i++) {
+        if (w->kind == TLM_PACK_SWIGLU) {
+            int n0 = (p0 + i) * 16;
+            __mmask16 mk = ci_mask(w->Nout - n0);
+#pragma GCC unroll 12
+            for (int m = 0; m < MR; m++)
+                _mm512_mask_storeu_ps(y + (size_t)m * ldy + n0, mk, ci_silu_mul512(acc[m][2 * i], acc[m][2 * i + 1]));
+        } else {
+            int n0 = (p0 + i) * CI_NR;
+            __mmask16 m0 = ci_mask(w->N - n0), m1 = ci_mask(w->N - n0 - 16);
+#pragma GCC unroll 12
+            for (int m = 0; m < MR; m++) {
+                float *yr = y + (size_t)m * ldy + n0;
+                __m512 a = acc[m][2 * i], b = acc[m][2 * i + 1];
+                if (accumulate) {
+                    a = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, yr), a);
+                    b = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, yr + 16), b);
+                }
+                _mm512_mask_storeu_ps(yr, m0, a);
+                _mm512_mask_storeu_ps(yr + 16, m1, b);
+            }
+        }
+    }
+}
+#endif
+
+/* ---- register tiles --------------------------------------------------------- *
+ * A tile is MR rows x NP panels (MR * NP * 32 results); xa holds the MR
+ * staged rows ldx elements apart. MR and NP are constants at every call
+ * site, so the accumulators live in registers. */
+
+#if defined(CI_AVX512BF16)
+static inline __attribute__((always_inline)) void ci_tile_bf16(const int MR, const int NP, const tlm_packed *w, int p0,
+                                                               const uint16_t *xa, size_t ldx, float *y, size_t ldy,
+                                                               int accumulate) {
+    __m512 acc[CI_MR][8];
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * NP; j++) acc[m][j] = _mm512_setzero_ps();
+    const uint16_t *wp = (const uint16_t *)w->data + (size_t)p0 * w->panel_elems;
+    const size_t pe = w->panel_elems;
+    const int KP = w->Kp / 2;
+    for (int kp = 0; kp < KP; kp++) {
+        __m512i wv[8];
+#pragma GCC unroll 4
+        for (int i = 0; i < NP; i++) {
+            wv[2 * i] = _mm512_loadu_si512((const void *)(wp + i * pe + (size_t)kp * 64));
+            wv[2 * i + 1] = _mm512_loadu_si512((const void *)(wp + i * pe + (size_t)kp * 64 + 32));
+        }
+#pragma GCC unroll 12
+        for (int m = 0; m < MR; m++) {
+            int32_t pair;
+            memcpy(&pair, xa + (size_t)m * ldx + 2 * (size_t)kp, sizeof pair);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * NP; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, (__m512bh)wv[j]);
+        }
+    }
+    ci_store512(MR, NP, acc, w, p0, y, ldy, accumulate);
+}
+#endif
+
+#if defined(CI_AVX512)
+static inline __attribute__((always_inline)) void ci_tile_f32(const int MR, const int NP, const tlm_packed *w, int p0,
+                                                              const float *xa, size_t ldx, float *y, size_t ldy,
+                                                              int accumulate) {
+    __m512 acc[CI_MR][8];
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * NP; j++) acc[m][j] = _mm512_setzero_ps();
+    const float *wp = (const float *)w->data + (size_t)p0 * w->panel_elems;
+    const size_t pe = w->panel_elems;
+    const int K = w->K;
+    for (int k = 0; k < K; k++) {
+        __m512 wv[8];
+#pragma GCC unroll 4
+        for (int i = 0; i < NP; i++) {
+            wv[2 * i] = _mm512_loadu_ps(wp + i * pe + (size_t)k * CI_NR);
+            wv[2 * i + 1] = _mm512_loadu_ps(wp + i * pe + (size_t)k * CI_NR + 16);
+        }
+#pragma GCC unroll 12
+        for (int m = 0; m < MR; m++) {
+            __m512 xb = _mm512_set1_ps(xa[(size_t)m * ldx + k]);
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * NP; j++) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+        }
+    }
+    ci_store512(MR, NP, acc, w, p0, y, ldy, accumulate);
+}
+#endif
+
+#if defined(CI_NEON_BF16)
+/* 8 vectors of 4 columns per panel; MR <= 3 keeps 24 accumulators. */
+static inline __attribute__((always_inline)) void ci_tile_bf16_neon(const int MR, const tlm_packed *w, int p0,
+                                                                    const uint16_t *xa, size_t ldx, float acc_out[][CI_NR]) {
+    float32x4_t acc[3][8];
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < 8; j++) acc[m][j] = vdupq_n_f32(0.0f);
+    const uint16_t *wp = (const uint16_t *)w->data + (size_t)p0 * w->panel_elems;
+    const int KP = w->Kp / 2;
+    for (int kp = 0; kp < KP; kp++) {
+        bfloat16x8_t wv[8];
+        for (int j = 0; j < 8; j++) wv[j] = vreinterpretq_bf16_u16(vld1q_u16(wp + (size_t)kp * 64 + 8 * j));
+        for (int m = 0; m < MR; m++) {
+            uint32_t pair;
+            memcpy(&pair, xa + (size_t)m * ldx + 2 * (size_t)kp, sizeof pair);
+            bfloat16x8_t xb = vreinterpretq_bf16_u32(vdupq_n_u32(pair));
+            for (int j = 0; j < 8; j++) acc[m][j] = vbfdotq_f32(acc[m][j], xb, wv[j]);
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < 8; j++) vst1q_f32(acc_out[m] + 4 * j, acc[m][j]);
+}
+#endif
+
+/* Portable tile of one panel: same sums, in the same k order. */
+static void ci_tile_generic(int MR, const tlm_packed *w, int p, const void *xa, size_t ldx, float acc[][CI_NR]) {
+    for (int m = 0; m < MR; m++)
+        for (int c = 0; c < CI_NR; c++) acc[m][c] = 0.0f;
+    if (w->dtype == TLM_PACK_BF16) {
+        const uint16_t *wp = (const uint16_t *)w->data + (size_t)p * w->panel_elems;
+        const uint16_t *xb = xa;
+        for (int kp = 0; kp < w->Kp / 2; kp++) {
+            const uint16_t *wk = wp + (size_t)kp * 2 * CI_NR;
+            float wl[CI_NR], wh[CI_NR];
+            for (int c = 0; c < CI_NR; c++) {
+                wl[c] = ci_from_bf16(wk[2 * c]);
+                wh[c] = ci_from_bf16(wk[2 * c + 1]);
+            }
+            for (int m = 0; m < MR; m++) {
+                float a0 = ci_from_bf16(xb[(size_t)m * ldx + 2 * kp]), a1 = ci_from_bf16(xb[(size_t)m * ldx + 2 * kp + 1]);
+#pragma omp simd
+                for (int c = 0; c < CI_NR; c++) acc[m][c] += a0 * wl[c] + a1 * wh[c];
+            }
+        }
+    } else {
+        const float *wp = (const float *)w->data + (size_t)p * w->panel_elems;
+        const float *xf = xa;
+        for (int k = 0; k < w->K; k++) {
+            const float *wk = wp + (size_t)k * CI_NR;
+            for (int m = 0; m < MR; m++) {
+                float a = xf[(size_t)m * ldx + k];
+#pragma omp simd
+                for (int c = 0; c < CI_NR; c++) acc[m][c] += a * wk[c];
+            }
+        }
+    }
+}
+
+/* Write a tile computed into acc[MR][32] (portable and NEON paths). */
+static void ci_store_generic(int MR, const tlm_packed *w, int p, float acc[][CI_NR], float *y, size_t ldy,
+                             int accumulate) {
+    for (int m = 0; m < MR; m++) {
+        float *yr = y + (size_t)m * ldy;
+        if (w->kind == TLM_PACK_SWIGLU) {
+            for (int c = 0; c < 16; c++) {
+                int n = p * 16 + c;
+                if (n < w->Nout) yr[n] = ci_silu_mul(acc[m][c], acc[m][c + 16]);
+            }
+        } else {
+            for (int c = 0; c < CI_NR; c++) {
+                int n = p * CI_NR + c;
+                if (n < w->N) yr[n] = accumulate ? yr[n] + acc[m][c] : acc[m][c];
+            }
+        }
+    }
+}
+
+/* ---- the product over a range of panels ------------------------------------- */
+
+#if defined(CI_AVX512)
+/* Dispatch a tile of `rows` (1..CI_MR) rows and NP panels to its constant
+ * shape. */
+#define CI_TILE_CASES(FN, NP, T)                                                                     \
+    switch (rows) {                                                                                  \
+    case 1: FN(1, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 2: FN(2, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 3: FN(3, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 4: FN(4, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 5: FN(5, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 6: FN(6, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 7: FN(7, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 8: FN(8, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 9: FN(9, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    case 10: FN(10, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                       \
+    case 11: FN(11, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                       \
+    default: FN(12, NP, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                       \
+    }
+#define CI_TILE_CASES_WIDE(FN, T)                                                                    \
+    switch (rows) {                                                                                  \
+    case 1: FN(1, 4, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                          \
+    case 2: FN(2, 4, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                          \
+    default: FN(3, 4, w, p, (const T *)xa, ldx, yb, ldy, accumulate); break;                         \
+    }
+#endif
+
+/* Rows [0, rows) of a staged block times panels [p0, p1) into y (rows ldy
+ * apart). xa: bf16 or fp32 rows ldx elements apart. */
+static void ci_block(const tlm_packed *w, const void *xa, size_t ldx, int rows, int p0, int p1, float *yb,
+                     size_t ldy, int accumulate) {
+    int p = p0;
+#if defined(CI_AVX512)
+    /* Few rows: four panels at a time for independent accumulator chains
+     * (at one row the product is a stream of weights; keep loads in flight). */
+    if (rows <= 3) {
+        for (; p + 4 <= p1; p += 4) {
+#if defined(CI_AVX512BF16)
+            if (w->dtype == TLM_PACK_BF16) {
+                CI_TILE_CASES_WIDE(ci_tile_bf16, uint16_t)
+                continue;
+            }
+#endif
+            if (w->dtype == TLM_PACK_F32) CI_TILE_CASES_WIDE(ci_tile_f32, float)
+            else break;
+        }
+    }
+    for (; p < p1; p++) {
+#if defined(CI_AVX512BF16)
+        if (w->dtype == TLM_PACK_BF16) {
+            CI_TILE_CASES(ci_tile_bf16, 1, uint16_t)
+            continue;
+        }
+#endif
+        if (w->dtype == TLM_PACK_F32) CI_TILE_CASES(ci_tile_f32, 1, float)
+        else break;
+    }
+#endif
+    /* Whatever no SIMD tile took: NEON or portable, one panel at a time. */
+    for (; p < p1; p++) {
+        float acc[CI_MR][CI_NR];
+        int m = 0;
+        while (m < rows) {
+            int mr = rows - m;
+#if defined(CI_NEON_BF16)
+            if (w->dtype == TLM_PACK_BF16) {
+                mr = mr > 3 ? 3 : mr;
+                const uint16_t *x16 = (const uint16_t *)xa + (size_t)m * ldx;
+                switch (mr) {
+                case 1: ci_tile_bf16_neon(1, w, p, x16, ldx, acc); break;
+                case 2: ci_tile_bf16_neon(2, w, p, x16, ldx, acc); break;
+                default: ci_tile_bf16_neon(3, w, p, x16, ldx, acc); break;
+                }
+                ci_store_generic(mr, w, p, acc, yb + (size_t)m * ldy, ldy, accumulate);
+                m += mr;
+                continue;
+            }
+#endif
+            mr = mr > CI_MR ? CI_MR : mr;
+            size_t es = w->dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : sizeof(float);
+            ci_tile_generic(mr, w, p, (const char *)xa + (size_t)m * ldx * es, ldx, acc);
+            ci_store_generic(mr, w, p, acc, yb + (size_t)m * ldy, ldy, accumulate);
+            m += mr;
+        }
+    }
+}
+
+/* Staged activations of the calling thread, grown on demand and kept: the
+ * rows are normalised and converted once per product, before the team
+ * splits the panels (a thread-local buffer, so concurrent callers never
+ * share one). */
+static _Thread_local unsigned char *ci_stage_buf;
+static _Thread_local size_t ci_stage_cap;
+
+static void *ci_stage_space(size_t bytes) {
+    if (bytes > ci_stage_cap) {
+        tlm_free(ci_stage_buf);
+        ci_stage_buf = tlm_alloc(bytes);
+        if (!ci_stage_buf) abort(); /* an op has no error path */
+        ci_stage_cap = bytes;
+    }
+    return ci_stage_buf;
+}
+
+typedef struct {
+    const tlm_packed *w;
+    const void *xa; /* staged rows (or x itself) */
+    size_t ldx;
+    int M, per_chunk, accumulate;
+    float *y;
+} ci_mm_job;
+
+/* Chunk c: panels [c*per_chunk, ...) for every row, CI_MR rows at a time. */
+static void ci_mm_chunk(void *arg, int c) {
+    const ci_mm_job *j = arg;
+    const tlm_packed *w = j->w;
+    int p0 = c * j->per_chunk, p1 = p0 + j->per_chunk;
+    if (p1 > w->npanels) p1 = w->npanels;
+    const size_t es = w->dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : sizeof(float);
+    for (int m0 = 0; m0 < j->M; m0 += CI_MR) {
+        int rows = j->M - m0 < CI_MR ? j->M - m0 : CI_MR;
+        ci_block(w, (const char *)j->xa + (size_t)m0 * j->ldx * es, j->ldx, rows, p0, p1,
+                 j->y + (size_t)m0 * w->Nout, (size_t)w->Nout, j->accumulate);
+    }
+}
+
+static void ci_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *w, const float *nw,
+                             float eps, int accumulate) {
+    if (M <= 0) return;
+    if (w->kind == TLM_PACK_SWIGLU) accumulate = 0;
+    const int K = w->K, bf = w->dtype == TLM_PACK_BF16;
+    ci_mm_job j = {.w = w, .M = M, .accumulate = accumulate, .y = y};
+    if (bf || nw) {
+        /* staged row length: a multiple of 32 elements (whole vectors) */
+        j.ldx = bf ? (size_t)((w->Kp + 31) & ~31) : (size_t)((K + 15) & ~15);
+        void *buf = ci_stage_space((size_t)M * j.ldx * (bf ? sizeof(uint16_t) : sizeof(float)));
+        for (int m = 0; m < M; m++) {
+            const float *xr = x + (size_t)m * K;
+            if (bf)
+                ci_stage_bf16((uint16_t *)buf + (size_t)m * j.ldx, (int)j.ldx, xr, K, nw, eps);
+            else
+                ci_stage_f32((float *)buf + (size_t)m * j.ldx, xr, K, nw, eps);
+        }
+        j.xa = buf;
+    } else {
+        j.xa = x; /* fp32 without a norm: read in place */
+        j.ldx = (size_t)K;
+    }
+    /* chunks: four panels (one wide tile) for a few rows, else one panel;
+     * alone when the product is too small to share */
+    j.per_chunk = M <= 3 ? 4 : 1;
+    int nchunks = (w->npanels + j.per_chunk - 1) / j.per_chunk;
+    long work = (long)M * w->N * w->K;
+    ci_run(work >= CI_PAR_MIN ? o->threads : 1, nchunks, ci_mm_chunk, &j);
+}
+
+/* ---- attention over the cache, fused with RoPE and the cache store ---------- */
+
+/* cos/sin of the RoPE angles of positions pos0 .. pos0+T-1, [T][half] each.
+ * All layers of a step ask for the same positions, so the last table is
+ * kept per thread and reused. Angles in double, as rope_fwd. */
+#define CI_ROPE_CAP 4096
+typedef struct {
+    int pos0, T, hd;
+    float theta;
+    float cs[CI_ROPE_CAP], sn[CI_ROPE_CAP];
+} ci_rope_table;
+static _Thread_local ci_rope_table ci_rope_cache = {.T = -1};
+
+static void ci_rope_fill(float *cs, float *sn, int pos0, int T, int hd, float theta) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        double freq = pow((double)theta, -2.0 * i / hd);
+        for (int t = 0; t < T; t++) {
+            double ang = (double)(pos0 + t) * freq;
+            cs[(size_t)t * half + i] = (float)cos(ang);
+            sn[(size_t)t * half + i] = (float)sin(ang);
+        }
+    }
+}
+
+static inline void ci_rotate(float *v, const float *cs, const float *sn, int half) {
+#pragma omp simd
+    for (int i = 0; i < half; i++) {
+        float x0 = v[i], x1 = v[i + half];
+        v[i] = x0 * cs[i] - x1 * sn[i];
+        v[i + half] = x0 * sn[i] + x1 * cs[i];
+    }
+}
+
+/* ---- fp16 cache elements ------------------------------------------------------ */
+
+/* float -> IEEE half, nearest even, saturated to +-65504 (NaN stays NaN). */
+static inline uint16_t ci_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7bffu); /* would round to inf */
+    if (a < 0x38800000u) {                                     /* half subnormal: m * 2^-24 */
+        float af;
+        memcpy(&af, &a, sizeof af);
+        return (uint16_t)(sign | (uint32_t)lrintf(af * 16777216.0f));
+    }
+    uint32_t r = a - 0x38000000u; /* rebias the exponent by 127 - 15 */
+    r += 0xfffu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+}
+
+static inline float ci_from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0) {
+        float f = (float)m * 0x1p-24f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else {
+        u = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Store n floats as cache elements. */
+static inline void ci_kv_put(void *dst, const float *src, int n, int f16) {
+    if (!f16) {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *d = dst;
+    int i = 0;
+#if defined(CI_AVX512)
+    const __m512 big = _mm512_set1_ps(65504.0f), nbig = _mm512_set1_ps(-65504.0f);
+    for (; i + 16 <= n; i += 16) {
+        /* operand order keeps NaN: min/max return their second source on NaN */
+        __m512 v = _mm512_max_ps(nbig, _mm512_min_ps(big, _mm512_loadu_ps(src + i)));
+        _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    for (; i < n; i++) d[i] = ci_to_f16(src[i]);
+}
+
+/* ---- attention rows ------------------------------------------------------------ */
+
+/* One query against nk cached rows (kvstride elements apart) with an online
+ * softmax over blocks of 16 keys, so no score buffer is needed. */
+#if defined(CI_AVX512)
+static inline __attribute__((always_inline)) __m512 ci_kv_load(const void *base, size_t i, const int f16) {
+    if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+/* Lane j of the result = the sum of the 16 lanes of a[j]: a transpose and
+ * add in four rounds (45 shuffles and adds for 16 sums, against 16 full
+ * horizontal reductions). */
+static inline __attribute__((always_inline)) __m512 ci_hsum16(const __m512 *a) {
+    __m512 s[8], r[4];
+    for (int i = 0; i < 8; i++)
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(r[0], r[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(r[2], r[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of a chunk of keys are kept in a stack buffer of this many floats;
+ * longer contexts go chunk by chunk, rescaling like an online softmax. */
+#define CI_ATTN_CHUNK 1024
+
+static inline __attribute__((always_inline)) void ci_attn_row512(const int HC, const int f16, float *out,
+                                                                 const float *q, const void *k, const void *v,
+                                                                 size_t kvstride, int nk, float scale,
+                                                                 const char *knext, const char *vnext) {
+    /* knext, vnext (may be NULL): the next task's keys and values, fetched
+     * while this one computes; a task's rows span only a few pages, too few
+     * for the hardware prefetcher to get going */
+    const size_t row_bytes = (size_t)HC * 16 * (f16 ? 2 : 4);
+    __m512 qv[8], ov[4][8];
+    for (int c = 0; c < HC; c++) {
+        qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+        for (int u = 0; u < 4; u++) ov[u][c] = _mm512_setzero_ps();
+    }
+    _Alignas(64) float sc[CI_ATTN_CHUNK];
+    float mx = -INFINITY;
+    __m512 lsum = _mm512_setzero_ps();
+    for (int c0 = 0; c0 < nk; c0 += CI_ATTN_CHUNK) {
+        const int n = nk - c0 < CI_ATTN_CHUNK ? nk - c0 : CI_ATTN_CHUNK;
+        /* pass 1: scores, 16 keys per transposed sum, and their max */
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            const int nb = n - j0 < 16 ? n - j0 : 16;
+            __m512 a[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) {
+                if (j >= nb) {
+                    a[j] = _mm512_setzero_ps();
+                    continue;
+                }
+                size_t base = (size_t)(c0 + j0 + j) * kvstride;
+                if (knext)
+                    for (size_t off = 0; off < row_bytes; off += 64)
+                        _mm_prefetch(knext + (size_t)(c0 + j0 + j) * row_bytes + off, _MM_HINT_T0);
+                __m512 acc = _mm512_mul_ps(qv[0], ci_kv_load(k, base, f16));
+                for (int c = 1; c < HC; c++) acc = _mm512_fmadd_ps(qv[c], ci_kv_load(k, base + 16 * (size_t)c, f16), acc);
+                a[j] = acc;
+            }
+            __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ci_mask(nb), ci_hsum16(a));
+            vmax = _mm512_max_ps(vmax, sv);
+            _mm512_store_ps(sc + j0, sv);
+        }
+        /* a new maximum rescales what earlier chunks summed */
+        float cm = _mm512_reduce_max_ps(vmax);
+        if (cm > mx) {
+            if (c0 > 0) {
+                __m512 corr = _mm512_set1_ps(expf(mx - cm));
+                lsum = _mm512_mul_ps(lsum, corr);
+                for (int u = 0; u < 4; u++)
+                    for (int c = 0; c < HC; c++) ov[u][c] = _mm512_mul_ps(ov[u][c], corr);
+            }
+            mx = cm;
+        }
+        /* pass 2: probabilities (masked tail lanes hold -inf -> 0) */
+        const __m512 mv = _mm512_set1_ps(mx);
+        for (int j0 = 0; j0 < n; j0 += 16) {
+            __m512 p = _mm512_maskz_mov_ps(ci_mask(n - j0), ci_exp512(_mm512_sub_ps(_mm512_load_ps(sc + j0), mv)));
+            lsum = _mm512_add_ps(lsum, p);
+            _mm512_store_ps(sc + j0, p);
+        }
+        /* pass 3: p @ v, four independent accumulator sets so consecutive
+         * keys do not wait on each other's multiply-add */
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                size_t base = (size_t)(c0 + j + u) * kvstride;
+                if (vnext)
+                    for (size_t off = 0; off < row_bytes; off += 64)
+                        _mm_prefetch(vnext + (size_t)(c0 + j + u) * row_bytes + off, _MM_HINT_T0);
+                __m512 pj = _mm512_set1_ps(sc[j + u]);
+                for (int c = 0; c < HC; c++)
+                    ov[u][c] = _mm512_fmadd_ps(pj, ci_kv_load(v, base + 16 * (size_t)c, f16), ov[u][c]);
+            }
+        }
+        for (; j < n; j++) {
+            size_t base = (size_t)(c0 + j) * kvstride;
+            __m512 pj = _mm512_set1_ps(sc[j]);
+            for (int c = 0; c < HC; c++) ov[0][c] = _mm512_fmadd_ps(pj, ci_kv_load(v, base + 16 * (size_t)c, f16), ov[0][c]);
+        }
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum));
+    for (int c = 0; c < HC; c++) {
+        __m512 o = _mm512_add_ps(_mm512_add_ps(ov[0][c], ov[1][c]), _mm512_add_ps(ov[2][c], ov[3][c]));
+        _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o, inv));
+    }
+}
+#endif
+
+static inline float ci_kv_get(const void *base, size_t i, int f16) {
+    return f16 ? ci_from_f16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static void ci_attn_row_generic(float *out, const float *q, const void *k, const void *v, size_t kvstride, int nk,
+                                int hd, float scale, int f16) {
+    float mx = -INFINITY, l = 0.0f;
+    for (int d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int j0 = 0; j0 < nk; j0 += 16) {
+        int nb = nk - j0 < 16 ? nk - j0 : 16;
+        float s[16], bm = -INFINITY;
+        for (int j = 0; j < nb; j++) {
+            size_t base = (size_t)(j0 + j) * kvstride;
+            float a = 0.0f;
+            for (int d = 0; d < hd; d++) a += q[d] * ci_kv_get(k, base + (size_t)d, f16);
+            s[j] = a * scale;
+            bm = s[j] > bm ? s[j] : bm;
+        }
+        float mnew = bm > mx ? bm : mx, corr = expf(mx - mnew);
+        l *= corr;
+        for (int d = 0; d < hd; d++) out[d] *= corr;
+        for (int j = 0; j < nb; j++) {
+            float p = expf(s[j] - mnew);
+            l += p;
+            size_t base = (size_t)(j0 + j) * kvstride;
+            for (int d = 0; d < hd; d++) out[d] += p * ci_kv_get(v, base + (size_t)d, f16);
+        }
+        mx = mnew;
+    }
+    float inv = 1.0f / l;
+    for (int d = 0; d < hd; d++) out[d] *= inv;
+}
+
+static void ci_attn_row(float *out, const float *q, const void *k, const void *v, size_t kvstride, int nk, int hd,
+                        float scale, int f16, const char *knext, const char *vnext) {
+#if defined(CI_AVX512)
+#define CI_ATTN_HD(HC)                                                                  \
+    if (f16)                                                                            \
+        ci_attn_row512(HC, 1, out, q, k, v, kvstride, nk, scale, knext, vnext);         \
+    else                                                                                \
+        ci_attn_row512(HC, 0, out, q, k, v, kvstride, nk, scale, knext, vnext);         \
+    return;
+    switch (hd) {
+    case 16: CI_ATTN_HD(1)
+    case 32: CI_ATTN_HD(2)
+    case 64: CI_ATTN_HD(4)
+    case 128: CI_ATTN_HD(8)
+    default: break;
+    }
+#undef CI_ATTN_HD
+#endif
+    (void)knext;
+    (void)vnext;
+    ci_attn_row_generic(out, q, k, v, kvstride, nk, hd, scale, f16);
+}
+
+/* Tasks are (sequence, head) pairs: a task rotates, stores and attends for
+ * its own head columns only, so the tasks never share a byte and need no
+ * barrier between the store and the attention. */
+typedef struct {
+    float *out, *qkv;
+    char *kc, *vc;
+    const float *cs, *sn;
+    int B, T, Tmax, H, hd, pos0, f16, per_chunk;
+    float scale;
+} ci_attn_job;
+
+/* Task (b, h): rotate, store and attend for head h of sequence b. */
+static void ci_attn_task(const ci_attn_job *j, int task) {
+    const int H = j->H, hd = j->hd, T = j->T, D = H * hd, half = hd / 2, ntask = j->B * H;
+    const int b = task / H, h = task % H;
+    const size_t es = j->f16 ? sizeof(uint16_t) : sizeof(float);
+    for (int t = 0; t < T; t++) {
+        float *row = j->qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
+        if (half > 0) {
+            ci_rotate(row, j->cs + (size_t)t * half, j->sn + (size_t)t * half, half);
+            ci_rotate(row + D, j->cs + (size_t)t * half, j->sn + (size_t)t * half, half);
+        }
+        size_t dst = (((size_t)task * j->Tmax + (size_t)(j->pos0 + t)) * hd) * es;
+        ci_kv_put(j->kc + dst, row + D, hd, j->f16);
+        ci_kv_put(j->vc + dst, row + 2 * D, hd, j->f16);
+    }
+    /* this (sequence, head)'s keys: rows hd apart from task * Tmax * hd */
+    const size_t cache = (size_t)task * j->Tmax * hd * es, next = (size_t)j->Tmax * hd * es;
+    /* the next task's rows, for the prefetch of the first query row */
+    const char *kn = task + 1 < ntask ? j->kc + cache + next : NULL;
+    const char *vn = kn ? j->vc + cache + next : NULL;
+    for (int t = 0; t < T; t++)
+        ci_attn_row(j->out + ((size_t)b * T + t) * D + (size_t)h * hd, j->qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd,
+                    j->kc + cache, j->vc + cache, (size_t)hd, j->pos0 + t + 1, hd, j->scale, j->f16, t == 0 ? kn : NULL,
+                    t == 0 ? vn : NULL);
+}
+
+static void ci_attn_chunk(void *arg, int c) {
+    const ci_attn_job *j = arg;
+    int t1 = (c + 1) * j->per_chunk, ntask = j->B * j->H;
+    for (int task = c * j->per_chunk; task < t1 && task < ntask; task++) ci_attn_task(j, task);
+}
+
+/* Tasks are (sequence, head) pairs: a task rotates, stores and attends for
+ * its own head columns only, so the tasks never share a byte and need no
+ * barrier between the store and the attention. */
+static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
+                           int Tmax, int H, int hd, int pos0, float theta) {
+    const int half = hd / 2;
+    ci_attn_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .B = B, .T = T, .Tmax = Tmax, .H = H, .hd = hd,
+                     .pos0 = pos0, .f16 = kv_dtype == TLM_KV_F16, .scale = 1.0f / sqrtf((float)hd)};
+    ci_rope_table *rc = &ci_rope_cache;
+    float *heap = NULL;
+    if ((long)T * half <= CI_ROPE_CAP) {
+        if (rc->pos0 != pos0 || rc->T != T || rc->hd != hd || rc->theta != theta) {
+            ci_rope_fill(rc->cs, rc->sn, pos0, T, hd, theta);
+            rc->pos0 = pos0;
+            rc->T = T;
+            rc->hd = hd;
+            rc->theta = theta;
+        }
+        j.cs = rc->cs;
+        j.sn = rc->sn;
+    } else {
+        heap = malloc(2 * (size_t)T * half * sizeof(float));
+        if (!heap) abort(); /* an op has no error path */
+        ci_rope_fill(heap, heap + (size_t)T * half, pos0, T, hd, theta);
+        j.cs = heap;
+        j.sn = heap + (size_t)T * half;
+    }
+    /* one sequence per chunk when there are many, else one head */
+    j.per_chunk = B >= 4 ? H : 1;
+    const int ntask = B * H, nchunks = (ntask + j.per_chunk - 1) / j.per_chunk;
+    long work = (long)B * T * (pos0 + T) * H * hd;
+    ci_run(work >= CI_ATTN_PAR_MIN ? o->threads : 1, nchunks, ci_attn_chunk, &j);
+    free(heap);
+}
+
+void cpu_infer_install(tlm_ops *o) {
+#if defined(CI_AVX512BF16) || defined(CI_NEON_BF16) || defined(__AVX2__) || defined(CI_AVX512)
+    /* bf16 dot products, or a cheap bf16 -> fp32 widening: half the bytes
+     * to stream wins at generation sizes */
+    o->pack_dtype_fast = TLM_PACK_BF16;
+#else
+    o->pack_dtype_fast = TLM_PACK_F32;
+#endif
+    o->pack = ci_pack;
+    o->pack_free = ci_pack_free;
+    o->matmul_packed = ci_matmul_packed;
+    o->attn_decode = ci_attn_decode;
+}

@@ -1,0 +1,197 @@
+/*
+ * Generation ops of the reference CPU backend (ops.h, generation block) as
+ * plain loops that follow the definitions in ops.h: the yardstick for the
+ * fast versions in cpu_infer.c. A packed matrix is simply the [N,K] weights
+ * (rounded to bf16 for TLM_PACK_BF16, kept as floats); sums are in double.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops/ops.h"
+#include "util/common.h"
+
+typedef struct {
+    int N, K, dtype, kind;
+    float *w; /* [N,K], values representable in dtype */
+} ref_packed;
+
+/* Round to the nearest bf16 (ties to even), returned as a float. */
+static float ref_round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static tlm_packed *ref_pack(tlm_ops *o, const float *W, int N, int K, int dtype, int kind) {
+    (void)o;
+    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16) ||
+        (kind != TLM_PACK_LINEAR && kind != TLM_PACK_SWIGLU) || (kind == TLM_PACK_SWIGLU && N % 2)) {
+        tlm_errorf("pack: invalid matrix %d x %d (dtype %d, kind %d)", N, K, dtype, kind);
+        return NULL;
+    }
+    ref_packed *p = calloc(1, sizeof *p);
+    float *w = malloc((size_t)N * K * sizeof *w);
+    if (!p || !w) {
+        free(p);
+        free(w);
+        tlm_errorf("out of memory packing a %d x %d weight matrix", N, K);
+        return NULL;
+    }
+    for (size_t i = 0; i < (size_t)N * K; i++) w[i] = dtype == TLM_PACK_BF16 ? ref_round_bf16(W[i]) : W[i];
+    p->N = N;
+    p->K = K;
+    p->dtype = dtype;
+    p->kind = kind;
+    p->w = w;
+    return (tlm_packed *)p;
+}
+
+static void ref_pack_free(tlm_ops *o, tlm_packed *h) {
+    (void)o;
+    ref_packed *p = (ref_packed *)h;
+    if (!p) return;
+    free(p->w);
+    free(p);
+}
+
+static double ref_dot(const float *a, const float *b, int K) {
+    double s = 0;
+    for (int k = 0; k < K; k++) s += (double)a[k] * b[k];
+    return s;
+}
+
+static void ref_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *h, const float *nw,
+                              float eps, int accumulate) {
+    (void)o;
+    const ref_packed *p = (const ref_packed *)h;
+    const int K = p->K, N = p->N;
+    float *xn = malloc((size_t)K * sizeof *xn);
+    if (!xn) abort(); /* an op has no error path */
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        double r = 1.0;
+        if (nw) {
+            double ss = 0;
+            for (int k = 0; k < K; k++) ss += (double)xr[k] * xr[k];
+            r = 1.0 / sqrt(ss / K + eps);
+        }
+        for (int k = 0; k < K; k++) {
+            float v = nw ? (float)(xr[k] * r * nw[k]) : xr[k];
+            xn[k] = p->dtype == TLM_PACK_BF16 ? ref_round_bf16(v) : v;
+        }
+        if (p->kind == TLM_PACK_SWIGLU) {
+            const int F = N / 2;
+            for (int f = 0; f < F; f++) {
+                double g = ref_dot(xn, p->w + (size_t)f * K, K), u = ref_dot(xn, p->w + (size_t)(F + f) * K, K);
+                y[(size_t)m * F + f] = (float)(g / (1.0 + exp(-g)) * u);
+            }
+        } else {
+            for (int n = 0; n < N; n++) {
+                float v = (float)ref_dot(xn, p->w + (size_t)n * K, K);
+                float *yo = &y[(size_t)m * N + n];
+                *yo = accumulate ? *yo + v : v;
+            }
+        }
+    }
+    free(xn);
+}
+
+/* float -> IEEE half by its definition: the nearest of the halves (ties to
+ * even mantissa), saturated to +-65504; NaN stays NaN. Done in double
+ * arithmetic rather than bit tricks, to be independent of the fast path. */
+static uint16_t ref_to_f16(float f) {
+    if (isnan(f)) return 0x7e00;
+    uint16_t sign = signbit(f) ? 0x8000 : 0;
+    double a = fabs((double)f);
+    if (a >= 65504.0) return sign | 0x7bff;
+    int e;
+    frexp(a, &e);               /* a = m 2^e, m in [0.5, 1) */
+    int ex = e - 1;             /* a in [2^ex, 2^(ex+1)) */
+    if (ex < -14) ex = -14;     /* subnormal range: fixed step 2^-24 */
+    double step = ldexp(1.0, ex - 10);
+    double q = nearbyint(a / step); /* round to nearest, ties to even (default mode) */
+    double v = q * step;
+    if (v >= 65504.0) return sign | 0x7bff;
+    /* encode v */
+    if (v < ldexp(1.0, -14)) return sign | (uint16_t)nearbyint(v / ldexp(1.0, -24));
+    frexp(v, &e);
+    ex = e - 1;
+    uint16_t mant = (uint16_t)nearbyint((v / ldexp(1.0, ex) - 1.0) * 1024.0);
+    return sign | (uint16_t)((ex + 15) << 10) | mant;
+}
+
+static float ref_from_f16(uint16_t h) {
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v;
+    if (e == 0) v = ldexp((double)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = ldexp(1.0 + m / 1024.0, e - 15);
+    return (float)((h & 0x8000) ? -v : v);
+}
+
+/* Element i of a cache of kv_dtype, as a double. */
+static double ref_kv_get(const void *c, size_t i, int kv_dtype) {
+    return kv_dtype == TLM_KV_F16 ? ref_from_f16(((const uint16_t *)c)[i]) : ((const float *)c)[i];
+}
+
+static void ref_kv_put(void *c, size_t i, float x, int kv_dtype) {
+    if (kv_dtype == TLM_KV_F16)
+        ((uint16_t *)c)[i] = ref_to_f16(x);
+    else
+        ((float *)c)[i] = x;
+}
+
+/* By definition: RoPE (rope_fwd), then the store into the head-major
+ * caches [B,H,Tmax,hd], then softmax attention over them, in double. */
+static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
+                            int Tmax, int H, int hd, int pos0, float theta) {
+    const int D = H * hd;
+    o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++)
+                for (int d = 0; d < hd; d++) {
+                    const float *row = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
+                    size_t at = (((size_t)b * H + h) * Tmax + (size_t)(pos0 + t)) * hd + (size_t)d;
+                    ref_kv_put(kc, at, row[D + d], kv_dtype);
+                    ref_kv_put(vc, at, row[2 * D + d], kv_dtype);
+                }
+    const double scale = 1.0 / sqrt((double)hd);
+    double *s = malloc((size_t)(pos0 + T) * sizeof *s);
+    if (!s) abort(); /* an op has no error path */
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) {
+                const float *q = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
+                const size_t head = ((size_t)b * H + h) * Tmax * hd;
+                const int nk = pos0 + t + 1;
+                double mx = -INFINITY, z = 0;
+                for (int j = 0; j < nk; j++) {
+                    double a = 0;
+                    for (int d = 0; d < hd; d++) a += (double)q[d] * ref_kv_get(kc, head + (size_t)j * hd + d, kv_dtype);
+                    s[j] = a * scale;
+                    mx = s[j] > mx ? s[j] : mx;
+                }
+                for (int j = 0; j < nk; j++) z += (s[j] = exp(s[j] - mx));
+                for (int d = 0; d < hd; d++) {
+                    double acc = 0;
+                    for (int j = 0; j < nk; j++) acc += s[j] * ref_kv_get(vc, head + (size_t)j * hd + d, kv_dtype);
+                    out[((size_t)b * T + t) * D + (size_t)h * hd + d] = (float)(acc / z);
+                }
+            }
+    free(s);
+}
+
+void cpu_infer_ref_install(tlm_ops *o) {
+    o->pack_dtype_fast = TLM_PACK_F32;
+    o->pack = ref_pack;
+    o->pack_free = ref_pack_free;
+    o->matmul_packed = ref_matmul_packed;
+    o->attn_decode = ref_attn_decode;
+}

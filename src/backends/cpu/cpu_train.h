@@ -1,0 +1,166 @@
+/*
+ * Our own fp32 matrix-product and attention kernels for the fast CPU
+ * backend (AVX-512 builds). Internal to src/backends/cpu.
+ *
+ * Why not only BLAS: the Debian OpenBLAS (0.3.21) picks its AVX2 kernels on
+ * AMD Zen 4/5, half the speed of AVX-512 there, and the attention products
+ * per (sequence, head) are too small and too oddly shaped (causal blocks,
+ * strided q/k/v columns) for a BLAS call each. Both are built from one
+ * register-blocked micro-kernel (cpu_kern_14x32 below).
+ */
+#ifndef TLM_BACKENDS_CPU_TRAIN_H
+#define TLM_BACKENDS_CPU_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ops/ops.h"
+
+/* exp(x) for float, written so that loops calling it vectorise (glibc's
+ * expf only does without -ffast-math). x = n ln2 + r with |r| <= ln2/2, then
+ * e^r by its Taylor series to r^7 (truncation < 1e-8 relative) and 2^n by
+ * building the float exponent directly. Input is clamped to [-87, 88] so
+ * 2^n stays a normal float; e^-87 ~ 1.6e-38 stands in for anything smaller,
+ * which is harmless for softmax and sigmoid. */
+static inline float cpu_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* round to nearest by adding and removing 1.5 * 2^23 (no floorf, which
+     * some compilers will not vectorise under a mask) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    /* ln2 split in a high part exact in float times small n, and the rest */
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    /* NaN slips past the clamps (every comparison with it is false) and
+     * converting it to int is undefined; use 0 there: r is NaN already, so
+     * the result stays NaN and a diverging run is still detected. */
+    n = (n == n) ? n : 0.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+#if defined(__AVX512F__)
+#define CPU_HAVE_KERNELS 1
+#else
+#define CPU_HAVE_KERNELS 0
+#endif
+
+/* Workspace of the matrix product on nt threads, in floats. */
+size_t cpu_gemm_ws_floats(int nt);
+
+/* C[M,N] = alpha op(A) op(B) + beta C with the semantics of ops->matmul
+ * (row-major, BLAS strides; beta = 0 never reads C), on up to nt OpenMP
+ * threads; ws holds cpu_gemm_ws_floats(nt) floats.
+ * Requires CPU_HAVE_KERNELS; M, N, K > 0. Each element of C is computed by
+ * one thread in a fixed order, so the result does not depend on nt. */
+void cpu_gemm(float *ws, int nt, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* dst[c*ldd + r] = src[r*lds + c] for r < nrows, c < ncols; destination
+ * entries nrows <= r < width are zeroed (nrows <= width). */
+void cpu_transpose(const float *src, ptrdiff_t lds, int nrows, int ncols, float *dst, ptrdiff_t ldd, int width);
+
+/* Fused causal attention of ops.h (attn_fwd / attn_bwd) on nt threads with
+ * per-thread scratch of cpu_attn_ws_floats(T, hd) floats each (ws).
+ * Requires CPU_HAVE_KERNELS. */
+size_t cpu_attn_ws_floats(int T, int hd);
+void cpu_attn_fwd_blocked(float *ws, int nt, float *out, float *lse, const float *qkv, int B, int T, int H, int hd);
+void cpu_attn_bwd_blocked(float *ws, int nt, float *dqkv, const float *dout, const float *out, const float *lse,
+                          const float *qkv, int B, int T, int H, int hd);
+
+#if CPU_HAVE_KERNELS
+#include <immintrin.h>
+
+/* cpu_expf on 16 lanes, the same steps with fused multiply-adds (so not
+ * bit-identical to it, but as accurate). */
+static inline __m512 cpu_exp512(__m512 x) {
+    /* x second: on NaN, max and min return their second operand, so a
+     * NaN input stays NaN (a diverging run is still detected) */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    /* 2^n by scaling (vscalefps): exact, and NaN n gives NaN */
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The micro-kernel: a 14 x 32 block of C held in 28 of the 32 vector
+ * registers while the k loop streams A and B:
+ *   C[r, 0..cols) = alpha * sum_{k<kc} A(r,k) * B(k, 0..cols) + beta * C
+ * for r < rows (<= 14), cols <= 32, with A(r,k) = a[r*ars + k*aks] and row
+ * k of B at b + k*bks. Rows of A at or beyond `rows` must still be readable
+ * (callers pad); columns of B beyond `cols` are never read. beta = 0 never
+ * reads C. Per k: two loads of B, 14 broadcasts of A, 28 multiply-adds, so
+ * the FMA units, not the loads, set the pace. Inlined so that constant
+ * strides become constant address offsets. */
+static inline __attribute__((always_inline)) void cpu_kern_14x32(int kc, const float *a, ptrdiff_t ars,
+                                                                 ptrdiff_t aks, const float *b, ptrdiff_t bks,
+                                                                 float *c, ptrdiff_t ldc, int rows, int cols,
+                                                                 float alpha, float beta) {
+    const __mmask16 m0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+    const __mmask16 m1 =
+        cols >= 32 ? (__mmask16)0xFFFF : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1u) : (__mmask16)0;
+#define CPU_K_DECL(r) __m512 c##r##a = _mm512_setzero_ps(), c##r##b = _mm512_setzero_ps();
+    CPU_K_DECL(0) CPU_K_DECL(1) CPU_K_DECL(2) CPU_K_DECL(3) CPU_K_DECL(4) CPU_K_DECL(5) CPU_K_DECL(6)
+    CPU_K_DECL(7) CPU_K_DECL(8) CPU_K_DECL(9) CPU_K_DECL(10) CPU_K_DECL(11) CPU_K_DECL(12) CPU_K_DECL(13)
+#undef CPU_K_DECL
+    /* C is read (beta != 0) or written only after the k loop; fetching its
+     * lines now hides the misses behind the loop (C blocks of the large
+     * products do not stay in cache between passes over K). */
+    for (int r = 0; r < rows; r++) {
+        _mm_prefetch((const char *)(c + (ptrdiff_t)r * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + (ptrdiff_t)r * ldc + 31), _MM_HINT_T0);
+    }
+    for (int k = 0; k < kc; k++) {
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+#define CPU_K_ROW(r)                                                                                              \
+    {                                                                                                             \
+        const __m512 av = _mm512_set1_ps(a[(r) * ars]);                                                           \
+        c##r##a = _mm512_fmadd_ps(av, b0, c##r##a);                                                               \
+        c##r##b = _mm512_fmadd_ps(av, b1, c##r##b);                                                               \
+    }
+        CPU_K_ROW(0) CPU_K_ROW(1) CPU_K_ROW(2) CPU_K_ROW(3) CPU_K_ROW(4) CPU_K_ROW(5) CPU_K_ROW(6)
+        CPU_K_ROW(7) CPU_K_ROW(8) CPU_K_ROW(9) CPU_K_ROW(10) CPU_K_ROW(11) CPU_K_ROW(12) CPU_K_ROW(13)
+#undef CPU_K_ROW
+        a += aks;
+        b += bks;
+    }
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#define CPU_K_STORE(r)                                                                                            \
+    if ((r) < rows) {                                                                                             \
+        float *cr = c + (ptrdiff_t)(r) * ldc;                                                                     \
+        __m512 o0 = _mm512_mul_ps(va, c##r##a), o1 = _mm512_mul_ps(va, c##r##b);                                  \
+        if (beta != 0.0f) {                                                                                       \
+            o0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), o0);                                          \
+            o1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), o1);                                     \
+        }                                                                                                         \
+        _mm512_mask_storeu_ps(cr, m0, o0);                                                                        \
+        _mm512_mask_storeu_ps(cr + 16, m1, o1);                                                                   \
+    }
+    CPU_K_STORE(0) CPU_K_STORE(1) CPU_K_STORE(2) CPU_K_STORE(3) CPU_K_STORE(4) CPU_K_STORE(5) CPU_K_STORE(6)
+    CPU_K_STORE(7) CPU_K_STORE(8) CPU_K_STORE(9) CPU_K_STORE(10) CPU_K_STORE(11) CPU_K_STORE(12) CPU_K_STORE(13)
+#undef CPU_K_STORE
+}
+#endif
+
+#endif

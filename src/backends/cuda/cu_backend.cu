@@ -1,0 +1,604 @@
+/*
+ * The CUDA backend: start-up, errors, memory and transfers, and matrix
+ * products through cuBLAS. The other ops are in cu_kernels.cu and
+ * cu_attn.cu. Built as the module libtinylm-cuda.so, which src/ops/ops.c
+ * opens at run time and enters through tlm_cuda_ops_create.
+ *
+ * Streams and ordering
+ *   Every op is enqueued on one non-blocking compute stream, so ops run in
+ *   the order the model calls them and none waits for the host. The host
+ *   waits only in copy_d2h (it must hand back data) and sync.
+ *   copy_h2d out of a buffer from host_alloc (page-locked, so the copy is
+ *   a true DMA that does not block the host) goes on a second, copy
+ *   stream: it first waits for an event recorded on the compute stream
+ *   (earlier ops may still read the destination), and the compute stream
+ *   then waits for an event recorded after the copy (later ops read it).
+ *   Both waits happen on the GPU. With the destination double-buffered by
+ *   the caller, the copy of batch k+1 overlaps the compute of batch k.
+ *   Contract for the caller: a page-locked source must not be rewritten
+ *   until the next copy_d2h or sync (the loader's ring satisfies this: a
+ *   slot is released after the step, which ends with copy_d2h of the
+ *   losses). A copy out of ordinary memory goes on the compute stream; CUDA
+ *   stages it before returning, so that buffer is free again at once.
+ *
+ * Errors
+ *   Ops have no error return. A failed CUDA or cuBLAS call records one
+ *   message (naming the call and the CUDA error) and the backend turns
+ *   "failed": later ops do nothing, and copy_d2h fills its destination
+ *   with all-ones bytes (NaN as floats, -1 as ints), so the caller sees
+ *   non-finite losses and stops. The message goes to tlm_errorf when the
+ *   host program exports it (the tinylm executable and the tests link with
+ *   ENABLE_EXPORTS); the reference is weak, so the module also loads into
+ *   a program that does not. Allocation failures are not sticky: alloc
+ *   returns NULL with the message, as the CPU backend does.
+ *   TLM_CUDA_SYNC=1 synchronises after every op so an asynchronous fault
+ *   is reported by the op that caused it (debugging only).
+ *
+ * Precision (TLM_CUDA_DTYPE, or tlm_cuda_ops_create_ex)
+ *   fp32 (default): every product in fp32 on the CUDA cores (cuBLAS default
+ *   math, which never uses TF32): matches the CPU reference to ~1e-6.
+ *   bf16: products on the tensor cores with bf16 operands and fp32
+ *   accumulation and output; both operands are rounded to bf16 just before
+ *   each product. Activations, weights, gradients and AdamW moments stay
+ *   fp32 in memory (fp32 master weights).
+ */
+#include "backends/cuda/cu_internal.h"
+
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CU_EXPORT extern "C" __attribute__((visibility("default")))
+
+/* The host program's error setter (util/common.c), when it exports it. */
+extern "C" int tlm_errorf(const char *fmt, ...) __attribute__((weak, visibility("default"), format(printf, 1, 2)));
+
+#define CU_BLAS_WORKSPACE (32u << 20) /* what cuBLAS recommends for Hopper */
+
+/* ---- errors -------------------------------------------------------------- */
+
+void cu_report(const char *msg) {
+    if (tlm_errorf) tlm_errorf("%s", msg);
+}
+
+void cu_fail(cu_ctx *c, const char *fmt, ...) {
+    char msg[sizeof c->err];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (!c->failed) {
+        memcpy(c->err, msg, sizeof msg);
+        c->failed = 1;
+    }
+    cu_report(c->err);
+}
+
+bool cu_ok_at(cu_ctx *c, cudaError_t e, const char *what, int line) {
+    if (e == cudaSuccess) return true;
+    cu_fail(c, "CUDA error on cuda:%d in %s (cu_backend line %d): %s (%s)", c->device, what, line,
+            cudaGetErrorString(e), cudaGetErrorName(e));
+    return false;
+}
+
+void cu_after(cu_ctx *c, const char *op) {
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess && c->sync_check) e = cudaStreamSynchronize(c->stream);
+    if (e != cudaSuccess)
+        cu_fail(c, "CUDA error on cuda:%d in op %s: %s (%s)", c->device, op, cudaGetErrorString(e),
+                cudaGetErrorName(e));
+}
+
+static bool cu_blas_ok(cu_ctx *c, cublasStatus_t s, const char *what) {
+    if (s == CUBLAS_STATUS_SUCCESS) return true;
+    cu_fail(c, "cuBLAS error on cuda:%d in %s: %s", c->device, what,
+            c->blas.status_string ? c->blas.status_string(s) : "unknown status");
+    return false;
+}
+
+void *cu_scratch(cu_ctx *c, size_t bytes) {
+    if (bytes <= c->scratch_bytes) return c->scratch;
+    size_t want = bytes + bytes / 2;
+    /* kernels queued earlier may still use the old block */
+    if (c->scratch) {
+        if (!CU_OK(c, cudaStreamSynchronize(c->stream))) return NULL;
+        CU_OK(c, cudaFree(c->scratch));
+        c->scratch = NULL;
+        c->scratch_bytes = 0;
+    }
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, want);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        cu_fail(c, "out of GPU memory on cuda:%d for %zu bytes of scratch: use a smaller --batch", c->device, want);
+        return NULL;
+    }
+    c->scratch = p;
+    c->scratch_bytes = want;
+    return p;
+}
+
+unsigned cu_grid(const cu_ctx *c, size_t n, unsigned per_block) {
+    size_t b = (n + per_block - 1) / per_block;
+    size_t cap = (size_t)c->sm_count * 32;
+    if (b > cap) b = cap;
+    if (b < 1) b = 1;
+    return (unsigned)b;
+}
+
+/* ---- memory ---------------------------------------------------------------- */
+
+static void *cu_alloc(tlm_ops *o, size_t bytes) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) {
+        cu_report(c->err);
+        return NULL;
+    }
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* not sticky: clear it */
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        char msg[256];
+        snprintf(msg, sizeof msg,
+                 "out of GPU memory on cuda:%d allocating %.1f MB (%.1f of %.1f GB free): use a smaller --batch or "
+                 "model",
+                 c->device, bytes / 1e6, fr / 1e9, tot / 1e9);
+        cu_report(msg);
+        return NULL;
+    }
+    /* zero-filled, as the interface promises; ordered before every later op */
+    if (!CU_OK(c, cudaMemsetAsync(p, 0, bytes, c->stream))) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_free(tlm_ops *o, void *p) {
+    cu_ctx *c = cu_of(o);
+    if (!p) return;
+    cudaError_t e = cudaFree(p);
+    if (e != cudaSuccess && !c->failed) cu_ok_at(c, e, "cudaFree", __LINE__);
+}
+
+static void cu_pin_add(cu_ctx *c, void *p, size_t n) {
+    pthread_mutex_lock(&c->pin_mu);
+    if (c->npins == c->cap_pins) {
+        int cap = c->cap_pins ? 2 * c->cap_pins : 16;
+        cu_pin *np = (cu_pin *)realloc(c->pins, (size_t)cap * sizeof *np);
+        if (!np) { /* the buffer then just counts as pageable: still correct */
+            pthread_mutex_unlock(&c->pin_mu);
+            return;
+        }
+        c->pins = np;
+        c->cap_pins = cap;
+    }
+    c->pins[c->npins].p = p;
+    c->pins[c->npins].n = n;
+    c->npins++;
+    pthread_mutex_unlock(&c->pin_mu);
+}
+
+static void cu_pin_remove(cu_ctx *c, void *p) {
+    pthread_mutex_lock(&c->pin_mu);
+    for (int i = 0; i < c->npins; i++)
+        if (c->pins[i].p == p) {
+            c->pins[i] = c->pins[--c->npins];
+            break;
+        }
+    pthread_mutex_unlock(&c->pin_mu);
+}
+
+/* Is [p, p+n) inside a host_alloc'ed page-locked buffer? */
+static int cu_pin_find(cu_ctx *c, const void *p, size_t n) {
+    int found = 0;
+    uintptr_t a = (uintptr_t)p;
+    pthread_mutex_lock(&c->pin_mu);
+    for (int i = 0; i < c->npins && !found; i++) {
+        uintptr_t b = (uintptr_t)c->pins[i].p;
+        found = a >= b && a + n <= b + c->pins[i].n;
+    }
+    pthread_mutex_unlock(&c->pin_mu);
+    return found;
+}
+
+static void *cu_host_alloc(tlm_ops *o, size_t bytes, int *pinned) {
+    cu_ctx *c = cu_of(o);
+    void *p = NULL;
+    size_t n = bytes ? bytes : 1;
+    if (!c->failed && cudaHostAlloc(&p, n, cudaHostAllocPortable) == cudaSuccess) {
+        memset(p, 0, n);
+        cu_pin_add(c, p, n);
+        if (pinned) *pinned = 1;
+        return p;
+    }
+    (void)cudaGetLastError();
+    /* page-locked memory is a limited resource: fall back to ordinary
+     * memory, which still works (each copy is then staged by CUDA) */
+    size_t rounded = (n + 63) / 64 * 64;
+    p = aligned_alloc(64, rounded);
+    if (!p) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "out of host memory allocating %.1f MB of staging buffers: use a smaller --batch",
+                 bytes / 1e6);
+        cu_report(msg);
+        return NULL;
+    }
+    memset(p, 0, rounded);
+    if (pinned) *pinned = 0;
+    return p;
+}
+
+static void cu_host_free(tlm_ops *o, void *p, int pinned) {
+    cu_ctx *c = cu_of(o);
+    if (!p) return;
+    if (pinned) {
+        cu_pin_remove(c, p);
+        cudaError_t e = cudaFreeHost(p);
+        if (e != cudaSuccess && !c->failed) cu_ok_at(c, e, "cudaFreeHost", __LINE__);
+    } else {
+        free(p);
+    }
+}
+
+static void cu_copy_h2d(tlm_ops *o, void *dst, const void *src, size_t bytes) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || bytes == 0) return;
+    if (cu_pin_find(c, src, bytes)) {
+        CU_OK(c, cudaEventRecord(c->ev_compute, c->stream)) &&
+            CU_OK(c, cudaStreamWaitEvent(c->copy, c->ev_compute, 0)) &&
+            CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->copy)) &&
+            CU_OK(c, cudaEventRecord(c->ev_copied, c->copy)) &&
+            CU_OK(c, cudaStreamWaitEvent(c->stream, c->ev_copied, 0));
+    } else {
+        CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+    }
+    if (c->sync_check && !c->failed) CU_OK(c, cudaStreamSynchronize(c->stream));
+}
+
+static void cu_copy_d2h(tlm_ops *o, void *dst, const void *src, size_t bytes) {
+    cu_ctx *c = cu_of(o);
+    if (bytes == 0) return;
+    if (!c->failed && CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream)) &&
+        CU_OK(c, cudaStreamSynchronize(c->stream)))
+        return;
+    memset(dst, 0xff, bytes); /* NaN floats, -1 ints: the caller stops */
+    cu_report(c->err);
+}
+
+static void cu_copy_d2d(tlm_ops *o, void *dst, const void *src, size_t bytes) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || bytes == 0) return;
+    CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
+}
+
+static void cu_zero(tlm_ops *o, void *p, size_t bytes) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || bytes == 0) return;
+    CU_OK(c, cudaMemsetAsync(p, 0, bytes, c->stream));
+}
+
+static void cu_sync(tlm_ops *o) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) return;
+    CU_OK(c, cudaStreamSynchronize(c->copy)) && CU_OK(c, cudaStreamSynchronize(c->stream));
+}
+
+/* ---- matrix products ---------------------------------------------------------- */
+
+/* dst[rows, cols] (dense) = bf16(src[rows, cols] with row stride ld) */
+static __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int rows, int cols, int ld) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x)
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            dst[(size_t)r * cols + j] = __float2bfloat16(src[(size_t)r * ld + j]);
+}
+
+/* Row-major C = alpha op(A) op(B) + beta C is, read column-major, the
+ * product C^T = op(B)^T op(A)^T: swap the operands and the sizes. */
+static void cu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                      const float *B, int ldb, float beta, float *C, int ldc) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || M <= 0 || N <= 0) return;
+    cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (c->dtype == CU_DTYPE_FP32 || K <= 0) {
+        cu_blas_ok(c, c->blas.sgemm(c->blas_h, opB, opA, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc), "sgemm");
+        cu_after(c, "matmul");
+        return;
+    }
+    /* bf16 operands: the stored matrices as dense row-major copies */
+    int ar = transA ? K : M, ac = transA ? M : K;
+    int br = transB ? N : K, bc = transB ? K : N;
+    size_t na = (size_t)ar * ac, nb = (size_t)br * bc;
+    size_t off_b = (na * sizeof(__nv_bfloat16) + 255) / 256 * 256;
+    char *s = (char *)cu_scratch(c, off_b + nb * sizeof(__nv_bfloat16));
+    if (!s) return;
+    __nv_bfloat16 *a16 = (__nv_bfloat16 *)s, *b16 = (__nv_bfloat16 *)(s + off_b);
+    CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)ar, 1), 256, c->stream, a16, A, ar, ac, lda);
+    CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)br, 1), 256, c->stream, b16, B, br, bc, ldb);
+    cu_after(c, "matmul (bf16 operands)");
+    if (c->failed) return;
+    cu_blas_ok(c,
+               c->blas.gemm_ex(c->blas_h, opB, opA, N, M, K, &alpha, b16, CUDA_R_16BF, bc, a16, CUDA_R_16BF, ac, &beta,
+                               C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "gemm_ex (bf16)");
+    cu_after(c, "matmul");
+}
+
+/* ---- cuBLAS, opened at run time ------------------------------------------------ */
+
+#define CU_STR2(x) #x
+#define CU_STR(x) CU_STR2(x)
+
+static int cu_blas_open(cu_ctx *c, char *why, size_t wn) {
+#ifdef TLM_CUDA_EMU
+    (void)why;
+    (void)wn;
+    c->blas_lib = NULL;
+    c->blas = cu_blas_api{cublasCreate_v2,       cublasDestroy_v2,      cublasSetStream_v2,
+                          cublasSetMathMode,     cublasSetWorkspace_v2, cublasGetVersion_v2,
+                          cublasGetStatusString, cublasSgemm_v2,        cublasGemmEx};
+    return 0;
+#else
+    const char *soname = "libcublas.so." CU_STR(CUBLAS_VER_MAJOR);
+    void *h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+    char first[256] = "";
+    if (!h) {
+        const char *e = dlerror();
+        snprintf(first, sizeof first, "%s", e ? e : soname);
+#ifdef TLM_CUDA_LIBDIR
+        /* the toolkit this module was built with (it sets its own RUNPATH
+         * for libcublasLt) */
+        h = dlopen(TLM_CUDA_LIBDIR "/libcublas.so." CU_STR(CUBLAS_VER_MAJOR), RTLD_NOW | RTLD_LOCAL);
+#endif
+    }
+    if (!h) {
+        snprintf(why, wn, "cannot load cuBLAS (%s): install the CUDA %d runtime libraries or use --device cpu", first,
+                 CUBLAS_VER_MAJOR);
+        return -1;
+    }
+    c->blas_lib = h;
+    struct {
+        void **slot;
+        const char *name;
+    } syms[] = {
+        {(void **)&c->blas.create, "cublasCreate_v2"},
+        {(void **)&c->blas.destroy, "cublasDestroy_v2"},
+        {(void **)&c->blas.set_stream, "cublasSetStream_v2"},
+        {(void **)&c->blas.set_math_mode, "cublasSetMathMode"},
+        {(void **)&c->blas.set_workspace, "cublasSetWorkspace_v2"},
+        {(void **)&c->blas.get_version, "cublasGetVersion_v2"},
+        {(void **)&c->blas.status_string, "cublasGetStatusString"},
+        {(void **)&c->blas.sgemm, "cublasSgemm_v2"},
+        {(void **)&c->blas.gemm_ex, "cublasGemmEx"},
+    };
+    for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
+        *syms[i].slot = dlsym(h, syms[i].name);
+        if (!*syms[i].slot) {
+            snprintf(why, wn, "%s has no %s: install cuBLAS %d or use --device cpu", soname, syms[i].name,
+                     CUBLAS_VER_MAJOR);
+            return -1;
+        }
+    }
+    return 0;
+#endif
+}
+
+/* ---- start-up -------------------------------------------------------------------- */
+
+static __global__ void k_probe(int *p) {
+    if (threadIdx.x == 0) *p = 0x1234;
+}
+
+static void cu_destroy(tlm_ops *o) {
+    if (!o) return;
+    cu_ctx *c = cu_of(o);
+    if (c) {
+        if (c->stream) cudaStreamSynchronize(c->stream);
+        if (c->copy) cudaStreamSynchronize(c->copy);
+        if (c->blas_h && c->blas.destroy) c->blas.destroy(c->blas_h);
+        if (c->blas_ws) cudaFree(c->blas_ws);
+        if (c->scratch) cudaFree(c->scratch);
+        if (c->rope_tab) cudaFree(c->rope_tab);
+        if (c->ev_compute) cudaEventDestroy(c->ev_compute);
+        if (c->ev_copied) cudaEventDestroy(c->ev_copied);
+        if (c->copy) cudaStreamDestroy(c->copy);
+        if (c->stream) cudaStreamDestroy(c->stream);
+        /* cuBLAS stays mapped: its own exit handlers may still run */
+        pthread_mutex_destroy(&c->pin_mu);
+        free(c->pins);
+        free(c);
+    }
+    free(o);
+}
+
+static void cu_note(char *note, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void cu_note(char *note, size_t n, const char *fmt, ...) {
+    if (!note || !n) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(note, n, fmt, ap);
+    va_end(ap);
+}
+
+static int cu_parse_dtype(const char *s) {
+    if (!s || !*s || !strcmp(s, "fp32") || !strcmp(s, "float32")) return CU_DTYPE_FP32;
+    if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) return CU_DTYPE_BF16;
+    return -1;
+}
+
+/* Why cudaGetDeviceCount found nothing usable, as one line. The CUDA
+ * runtime says "driver version is insufficient" also when there is no
+ * driver at all; which one it is shows in whether it managed to load the
+ * driver library. */
+static void cu_no_device_note(cudaError_t e, char *note, size_t nn) {
+    if (e == cudaSuccess || e == cudaErrorNoDevice) {
+        cu_note(note, nn, "no CUDA GPU found");
+        return;
+    }
+#ifndef TLM_CUDA_EMU
+    if (e == cudaErrorInsufficientDriver) {
+        void *drv = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+        if (!drv) {
+            cu_note(note, nn, "no NVIDIA driver (libcuda.so.1 not found)");
+            return;
+        }
+        dlclose(drv);
+        cu_note(note, nn, "the NVIDIA driver is older than this build's CUDA %d.%d runtime: update the driver",
+                CUDART_VERSION / 1000, CUDART_VERSION / 10 % 100);
+        return;
+    }
+#endif
+    cu_note(note, nn, "no usable CUDA driver or GPU (%s)", cudaGetErrorString(e));
+}
+
+/* Start the backend on GPU `device`, or NULL with the reason in note. */
+static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
+    char why[384] = "";
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        (void)cudaGetLastError();
+        cu_no_device_note(e, note, nn);
+        return NULL;
+    }
+    if (device < 0 || device >= count) {
+        cu_note(note, nn, "cuda:%d asked for, but this machine has %d CUDA GPU%s (cuda:0%s)", device, count,
+                count == 1 ? "" : "s", count > 1 ? "..cuda:N-1" : "");
+        return NULL;
+    }
+    tlm_ops *o = (tlm_ops *)calloc(1, sizeof *o);
+    cu_ctx *c = (cu_ctx *)calloc(1, sizeof *c);
+    if (!o || !c) {
+        free(o);
+        free(c);
+        cu_note(note, nn, "out of host memory starting the CUDA backend");
+        return NULL;
+    }
+    o->ctx = c;
+    pthread_mutex_init(&c->pin_mu, NULL);
+    c->device = device;
+    c->dtype = dtype;
+    const char *sc = getenv("TLM_CUDA_SYNC");
+    c->sync_check = sc && *sc && strcmp(sc, "0") != 0;
+
+    cudaDeviceProp p;
+    int *probe = NULL, got = 0;
+    if (!CU_OK(c, cudaSetDevice(device)) || !CU_OK(c, cudaGetDeviceProperties(&p, device)) ||
+        !CU_OK(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) ||
+        !CU_OK(c, cudaStreamCreateWithFlags(&c->copy, cudaStreamNonBlocking)) ||
+        !CU_OK(c, cudaEventCreateWithFlags(&c->ev_compute, cudaEventDisableTiming)) ||
+        !CU_OK(c, cudaEventCreateWithFlags(&c->ev_copied, cudaEventDisableTiming)) ||
+        !CU_OK(c, cudaMalloc((void **)&probe, sizeof(int)))) {
+        cu_note(why, sizeof why, "%s", c->err);
+        goto fail;
+    }
+    c->sm_count = p.multiProcessorCount > 0 ? p.multiProcessorCount : 1;
+    /* A kernel of this module must run here: catches a GPU older than the
+     * architectures compiled in, or a driver too old for them. */
+    CU_LAUNCH(k_probe, 1, 32, c->stream, probe);
+    cu_after(c, "start-up probe");
+    if (!c->failed && CU_OK(c, cudaMemcpyAsync(&got, probe, sizeof got, cudaMemcpyDeviceToHost, c->stream)))
+        CU_OK(c, cudaStreamSynchronize(c->stream));
+    cudaFree(probe);
+    if (c->failed || got != 0x1234) {
+        cu_note(why, sizeof why, "%s (compute capability %d.%d) cannot run this build's kernels: %s", p.name, p.major,
+                 p.minor, c->failed ? c->err : "the probe kernel did not run");
+        goto fail;
+    }
+    if (cu_blas_open(c, why, sizeof why)) goto fail;
+    if (!cu_blas_ok(c, c->blas.create(&c->blas_h), "cublasCreate") ||
+        !cu_blas_ok(c, c->blas.set_stream(c->blas_h, c->stream), "cublasSetStream") ||
+        /* default math: fp32 products stay fp32 (no TF32) */
+        !cu_blas_ok(c, c->blas.set_math_mode(c->blas_h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode") ||
+        !CU_OK(c, cudaMalloc(&c->blas_ws, CU_BLAS_WORKSPACE)) ||
+        /* a fixed workspace: the same algorithms (and bits) every run */
+        !cu_blas_ok(c, c->blas.set_workspace(c->blas_h, c->blas_ws, CU_BLAS_WORKSPACE), "cublasSetWorkspace")) {
+        cu_note(why, sizeof why, "%s", c->err);
+        goto fail;
+    }
+    {
+        int bv = 0;
+        c->blas.get_version(c->blas_h, &bv);
+        double gib = (double)p.totalGlobalMem / (1024.0 * 1024.0 * 1024.0);
+        snprintf(o->device_desc, sizeof o->device_desc, "%.60s, %.1f GiB, compute %d.%d, %d SMs, cuBLAS %d.%d",
+                 p.name, gib, p.major, p.minor, p.multiProcessorCount, bv / 10000, bv / 100 % 100);
+        cu_note(note, nn, "cuda:%d (%.60s, %.1f GiB, compute %d.%d), %s", device, p.name, gib, p.major, p.minor,
+                dtype == CU_DTYPE_BF16 ? "bf16 matrix products, fp32 master weights"
+                                       : "fp32 matrix products (TF32 off)");
+    }
+    o->name = "cuda";
+    o->threads = 1;
+    o->alloc = cu_alloc;
+    o->free = cu_free;
+    o->host_alloc = cu_host_alloc;
+    o->host_free = cu_host_free;
+    o->copy_h2d = cu_copy_h2d;
+    o->copy_d2h = cu_copy_d2h;
+    o->copy_d2d = cu_copy_d2d;
+    o->zero = cu_zero;
+    o->sync = cu_sync;
+    o->matmul = cu_matmul;
+    cu_kernels_install(o);
+    cu_attn_install(o);
+    cu_infer_install(o);
+    o->destroy = cu_destroy;
+    return o;
+
+fail:
+    cu_note(note, nn, "%s", why[0] ? why : "the CUDA backend could not start");
+    cu_destroy(o);
+    return NULL;
+}
+
+/* The entry point src/ops/ops.c looks for. Precision from TLM_CUDA_DTYPE
+ * (fp32 or bf16; default fp32). */
+CU_EXPORT tlm_ops *tlm_cuda_ops_create(int device, char *note, size_t n) {
+    const char *s = getenv("TLM_CUDA_DTYPE");
+    int dt = cu_parse_dtype(s);
+    if (dt < 0) {
+        cu_note(note, n, "TLM_CUDA_DTYPE=%s is not a precision: use fp32 or bf16", s);
+        return NULL;
+    }
+    return cu_create(device, dt, note, n);
+}
+
+/* The same with the precision given ("fp32" or "bf16"; NULL = fp32), for a
+ * host that passes --dtype down explicitly. */
+CU_EXPORT tlm_ops *tlm_cuda_ops_create_ex(int device, const char *dtype, char *note, size_t n) {
+    int dt = cu_parse_dtype(dtype);
+    if (dt < 0) {
+        cu_note(note, n, "--dtype %s is not a precision: use fp32 or bf16", dtype);
+        return NULL;
+    }
+    return cu_create(device, dt, note, n);
+}
+
+/* One line per GPU ("cuda:0 NAME, 79.2 GiB, compute 9.0, 132 SMs\n") into
+ * buf, for `tinylm info`. Returns the number of GPUs (0 with the reason in
+ * buf when there are none or no driver). */
+CU_EXPORT int tlm_cuda_list_devices(char *buf, size_t n) {
+    if (buf && n) buf[0] = 0;
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        (void)cudaGetLastError();
+        cu_no_device_note(e, buf, n);
+        return 0;
+    }
+    size_t used = 0;
+    for (int d = 0; d < count; d++) {
+        cudaDeviceProp p;
+        if (cudaGetDeviceProperties(&p, d) != cudaSuccess) continue;
+        if (buf && used < n) {
+            int w = snprintf(buf + used, n - used, "cuda:%d %s, %.1f GiB, compute %d.%d, %d SMs\n", d, p.name,
+                             (double)p.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), p.major, p.minor,
+                             p.multiProcessorCount);
+            if (w > 0) used += (size_t)w;
+        }
+    }
+    return count;
+}

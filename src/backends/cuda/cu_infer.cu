@@ -1,0 +1,402 @@
+/*
+ * Generation ops of the CUDA backend (ops.h, generation block): packed
+ * weights, matmul_packed with the RMSNorm fused into its input and the
+ * SwiGLU or the residual add into its output, and attn_decode (RoPE, the
+ * store into head-major caches of fp32 or fp16, attention).
+ *
+ * Packed format: W^T, [K, N] row-major, fp32 or bf16, so the threads of a
+ * warp read 32 adjacent outputs' weights for one k in one transaction.
+ *
+ * The promise of ops.h, that a row's result depends on that row alone and
+ * never on the number of rows M: every output element y[m,n] is summed in
+ * one order fixed by K. A block of 8 warps owns 32 outputs (one per lane)
+ * of up to 16 rows; warp w sums k = c + 16w .. c + 16w + 15 of every
+ * 128-wide chunk c in increasing k with fused multiply-adds, and the 8
+ * partial sums are added in warp order. M only decides how many such
+ * blocks there are (cuBLAS would pick its algorithm, and so its order, by
+ * the shapes, so it is not used here).
+ *
+ * With bf16 weights the inputs are rounded to bf16 too, so every product is
+ * exact in fp32 and only the sums round, as the CPU backends do.
+ */
+#include "backends/cuda/cu_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int N, K, dtype, kind;
+    void *wt; /* device [K, N], float or __nv_bfloat16 */
+} cu_packed;
+
+/* ---- number formats ------------------------------------------------------------ */
+
+static __device__ __forceinline__ float cu_round_bf16(float f) {
+    return __bfloat162float(__float2bfloat16(f));
+}
+
+/* float -> IEEE half bits, round to nearest even, saturated to +-65504
+ * (as the reference: a key or value never turns into an infinity). */
+static __device__ __forceinline__ uint16_t cu_f32_to_f16(float f) {
+    uint32_t x = __float_as_uint(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (x >= 0x477fe000u) return (uint16_t)(sign | 0x7bffu); /* >= 65504 */
+    if (x < 0x38800000u) /* below 2^-14: subnormal steps of 2^-24, exact scaling */
+        return (uint16_t)(sign | (uint16_t)rintf(__uint_as_float(x) * 16777216.0f));
+    uint32_t h = ((x >> 23) - 112u) << 10 | ((x >> 13) & 0x3ffu);
+    uint32_t rem = x & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++; /* a carry moves into the exponent */
+    return (uint16_t)(sign | h);
+}
+
+static __device__ __forceinline__ float cu_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) return __uint_as_float(sign) + (sign ? -1.0f : 1.0f) * (float)m * 5.9604644775390625e-8f;
+    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+template <class T> struct kv_io;
+template <> struct kv_io<float> {
+    static __device__ __forceinline__ float get(const float *p, size_t i) { return p[i]; }
+    static __device__ __forceinline__ void put(float *p, size_t i, float v) { p[i] = v; }
+};
+template <> struct kv_io<uint16_t> {
+    static __device__ __forceinline__ float get(const uint16_t *p, size_t i) { return cu_f16_to_f32(p[i]); }
+    static __device__ __forceinline__ void put(uint16_t *p, size_t i, float v) { p[i] = cu_f32_to_f16(v); }
+};
+
+static __device__ __forceinline__ float w_get(const float *w, size_t i) { return w[i]; }
+static __device__ __forceinline__ float w_get(const __nv_bfloat16 *w, size_t i) { return __bfloat162float(w[i]); }
+
+/* ---- pack -------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ void w_put(float *d, size_t i, float v) { d[i] = v; }
+static __device__ __forceinline__ void w_put(__nv_bfloat16 *d, size_t i, float v) { d[i] = __float2bfloat16(v); }
+
+/* dst[k, n] = w[n, k] (once per matrix: the simple loop will do) */
+template <class WT> static __global__ void k_pack_t(WT *dst, const float *w, int N, int K) {
+    for (int n = blockIdx.x; n < N; n += gridDim.x)
+        for (int k = threadIdx.x; k < K; k += blockDim.x) w_put(dst, (size_t)k * N + n, w[(size_t)n * K + k]);
+}
+
+static tlm_packed *cu_pack(tlm_ops *o, const float *w, int N, int K, int dtype, int kind) {
+    cu_ctx *c = cu_of(o);
+    char msg[160];
+    if (c->failed) {
+        cu_report(c->err);
+        return NULL;
+    }
+    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16) ||
+        (kind != TLM_PACK_LINEAR && kind != TLM_PACK_SWIGLU) || (kind == TLM_PACK_SWIGLU && N % 2)) {
+        snprintf(msg, sizeof msg, "pack: invalid matrix %d x %d (dtype %d, kind %d)", N, K, dtype, kind);
+        cu_report(msg);
+        return NULL;
+    }
+    cu_packed *p = (cu_packed *)calloc(1, sizeof *p);
+    size_t es = dtype == TLM_PACK_BF16 ? 2 : 4;
+    if (!p || cudaMalloc(&p->wt, (size_t)N * K * es) != cudaSuccess) {
+        (void)cudaGetLastError();
+        snprintf(msg, sizeof msg, "out of GPU memory packing a %d x %d weight matrix: use a smaller model", N, K);
+        cu_report(msg);
+        free(p);
+        return NULL;
+    }
+    p->N = N;
+    p->K = K;
+    p->dtype = dtype;
+    p->kind = kind;
+    if (dtype == TLM_PACK_BF16) {
+        auto kern = k_pack_t<__nv_bfloat16>;
+        CU_LAUNCH(kern, cu_grid(c, (size_t)N, 1), 256, c->stream, (__nv_bfloat16 *)p->wt, w, N, K);
+    } else {
+        auto kern = k_pack_t<float>;
+        CU_LAUNCH(kern, cu_grid(c, (size_t)N, 1), 256, c->stream, (float *)p->wt, w, N, K);
+    }
+    cu_after(c, "pack");
+    if (c->failed) {
+        cudaFree(p->wt);
+        free(p);
+        cu_report(c->err);
+        return NULL;
+    }
+    return (tlm_packed *)p;
+}
+
+static void cu_pack_free(tlm_ops *o, tlm_packed *h) {
+    cu_ctx *c = cu_of(o);
+    cu_packed *p = (cu_packed *)h;
+    if (!p) return;
+    /* ops queued on the stream may still read it */
+    if (!c->failed) CU_OK(c, cudaStreamSynchronize(c->stream));
+    cudaFree(p->wt);
+    free(p);
+}
+
+/* ---- matmul_packed --------------------------------------------------------------- */
+
+/* xn[m,:] = x[m,:] * r * nw (r in double, as the reference) or x itself;
+ * rounded to bf16 when `round`. One warp per row. */
+static __global__ void k_prep_rows(float *xn, const float *x, const float *nw, int M, int K, float eps, int round) {
+    const int lane = threadIdx.x & 31;
+    const int nwarps = (gridDim.x * blockDim.x) >> 5;
+    for (int m = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; m < M; m += nwarps) {
+        const float *xr = x + (size_t)m * K;
+        double r = 1.0;
+        if (nw) {
+            double ss = 0;
+            for (int k = lane; k < K; k += 32) ss += (double)xr[k] * xr[k];
+            ss = cu_warp_sum(ss);
+            r = 1.0 / sqrt(ss / K + eps);
+        }
+        for (int k = lane; k < K; k += 32) {
+            float v = nw ? (float)(xr[k] * r * nw[k]) : xr[k];
+            xn[(size_t)m * K + k] = round ? cu_round_bf16(v) : v;
+        }
+    }
+}
+
+#define MP_ROWS 16   /* rows of x per block */
+#define MP_WARPS 8   /* warps per block, each a slice of every K chunk */
+#define MP_KC 128    /* K chunk staged in shared memory */
+#define MP_KW (MP_KC / MP_WARPS)
+
+/* y[m, n] = sum_k xn[m,k] wt[k,n] in the fixed order described above;
+ * SWIGLU: y[m, f] = silu(g) * u with g from column f, u from column F + f. */
+template <class WT, int SWIGLU>
+static __global__ void __launch_bounds__(MP_WARPS * 32)
+    k_matmul_packed(float *y, const float *xn, const WT *wt, int M, int N, int K, int accumulate) {
+    __shared__ float4 xs[MP_ROWS][MP_KC / 4];
+    __shared__ float part[SWIGLU ? 2 : 1][MP_WARPS][MP_ROWS][33];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int nout = SWIGLU ? N / 2 : N;
+    const int n = blockIdx.x * 32 + lane, m0 = blockIdx.y * MP_ROWS;
+    const bool col_ok = n < nout;
+    float acc[MP_ROWS], accu[SWIGLU ? MP_ROWS : 1];
+    for (int i = 0; i < MP_ROWS; i++) acc[i] = 0.f;
+    for (int i = 0; i < (SWIGLU ? MP_ROWS : 1); i++) accu[i] = 0.f;
+    for (int c0 = 0; c0 < K; c0 += MP_KC) {
+        __syncthreads();
+        float *xf = &xs[0][0].x;
+        for (int e = threadIdx.x; e < MP_ROWS * MP_KC; e += MP_WARPS * 32) {
+            int i = e / MP_KC, k = e - i * MP_KC;
+            xf[e] = m0 + i < M && c0 + k < K ? xn[(size_t)(m0 + i) * K + c0 + k] : 0.f;
+        }
+        __syncthreads();
+        for (int q = 0; q < MP_KW / 4; q++) { /* 4 k at a time, in order */
+            const int kk = w * MP_KW + 4 * q, k = c0 + kk;
+            float w0 = 0.f, w1 = 0.f, w2 = 0.f, w3 = 0.f, u0 = 0.f, u1 = 0.f, u2 = 0.f, u3 = 0.f;
+            if (col_ok) {
+                if (k + 0 < K) w0 = w_get(wt, (size_t)(k + 0) * N + n);
+                if (k + 1 < K) w1 = w_get(wt, (size_t)(k + 1) * N + n);
+                if (k + 2 < K) w2 = w_get(wt, (size_t)(k + 2) * N + n);
+                if (k + 3 < K) w3 = w_get(wt, (size_t)(k + 3) * N + n);
+                if (SWIGLU) {
+                    if (k + 0 < K) u0 = w_get(wt, (size_t)(k + 0) * N + nout + n);
+                    if (k + 1 < K) u1 = w_get(wt, (size_t)(k + 1) * N + nout + n);
+                    if (k + 2 < K) u2 = w_get(wt, (size_t)(k + 2) * N + nout + n);
+                    if (k + 3 < K) u3 = w_get(wt, (size_t)(k + 3) * N + nout + n);
+                }
+            }
+            for (int i = 0; i < MP_ROWS; i++) {
+                float4 xv = xs[i][kk / 4];
+                acc[i] = fmaf(xv.x, w0, acc[i]);
+                acc[i] = fmaf(xv.y, w1, acc[i]);
+                acc[i] = fmaf(xv.z, w2, acc[i]);
+                acc[i] = fmaf(xv.w, w3, acc[i]);
+                if (SWIGLU) {
+                    accu[i] = fmaf(xv.x, u0, accu[i]);
+                    accu[i] = fmaf(xv.y, u1, accu[i]);
+                    accu[i] = fmaf(xv.z, u2, accu[i]);
+                    accu[i] = fmaf(xv.w, u3, accu[i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MP_ROWS; i++) {
+        part[0][w][i][lane] = acc[i];
+        if (SWIGLU) part[SWIGLU ? 1 : 0][w][i][lane] = accu[i];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MP_ROWS * 32; e += MP_WARPS * 32) {
+        int i = e >> 5, l = e & 31, nn = blockIdx.x * 32 + l, m = m0 + i;
+        if (nn >= nout || m >= M) continue;
+        float g = 0.f, u = 0.f;
+        for (int ww = 0; ww < MP_WARPS; ww++) {
+            g += part[0][ww][i][l];
+            if (SWIGLU) u += part[SWIGLU ? 1 : 0][ww][i][l];
+        }
+        float *yo = y + (size_t)m * nout + nn;
+        if (SWIGLU)
+            *yo = g / (1.0f + expf(-g)) * u;
+        else
+            *yo = accumulate ? *yo + g : g;
+    }
+}
+
+static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *h, const float *norm_w,
+                             float eps, int accumulate) {
+    cu_ctx *c = cu_of(o);
+    const cu_packed *p = (const cu_packed *)h;
+    if (c->failed || M <= 0 || !p) return;
+    const int K = p->K, N = p->N, bf16 = p->dtype == TLM_PACK_BF16;
+    const float *xn = x;
+    if (norm_w || bf16) {
+        float *s = (float *)cu_scratch(c, (size_t)M * K * sizeof(float));
+        if (!s) return;
+        CU_LAUNCH(k_prep_rows, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, bf16);
+        cu_after(c, "matmul_packed (input rows)");
+        xn = s;
+    }
+    const int nout = p->kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    dim3 grid((unsigned)((nout + 31) / 32), (unsigned)((M + MP_ROWS - 1) / MP_ROWS));
+    if (bf16) {
+        const __nv_bfloat16 *wt = (const __nv_bfloat16 *)p->wt;
+        if (p->kind == TLM_PACK_SWIGLU) {
+            auto k = k_matmul_packed<__nv_bfloat16, 1>;
+            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
+        } else {
+            auto k = k_matmul_packed<__nv_bfloat16, 0>;
+            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
+        }
+    } else {
+        const float *wt = (const float *)p->wt;
+        if (p->kind == TLM_PACK_SWIGLU) {
+            auto k = k_matmul_packed<float, 1>;
+            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
+        } else {
+            auto k = k_matmul_packed<float, 0>;
+            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
+        }
+    }
+    cu_after(c, "matmul_packed");
+}
+
+/* ---- attn_decode ------------------------------------------------------------------- */
+
+/* k, v of qkv[B,T,3D] into the head-major caches [B,H,Tmax,hd]. */
+template <class KV>
+static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, int T, int Tmax, int H, int hd,
+                                     int pos0) {
+    const int D = H * hd;
+    for (int n = blockIdx.x; n < B * T; n += gridDim.x) {
+        const int b = n / T, t = n - b * T;
+        const float *row = qkv + (size_t)n * 3 * D;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            int h = e / hd, d = e - h * hd;
+            size_t at = (((size_t)b * H + h) * Tmax + (size_t)(pos0 + t)) * hd + d;
+            kv_io<KV>::put(kc, at, row[D + e]);
+            kv_io<KV>::put(vc, at, row[2 * D + e]);
+        }
+    }
+}
+
+/* As k_attn_cached (cu_attn.cu): one warp per (sequence, head, query),
+ * lanes score 32 keys at a time, then own head dimensions for the values;
+ * here over head-major caches, whose rows of one head are contiguous. */
+#define DEC_WARPS 4
+template <class KV, int NCH>
+static __global__ void __launch_bounds__(DEC_WARPS * 32)
+    k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, int B, int T, int Tmax, int H, int hd,
+                  int pos0, float scale_log2) {
+    __shared__ float sq[DEC_WARPS][32 * NCH];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int task = blockIdx.x * DEC_WARPS + w;
+    if (task >= B * H * T) return; /* a whole warp; no block barrier below */
+    const int h = task % H, bt = task / H, t = bt % T, b = bt / T;
+    const int D = H * hd;
+    const float *qrow = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
+    for (int d = lane; d < 32 * NCH; d += 32) sq[w][d] = d < hd ? qrow[d] : 0.f;
+    __syncwarp();
+    const size_t head = ((size_t)b * H + h) * Tmax * hd;
+    const int nk = pos0 + t + 1;
+    float mrun = -INFINITY, lsum = 0.f, o[NCH];
+    for (int cix = 0; cix < NCH; cix++) o[cix] = 0.f;
+    for (int j0 = 0; j0 < nk; j0 += 32) {
+        const int jj = j0 + lane;
+        float s = -INFINITY;
+        if (jj < nk) {
+            const size_t kr = head + (size_t)jj * hd;
+            float acc = 0.f;
+            for (int d = 0; d < hd; d++) acc += sq[w][d] * kv_io<KV>::get(kc, kr + d);
+            s = acc * scale_log2;
+        }
+        const float mnew = fmaxf(mrun, cu_warp_max(s));
+        const float corr = exp2f(mrun - mnew);
+        const float p = jj < nk ? exp2f(s - mnew) : 0.f;
+        lsum = lsum * corr + p;
+        for (int cix = 0; cix < NCH; cix++) o[cix] *= corr;
+        mrun = mnew;
+        const int cnt = cu_imin(32, nk - j0);
+        for (int i = 0; i < cnt; i++) {
+            const float pi = __shfl_sync(CU_FULL, p, i);
+            const size_t vr = head + (size_t)(j0 + i) * hd;
+            for (int cix = 0; cix < NCH; cix++) {
+                int d = lane + 32 * cix;
+                if (d < hd) o[cix] += pi * kv_io<KV>::get(vc, vr + d);
+            }
+        }
+    }
+    const float L = cu_warp_sum(lsum);
+    float *orow = out + ((size_t)b * T + t) * D + (size_t)h * hd;
+    for (int cix = 0; cix < NCH; cix++) {
+        int d = lane + 32 * cix;
+        if (d < hd) orow[d] = o[cix] / L;
+    }
+}
+
+template <class KV>
+static void att_decode_launch(cu_ctx *c, float *out, const float *qkv, void *kc, void *vc, int B, int T, int Tmax,
+                              int H, int hd, int pos0) {
+    auto ks = k_kv_store_hm<KV>;
+    CU_LAUNCH(ks, cu_grid(c, (size_t)B * T, 1), 256, c->stream, (KV *)kc, (KV *)vc, qkv, B, T, Tmax, H, hd, pos0);
+    cu_after(c, "attn_decode (store)");
+    unsigned blocks = (unsigned)(((size_t)B * H * T + DEC_WARPS - 1) / DEC_WARPS);
+    float sl = (1.0f / sqrtf((float)hd)) * CU_LOG2E;
+    const KV *k = (const KV *)kc, *v = (const KV *)vc;
+    if (hd <= 32) {
+        auto kern = k_attn_decode<KV, 1>;
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+    } else if (hd <= 64) {
+        auto kern = k_attn_decode<KV, 2>;
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+    } else if (hd <= 96) {
+        auto kern = k_attn_decode<KV, 3>;
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+    } else {
+        auto kern = k_attn_decode<KV, 4>;
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+    }
+    cu_after(c, "attn_decode");
+}
+
+static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
+                           int Tmax, int H, int hd, int pos0, float theta) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || B <= 0 || T <= 0 || H <= 0) return;
+    if (hd < 1 || hd > 128) {
+        cu_fail(c, "attn_decode: head size %d is not supported by the CUDA backend (1..128): use --device cpu", hd);
+        return;
+    }
+    if (kv_dtype != TLM_KV_F32 && kv_dtype != TLM_KV_F16) {
+        cu_fail(c, "attn_decode: unknown cache element type %d", kv_dtype);
+        return;
+    }
+    o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
+    if (kv_dtype == TLM_KV_F16)
+        att_decode_launch<uint16_t>(c, out, qkv, kc, vc, B, T, Tmax, H, hd, pos0);
+    else
+        att_decode_launch<float>(c, out, qkv, kc, vc, B, T, Tmax, H, hd, pos0);
+}
+
+void cu_infer_install(tlm_ops *o) {
+    /* bf16 weights: half the bytes to stream per token, products exact */
+    o->pack_dtype_fast = TLM_PACK_BF16;
+    o->pack = cu_pack;
+    o->pack_free = cu_pack_free;
+    o->matmul_packed = cu_matmul_packed;
+    o->attn_decode = cu_attn_decode;
+}

@@ -1,0 +1,1148 @@
+/*
+ * The CUDA backend (src/backends/cuda) against the CPU reference backend.
+ *
+ * Which backend: with TLM_CUDA_MODULE=path the module at that path is
+ * loaded directly (ctest's test_cuda_emu points it at the host emulator
+ * build, libtinylm-cuda-emu.so, so every kernel runs here without a GPU);
+ * otherwise the real one through ops_create("cuda"), and where that fails
+ * (no module, no driver, no GPU) every test is skipped after one line
+ * "SKIPPED: no CUDA GPU (reason)".
+ *
+ * What: every op of ops.h on random inputs and odd shapes against
+ * cpu-ref (fp32, max relative error 1e-4 with a floor of a fraction of the
+ * largest value, so elements near zero are held to an absolute bound);
+ * the transfer ordering of pinned copies; bitwise determinism of repeated
+ * runs; error reporting; the tiny model of tests/fixtures against the
+ * PyTorch reference (forward, backward, five AdamW steps, cached decoding
+ * equal to the full forward); training steps equal to the CPU backend's;
+ * and the bf16 precision mode within bounds justified where they are set.
+ */
+#include <dlfcn.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "io/safetensors.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/model_infer.h"
+#include "ops/ops.h"
+#include "testutil.h"
+#include "tinylm/tinylm.h"
+#include "train/train.h"
+#include "util/common.h"
+
+#define TOL 1e-4
+#define FIXTURE TLM_SOURCE_DIR "/tests/fixtures/tiny_ref.safetensors"
+#define FB 2
+#define FT 32
+
+typedef tlm_ops *(*create_fn)(int device, char *note, size_t n);
+typedef tlm_ops *(*create_ex_fn)(int device, const char *dtype, char *note, size_t n);
+
+static tlm_ops *g_gpu, *g_ref;
+static void *g_mod;      /* the module's handle (its entry points), when known */
+static int g_emu;        /* the host emulator: keep shapes small */
+static tlm_rng g_rng;
+
+#define NEED_GPU()                                                                                                     \
+    do {                                                                                                               \
+        if (!g_gpu) skip();                                                                                            \
+    } while (0)
+
+/* ---- set-up ---------------------------------------------------------------- */
+
+static void *open_module_beside_exe(void) {
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) return NULL;
+    exe[len] = 0;
+    char *slash = strrchr(exe, '/');
+    if (!slash) return NULL;
+    slash[1] = 0;
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof path, "%slibtinylm-cuda.so", exe);
+    /* already loaded by ops_create: this only finds its handle */
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+}
+
+static int setup(void **state) {
+    (void)state;
+    unsetenv("TLM_CUDA_DTYPE"); /* these tests are about the fp32 path unless they ask */
+    tlm_rng_seed(&g_rng, 4242);
+    g_ref = cpu_ref_ops_create();
+    if (!g_ref) return -1;
+    char note[512] = "";
+    const char *mod = getenv("TLM_CUDA_MODULE");
+    if (mod && *mod) {
+        g_mod = dlopen(mod, RTLD_NOW | RTLD_LOCAL);
+        if (!g_mod) {
+            fprintf(stderr, "test_cuda: TLM_CUDA_MODULE=%s cannot be loaded: %s\n", mod, dlerror());
+            return -1;
+        }
+        create_fn cr = (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create");
+        if (!cr) {
+            fprintf(stderr, "test_cuda: %s has no tlm_cuda_ops_create\n", mod);
+            return -1;
+        }
+        g_gpu = cr(0, note, sizeof note);
+        if (!g_gpu) {
+            fprintf(stderr, "test_cuda: %s did not start: %s\n", mod, note);
+            return -1;
+        }
+    } else {
+        g_gpu = ops_create("cuda", 0, note, sizeof note);
+        if (!g_gpu) {
+            printf("SKIPPED: no CUDA GPU (%s)\n", tlm_last_error());
+            return 0;
+        }
+        g_mod = open_module_beside_exe();
+    }
+    g_emu = strstr(g_gpu->device_desc, "emulator") != NULL;
+    printf("test_cuda: %s\n          %s\n", note, g_gpu->device_desc);
+    return 0;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    ops_destroy(g_gpu);
+    ops_destroy(g_ref);
+    /* the module stays loaded: its code may run at exit (CUDA runtime) */
+    return 0;
+}
+
+/* ---- helpers ---------------------------------------------------------------- */
+
+static float *hrand(size_t n, float scale) {
+    float *p = malloc(sizeof(float) * (n ? n : 1));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++) p[i] = scale * tlm_rng_normal(&g_rng);
+    return p;
+}
+
+static void *up(tlm_ops *o, const void *h, size_t bytes) {
+    void *d = o->alloc(o, bytes);
+    if (!d) fail_msg("alloc of %zu bytes on %s: %s", bytes, o->name, tlm_last_error());
+    if (h && bytes) o->copy_h2d(o, d, h, bytes);
+    return d;
+}
+
+static float *down(tlm_ops *o, const void *d, size_t n) {
+    float *h = malloc(sizeof(float) * (n ? n : 1));
+    assert_non_null(h);
+    if (n) o->copy_d2h(o, h, d, n * sizeof(float));
+    return h;
+}
+
+/* |got - want| <= tol * max(|want|, floor_frac * max|want|) for every
+ * element; NaN always fails. Names the worst element. */
+static void check_close(const char *what, const float *got, const float *want, size_t n, double tol,
+                        double floor_frac) {
+    double maxref = 0;
+    for (size_t i = 0; i < n; i++) maxref = fmax(maxref, fabs(want[i]));
+    double floor = maxref * floor_frac;
+    if (floor <= 0) floor = 1e-30;
+    size_t worst = 0, bad = 0;
+    double we = -1;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - want[i]) / fmax(fabs(want[i]), floor);
+        if (!(e <= tol)) bad++;
+        if (!(e <= we)) {
+            we = e;
+            worst = i;
+        }
+    }
+    if (getenv("TLM_TEST_VERBOSE")) printf("  %-48s max rel err %.3g\n", what, we);
+    if (bad)
+        fail_msg("%s: %zu of %zu elements over rel err %.1g; worst at %zu: got %.8g want %.8g (floor %.3g)", what, bad,
+                 n, tol, worst, (double)got[worst], (double)want[worst], floor);
+}
+
+/* ---- memory and transfers ---------------------------------------------------------- */
+
+static void test_memory(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    const size_t n = 1000;
+    float *d = o->alloc(o, n * sizeof(float));
+    assert_non_null(d);
+    float *h = down(o, d, n);
+    for (size_t i = 0; i < n; i++) assert_true(h[i] == 0.0f); /* zero-filled */
+    free(h);
+
+    float *x = hrand(n, 1.0f);
+    o->copy_h2d(o, d, x, n * sizeof(float));
+    h = down(o, d, n);
+    assert_memory_equal(h, x, n * sizeof(float));
+    free(h);
+
+    float *e = o->alloc(o, n * sizeof(float));
+    assert_non_null(e);
+    o->copy_d2d(o, e + 7, d + 100, 300 * sizeof(float));
+    o->zero(o, e + 50, 10 * sizeof(float));
+    h = down(o, e, n);
+    for (size_t i = 0; i < n; i++) {
+        float want = i >= 50 && i < 60 ? 0.0f : i >= 7 && i < 307 ? x[i - 7 + 100] : 0.0f;
+        if (h[i] != want) fail_msg("d2d/zero: element %zu is %g, want %g", i, h[i], want);
+    }
+    free(h);
+
+    /* A page-locked source goes through the copy stream; the ops before and
+     * after the copy must see the old and the new contents respectively. */
+    int pinned = -1;
+    float *ph = o->host_alloc(o, n * sizeof(float), &pinned);
+    assert_non_null(ph);
+    assert_true(pinned == 0 || pinned == 1);
+    if (!pinned) printf("  note: host_alloc gave pageable memory (page-locked memory unavailable)\n");
+    for (size_t i = 0; i < n; i++) assert_true(ph[i] == 0.0f);
+    float *y = o->alloc(o, n * sizeof(float));
+    assert_non_null(y);
+    o->add_inplace(o, y, d, n); /* y = x */
+    for (size_t i = 0; i < n; i++) ph[i] = (float)i;
+    o->copy_h2d(o, d, ph, n * sizeof(float)); /* d = i */
+    o->add_inplace(o, y, d, n);               /* y = x + i */
+    h = down(o, y, n);
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != x[i] + (float)i) fail_msg("pinned copy ordering: y[%zu] = %g, want %g", i, h[i], x[i] + (float)i);
+    free(h);
+    o->host_free(o, ph, pinned);
+
+    o->sync(o);
+    o->free(o, d);
+    o->free(o, e);
+    o->free(o, y);
+    o->free(o, NULL); /* freeing NULL is a no-op */
+    free(x);
+
+#if !defined(__SANITIZE_ADDRESS__)
+    /* Out of device memory: NULL and a message, and the backend still works. */
+    void *huge = o->alloc(o, (size_t)1 << 50);
+    assert_null(huge);
+    assert_non_null(strstr(tlm_last_error(), "GPU memory"));
+    float *small = o->alloc(o, 64);
+    assert_non_null(small);
+    o->free(o, small);
+#endif
+}
+
+/* ---- matrix products ----------------------------------------------------------------- */
+
+static void run_matmul(tlm_ops *o, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                       const float *B, int ldb, float beta, float *C, int ldc, size_t na, size_t nb, size_t nc) {
+    float *dA = up(o, A, na * sizeof(float)), *dB = up(o, B, nb * sizeof(float)), *dC = up(o, C, nc * sizeof(float));
+    o->matmul(o, ta, tb, M, N, K, alpha, dA, lda, dB, ldb, beta, dC, ldc);
+    o->copy_d2h(o, C, dC, nc * sizeof(float));
+    o->free(o, dA);
+    o->free(o, dB);
+    o->free(o, dC);
+}
+
+static void check_matmul(tlm_ops *o, double tol, double floor_frac) {
+    const int shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {33, 17, 65}, {64, 96, 128}, {128, 300, 64}, {4, 5, 0}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int bz = 0; bz < 2; bz++) {
+                    int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                    int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 5;
+                    size_t na = (size_t)(ta ? K : M) * lda + 1, nb = (size_t)(tb ? N : K) * ldb + 1;
+                    size_t nc = (size_t)M * ldc;
+                    float *A = hrand(na, 1.0f), *B = hrand(nb, 1.0f), *C0 = hrand(nc, 1.0f);
+                    float beta = bz ? 0.0f : 1.3f, alpha = 0.7f;
+                    if (bz) /* beta = 0: C is not read, even when it holds NaN */
+                        for (int i = 0; i < M; i++)
+                            for (int j = 0; j < N; j++) C0[(size_t)i * ldc + j] = NAN;
+                    float *Cg = malloc(nc * sizeof(float)), *Cr = malloc(nc * sizeof(float));
+                    memcpy(Cg, C0, nc * sizeof(float));
+                    memcpy(Cr, C0, nc * sizeof(float));
+                    run_matmul(o, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cg, ldc, na, nb, nc);
+                    run_matmul(g_ref, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cr, ldc, na, nb, nc);
+                    char what[96];
+                    snprintf(what, sizeof what, "matmul %dx%dx%d tA%d tB%d beta %g", M, N, K, ta, tb, beta);
+                    check_close(what, Cg, Cr, nc, tol, floor_frac);
+                    for (int i = 0; i < M; i++) /* the columns past N are untouched */
+                        for (int j = N; j < ldc; j++)
+                            if (memcmp(&Cg[(size_t)i * ldc + j], &C0[(size_t)i * ldc + j], sizeof(float)))
+                                fail_msg("%s wrote C[%d][%d] beyond N", what, i, j);
+                    free(A);
+                    free(B);
+                    free(C0);
+                    free(Cg);
+                    free(Cr);
+                }
+}
+
+static void test_matmul(void **state) {
+    (void)state;
+    NEED_GPU();
+    check_matmul(g_gpu, TOL, 1e-3);
+}
+
+/* ---- element-wise and row-wise ops ------------------------------------------------------ */
+
+static void test_add_swiglu(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int N = 37, F = 91;
+    size_t n = (size_t)N * F;
+    float *y = hrand(n, 1.0f), *x = hrand(n, 1.0f), *gu = hrand(2 * n, 2.0f), *da = hrand(n, 1.0f);
+    float *out[2][3];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        float *dy = up(o, y, n * 4), *dx = up(o, x, n * 4), *dgu = up(o, gu, 2 * n * 4), *dda = up(o, da, n * 4);
+        float *a = up(o, NULL, n * 4), *dg = up(o, NULL, 2 * n * 4);
+        o->add_inplace(o, dy, dx, n);
+        o->swiglu_fwd(o, a, dgu, N, F);
+        o->swiglu_bwd(o, dg, dda, dgu, N, F);
+        out[k][0] = down(o, dy, n);
+        out[k][1] = down(o, a, n);
+        out[k][2] = down(o, dg, 2 * n);
+        o->free(o, dy), o->free(o, dx), o->free(o, dgu), o->free(o, dda), o->free(o, a), o->free(o, dg);
+    }
+    check_close("add_inplace", out[0][0], out[1][0], n, TOL, 1e-3);
+    check_close("swiglu_fwd", out[0][1], out[1][1], n, TOL, 1e-3);
+    check_close("swiglu_bwd", out[0][2], out[1][2], 2 * n, TOL, 1e-3);
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) free(out[k][j]);
+    free(y), free(x), free(gu), free(da);
+}
+
+static void test_embed(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int V = 97, D = 70, N = g_emu ? 2500 : 20000; /* > one scan chunk of 2048 */
+    int32_t *tok = malloc((size_t)N * sizeof(int32_t));
+    for (int i = 0; i < N; i++) /* skewed: many repeats of a few tokens */
+        tok[i] = (int32_t)(i % 3 == 0 ? 5 : tlm_rng_below(&g_rng, (uint64_t)V));
+    float *wte = hrand((size_t)V * D, 1.0f), *dout = hrand((size_t)N * D, 1.0f), *dw0 = hrand((size_t)V * D, 1.0f);
+    float *res[2][2];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        int32_t *dt = up(o, tok, (size_t)N * 4);
+        float *dwte = up(o, wte, (size_t)V * D * 4), *dd = up(o, dout, (size_t)N * D * 4);
+        float *dw = up(o, dw0, (size_t)V * D * 4), *out = up(o, NULL, (size_t)N * D * 4);
+        o->embed_fwd(o, out, dt, dwte, N, D);
+        o->embed_bwd(o, dw, dt, dd, N, D); /* accumulates onto dw0 */
+        res[k][0] = down(o, out, (size_t)N * D);
+        res[k][1] = down(o, dw, (size_t)V * D);
+        o->free(o, dt), o->free(o, dwte), o->free(o, dd), o->free(o, dw), o->free(o, out);
+    }
+    assert_memory_equal(res[0][0], res[1][0], (size_t)N * D * sizeof(float)); /* a gather is exact */
+    check_close("embed_bwd", res[0][1], res[1][1], (size_t)V * D, TOL, 1e-3);
+    for (int k = 0; k < 2; k++) free(res[k][0]), free(res[k][1]);
+    free(tok), free(wte), free(dout), free(dw0);
+}
+
+static void test_rmsnorm(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int shapes[][2] = {{37, 96}, {1000, 64}, {5, 1100}, {3, 7}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], D = shapes[s][1];
+        size_t n = (size_t)N * D;
+        float *x = hrand(n, 1.5f), *w = hrand((size_t)D, 1.0f), *g = hrand(n, 1.0f), *dw0 = hrand((size_t)D, 1.0f);
+        float *res[2][4];
+        tlm_ops *be[2] = {g_gpu, g_ref};
+        for (int k = 0; k < 2; k++) {
+            tlm_ops *o = be[k];
+            float *dx_ = up(o, x, n * 4), *dw_ = up(o, w, (size_t)D * 4), *dg = up(o, g, n * 4);
+            float *ddw = up(o, dw0, (size_t)D * 4), *out = up(o, NULL, n * 4), *rstd = up(o, NULL, (size_t)N * 4);
+            float *dxo = up(o, NULL, n * 4), *out2 = up(o, NULL, n * 4);
+            o->rmsnorm_fwd(o, out, rstd, dx_, dw_, N, D, 1e-5f);
+            o->rmsnorm_fwd(o, out2, NULL, dx_, dw_, N, D, 1e-5f); /* rstd may be NULL */
+            o->rmsnorm_bwd(o, dxo, ddw, dg, dx_, dw_, rstd, N, D);
+            res[k][0] = down(o, out, n);
+            res[k][1] = down(o, rstd, (size_t)N);
+            res[k][2] = down(o, dxo, n);
+            res[k][3] = down(o, ddw, (size_t)D);
+            float *o2 = down(o, out2, n);
+            assert_memory_equal(o2, res[k][0], n * sizeof(float));
+            free(o2);
+            o->free(o, dx_), o->free(o, dw_), o->free(o, dg), o->free(o, ddw), o->free(o, out), o->free(o, rstd);
+            o->free(o, dxo), o->free(o, out2);
+        }
+        char what[64];
+        snprintf(what, sizeof what, "rmsnorm_fwd %dx%d", N, D);
+        check_close(what, res[0][0], res[1][0], n, TOL, 1e-3);
+        check_close("rmsnorm rstd", res[0][1], res[1][1], (size_t)N, TOL, 1e-3);
+        snprintf(what, sizeof what, "rmsnorm_bwd dx %dx%d", N, D);
+        check_close(what, res[0][2], res[1][2], n, TOL, 1e-2);
+        snprintf(what, sizeof what, "rmsnorm_bwd dw %dx%d", N, D);
+        check_close(what, res[0][3], res[1][3], (size_t)D, TOL, 1e-2);
+        for (int k = 0; k < 2; k++)
+            for (int j = 0; j < 4; j++) free(res[k][j]);
+        free(x), free(w), free(g), free(dw0);
+    }
+}
+
+static void test_rope(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int hds[] = {16, 32, 64, 10};
+    const int pos0s[] = {0, 13, 1500}; /* 1500: beyond the first table of 1024 positions */
+    const float thetas[] = {10000.0f, 500000.0f};
+    for (size_t a = 0; a < sizeof hds / sizeof hds[0]; a++)
+        for (size_t b = 0; b < sizeof pos0s / sizeof pos0s[0]; b++)
+            for (size_t c = 0; c < 2; c++) {
+                const int B = 2, T = 9, H = 3, hd = hds[a], D = H * hd;
+                size_t n = (size_t)B * T * 3 * D;
+                float *x = hrand(n, 1.0f), *res[2][2];
+                tlm_ops *be[2] = {g_gpu, g_ref};
+                for (int k = 0; k < 2; k++) {
+                    tlm_ops *o = be[k];
+                    float *d1 = up(o, x, n * 4), *d2 = up(o, x, n * 4);
+                    o->rope_fwd(o, d1, B, T, H, hd, pos0s[b], thetas[c]);
+                    o->rope_bwd(o, d2, B, T, H, hd, pos0s[b], thetas[c]);
+                    res[k][0] = down(o, d1, n);
+                    res[k][1] = down(o, d2, n);
+                    o->free(o, d1), o->free(o, d2);
+                }
+                char what[96];
+                snprintf(what, sizeof what, "rope hd %d pos0 %d theta %g", hd, pos0s[b], thetas[c]);
+                check_close(what, res[0][0], res[1][0], n, TOL, 1e-3);
+                check_close(what, res[0][1], res[1][1], n, TOL, 1e-3);
+                /* v is never touched */
+                for (int r = 0; r < B * T; r++)
+                    assert_memory_equal(res[0][0] + (size_t)r * 3 * D + 2 * D, x + (size_t)r * 3 * D + 2 * D,
+                                        (size_t)D * sizeof(float));
+                for (int k = 0; k < 2; k++) free(res[k][0]), free(res[k][1]);
+                free(x);
+            }
+}
+
+/* ---- attention --------------------------------------------------------------------------- */
+
+static void attn_case(int B, int T, int H, int hd) {
+    const int D = H * hd;
+    size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D, nl = (size_t)B * H * T;
+    float *qkv = hrand(nq, 1.0f), *dout = hrand(no, 1.0f);
+    float *res[2][3];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        float *dq = up(o, qkv, nq * 4), *dd = up(o, dout, no * 4), *out = up(o, NULL, no * 4);
+        float *lse = up(o, NULL, nl * 4), *dqkv = up(o, NULL, nq * 4);
+        o->attn_fwd(o, out, lse, dq, B, T, H, hd);
+        o->attn_bwd(o, dqkv, dd, out, lse, dq, B, T, H, hd);
+        res[k][0] = down(o, out, no);
+        res[k][1] = down(o, lse, nl);
+        res[k][2] = down(o, dqkv, nq);
+        o->free(o, dq), o->free(o, dd), o->free(o, out), o->free(o, lse), o->free(o, dqkv);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "attn_fwd out B%d T%d H%d hd%d", B, T, H, hd);
+    check_close(what, res[0][0], res[1][0], no, TOL, 1e-2);
+    snprintf(what, sizeof what, "attn_fwd lse B%d T%d H%d hd%d", B, T, H, hd);
+    check_close(what, res[0][1], res[1][1], nl, TOL, 1e-2);
+    snprintf(what, sizeof what, "attn_bwd dqkv B%d T%d H%d hd%d", B, T, H, hd);
+    check_close(what, res[0][2], res[1][2], nq, TOL, 1e-2);
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) free(res[k][j]);
+    free(qkv), free(dout);
+}
+
+static void test_attention(void **state) {
+    (void)state;
+    NEED_GPU();
+    /* every head-size class (<=32, <=64, <=128, odd), tails of the tiles */
+    attn_case(2, 37, 3, 16);
+    attn_case(1, 70, 2, 32);
+    attn_case(2, 65, 2, 64);
+    attn_case(1, 40, 1, 128);
+    attn_case(1, 33, 2, 80);
+    attn_case(1, 1, 1, 32);
+    attn_case(1, 130, 1, 12);
+    if (!g_emu) { /* the sizes the issue names: T up to 1024, hd up to 128 */
+        attn_case(1, 1024, 2, 64);
+        attn_case(2, 300, 2, 128);
+        attn_case(4, 256, 8, 32);
+    }
+}
+
+static void cached_case(int B, int H, int hd, int Tmax, int P) {
+    const int D = H * hd;
+    float *res[2][3];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    const int steps = 5;
+    /* the same random rows for both backends */
+    float *pre = hrand((size_t)B * P * 3 * D, 1.0f), *dec = hrand((size_t)steps * B * 3 * D, 1.0f);
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        size_t nc = (size_t)B * Tmax * D;
+        float *kc = up(o, NULL, nc * 4), *vc = up(o, NULL, nc * 4);
+        float *qp = up(o, pre, (size_t)B * P * 3 * D * 4), *op = up(o, NULL, (size_t)B * P * D * 4);
+        float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
+        o->kv_store(o, kc, vc, qp, B, P, Tmax, D, 0);
+        o->attn_cached(o, op, qp, kc, vc, B, P, Tmax, H, hd, 0);
+        for (int s = 0; s < steps; s++) {
+            o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
+            o->kv_store(o, kc, vc, qd, B, 1, Tmax, D, P + s);
+            o->attn_cached(o, od + (size_t)s * B * D, qd, kc, vc, B, 1, Tmax, H, hd, P + s);
+        }
+        res[k][0] = down(o, op, (size_t)B * P * D);
+        res[k][1] = down(o, od, (size_t)steps * B * D);
+        res[k][2] = down(o, kc, nc);
+        o->free(o, kc), o->free(o, vc), o->free(o, qp), o->free(o, op), o->free(o, qd), o->free(o, od);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "attn_cached prompt B%d H%d hd%d P%d", B, H, hd, P);
+    check_close(what, res[0][0], res[1][0], (size_t)B * P * D, TOL, 1e-2);
+    snprintf(what, sizeof what, "attn_cached decode B%d H%d hd%d", B, H, hd);
+    check_close(what, res[0][1], res[1][1], (size_t)steps * B * D, TOL, 1e-2);
+    assert_memory_equal(res[0][2], res[1][2], (size_t)B * Tmax * D * sizeof(float)); /* kv_store copies */
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) free(res[k][j]);
+    free(pre), free(dec);
+}
+
+static void test_attn_cached(void **state) {
+    (void)state;
+    NEED_GPU();
+    cached_case(3, 2, 32, 40, 20);
+    cached_case(2, 4, 16, 30, 7);
+    cached_case(1, 2, 64, 80, 70); /* more than two chunks of 32 keys */
+    cached_case(2, 1, 128, 12, 3);
+    cached_case(1, 1, 80, 12, 1);
+}
+
+/* ---- cross-entropy and the optimizer ------------------------------------------------------- */
+
+static void test_xent(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int sizes[][2] = {{50, 300}, {7, 3001}};
+    for (size_t s = 0; s < 2; s++)
+        for (int want_grad = 0; want_grad < 2; want_grad++) {
+            const int N = sizes[s][0], V = sizes[s][1];
+            size_t n = (size_t)N * V;
+            float *x = hrand(n, 3.0f);
+            int32_t *tg = malloc((size_t)N * sizeof(int32_t));
+            for (int i = 0; i < N; i++) tg[i] = (int32_t)tlm_rng_below(&g_rng, (uint64_t)V);
+            tg[1] = -1; /* ignored */
+            tg[3] = V;  /* out of range: ignored too */
+            float *res[2][2];
+            tlm_ops *be[2] = {g_gpu, g_ref};
+            for (int k = 0; k < 2; k++) {
+                tlm_ops *o = be[k];
+                float *dx = up(o, x, n * 4), *dl = up(o, NULL, (size_t)N * 4);
+                int32_t *dt = up(o, tg, (size_t)N * 4);
+                o->xent(o, dx, dl, dt, N, V, 1.0f / 37.0f, want_grad);
+                res[k][0] = down(o, dl, (size_t)N);
+                res[k][1] = down(o, dx, n);
+                o->free(o, dx), o->free(o, dl), o->free(o, dt);
+            }
+            check_close("xent losses", res[0][0], res[1][0], (size_t)N, TOL, 1e-3);
+            if (want_grad)
+                check_close("xent dlogits", res[0][1], res[1][1], n, TOL, 1e-3);
+            else /* logits untouched */
+                assert_memory_equal(res[0][1], x, n * sizeof(float));
+            assert_true(res[0][0][1] == 0.0f && res[0][0][3] == 0.0f);
+            for (int k = 0; k < 2; k++) free(res[k][0]), free(res[k][1]);
+            free(x), free(tg);
+        }
+}
+
+static void test_sumsq_adamw(void **state) {
+    (void)state;
+    NEED_GPU();
+    const size_t sizes[] = {0, 1, 1000, 100003};
+    for (size_t s = 0; s < 4; s++)
+        for (int acc = 0; acc < 2; acc++) {
+            size_t n = sizes[s];
+            float *x = hrand(n, 1.0f), init = 2.5f, r[2];
+            tlm_ops *be[2] = {g_gpu, g_ref};
+            for (int k = 0; k < 2; k++) {
+                tlm_ops *o = be[k];
+                float *dx = up(o, x, n * 4), *out = up(o, &init, 4);
+                o->sumsq(o, out, dx, n, acc);
+                o->copy_d2h(o, &r[k], out, 4);
+                o->free(o, dx), o->free(o, out);
+            }
+            check_close("sumsq", &r[0], &r[1], 1, 1e-5, 0);
+            free(x);
+        }
+
+    const size_t n = 1000;
+    const float gns[] = {25.0f, 0.25f};
+    for (int t = 1; t <= 7; t += 6)
+        for (int c = 0; c < 3; c++) {
+            float *p = hrand(n, 1.0f), *g = hrand(n, 1.0f), *m = hrand(n, 0.1f), *v = hrand(n, 0.1f);
+            for (size_t i = 0; i < n; i++) v[i] = v[i] * v[i];
+            float gn = gns[c % 2];
+            float *res[2][3];
+            tlm_ops *be[2] = {g_gpu, g_ref};
+            for (int k = 0; k < 2; k++) {
+                tlm_ops *o = be[k];
+                float *dp = up(o, p, n * 4), *dg = up(o, g, n * 4), *dm = up(o, m, n * 4), *dv = up(o, v, n * 4);
+                float *dgn = up(o, &gn, 4);
+                /* c = 0: clipping active (norm 5 > 1); 1: inactive (0.5 < 1);
+                 * 2: no clipping at all (NULL scalar) */
+                o->adamw(o, dp, dg, dm, dv, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, c == 2 ? NULL : dgn, 1.0f);
+                res[k][0] = down(o, dp, n);
+                res[k][1] = down(o, dm, n);
+                res[k][2] = down(o, dv, n);
+                o->free(o, dp), o->free(o, dg), o->free(o, dm), o->free(o, dv), o->free(o, dgn);
+            }
+            check_close("adamw p", res[0][0], res[1][0], n, TOL, 1e-2);
+            check_close("adamw m", res[0][1], res[1][1], n, TOL, 1e-2);
+            check_close("adamw v", res[0][2], res[1][2], n, TOL, 1e-2);
+            for (int k = 0; k < 2; k++)
+                for (int j = 0; j < 3; j++) free(res[k][j]);
+            free(p), free(g), free(m), free(v);
+        }
+}
+
+/* ---- determinism: the same call twice gives the same bits ---------------------------------- */
+
+static void test_determinism(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    const int B = 2, T = g_emu ? 40 : 200, H = 2, hd = 32, D = H * hd, V = 50, N = B * T;
+    size_t nq = (size_t)N * 3 * D, no = (size_t)N * D;
+    float *qkv = hrand(nq, 1.0f), *dout = hrand(no, 1.0f);
+    int32_t *tok = malloc((size_t)N * 4);
+    for (int i = 0; i < N; i++) tok[i] = (int32_t)tlm_rng_below(&g_rng, 7); /* many repeats */
+    float *dq = up(o, qkv, nq * 4), *dd = up(o, dout, no * 4), *out = up(o, NULL, no * 4);
+    float *lse = up(o, NULL, (size_t)B * H * T * 4), *dqkv = up(o, NULL, nq * 4);
+    float *dw = up(o, NULL, (size_t)V * D * 4), *w = up(o, NULL, (size_t)D * 4), *rstd = up(o, NULL, (size_t)N * 4);
+    float *dx = up(o, NULL, no * 4), *s = up(o, NULL, 4);
+    int32_t *dt = up(o, tok, (size_t)N * 4);
+    float *first[4] = {0};
+    for (int rep = 0; rep < 2; rep++) {
+        o->zero(o, dw, (size_t)V * D * 4);
+        o->zero(o, w, (size_t)D * 4);
+        o->attn_fwd(o, out, lse, dq, B, T, H, hd);
+        o->attn_bwd(o, dqkv, dd, out, lse, dq, B, T, H, hd);
+        o->embed_bwd(o, dw, dt, dd, N, D);
+        o->rmsnorm_fwd(o, dx, rstd, dd, dd, N, D, 1e-5f);
+        o->rmsnorm_bwd(o, dx, w, dd, out, dd, rstd, N, D);
+        o->sumsq(o, s, dqkv, nq, 0);
+        float *got[4] = {down(o, dqkv, nq), down(o, dw, (size_t)V * D), down(o, w, (size_t)D), down(o, s, 1)};
+        size_t sz[4] = {nq, (size_t)V * D, (size_t)D, 1};
+        const char *names[4] = {"attn_bwd", "embed_bwd", "rmsnorm_bwd dw", "sumsq"};
+        for (int i = 0; i < 4; i++) {
+            if (rep == 0) {
+                first[i] = got[i];
+            } else {
+                if (memcmp(first[i], got[i], sz[i] * sizeof(float))) fail_msg("%s differs between two runs", names[i]);
+                free(got[i]);
+                free(first[i]);
+            }
+        }
+    }
+    o->free(o, dq), o->free(o, dd), o->free(o, out), o->free(o, lse), o->free(o, dqkv), o->free(o, dw);
+    o->free(o, w), o->free(o, rstd), o->free(o, dx), o->free(o, s), o->free(o, dt);
+    free(qkv), free(dout), free(tok);
+}
+
+/* ---- errors ---------------------------------------------------------------------------------- */
+
+static void test_errors(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_fn cr = g_mod ? (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create") : NULL;
+    if (!cr) skip();
+    char note[512];
+    assert_null(cr(99, note, sizeof note));
+    if (!strstr(note, "cuda:99")) fail_msg("bad device index note: %s", note);
+
+    setenv("TLM_CUDA_DTYPE", "fp16", 1);
+    assert_null(cr(0, note, sizeof note));
+    unsetenv("TLM_CUDA_DTYPE");
+    if (!strstr(note, "fp32 or bf16")) fail_msg("bad dtype note: %s", note);
+
+    if (g_emu) {
+        setenv("TLM_CUDA_EMU_NODEV", "1", 1);
+        assert_null(cr(0, note, sizeof note));
+        unsetenv("TLM_CUDA_EMU_NODEV");
+        if (!strstr(note, "no CUDA GPU")) fail_msg("bad no-device note: %s", note);
+    }
+
+    /* An op that cannot run marks the backend failed: the message names the
+     * op, later reads come back as NaN. A second instance, not g_gpu. */
+    tlm_ops *o = cr(0, note, sizeof note);
+    assert_non_null(o);
+    float *q = up(o, NULL, 3 * 256 * 4), *out = up(o, NULL, 256 * 4), *lse = up(o, NULL, 4);
+    o->attn_fwd(o, out, lse, q, 1, 1, 1, 256);
+    if (!strstr(tlm_last_error(), "head size 256")) fail_msg("error message: %s", tlm_last_error());
+    float h = 0;
+    o->copy_d2h(o, &h, out, sizeof h);
+    assert_true(isnan(h));
+    assert_null(o->alloc(o, 16)); /* a failed backend hands out nothing more */
+    o->free(o, q), o->free(o, out), o->free(o, lse);
+    o->destroy(o);
+}
+
+/* ---- the model: fixture, cached decoding, training steps ----------------------------------- */
+
+static tlm_st_file *g_fx;
+static tlm_config g_cfg;
+static int32_t g_in[FB * FT], g_tg[FB * FT];
+static int g_nvalid;
+
+static float *fx_read(const char *name, size_t n) {
+    float *buf = malloc(n * sizeof(float));
+    assert_non_null(buf);
+    if (safetensors_read_f32(g_fx, name, buf, n) != 0) fail_msg("fixture: %s", tlm_last_error());
+    return buf;
+}
+
+static void fx_open(void) {
+    if (g_fx) return;
+    g_fx = safetensors_open(FIXTURE);
+    if (!g_fx) fail_msg("cannot open %s: %s", FIXTURE, tlm_last_error());
+    g_cfg = (tlm_config){.vocab = 300, .dim = 64, .layers = 2, .heads = 4, .hidden = 176, .context = 32,
+                         .norm_eps = 1e-5f, .rope_theta = 10000.0f};
+    float *in = fx_read("inputs", FB * FT), *tg = fx_read("targets", FB * FT);
+    g_nvalid = 0;
+    for (int i = 0; i < FB * FT; i++) {
+        g_in[i] = (int32_t)in[i];
+        g_tg[i] = (int32_t)tg[i];
+        g_nvalid += g_tg[i] >= 0;
+    }
+    free(in);
+    free(tg);
+}
+
+static size_t tsize(const tlm_tensor *t) { return (size_t)t->rows * (size_t)t->cols; }
+
+static void fx_model(tlm_model *m, tlm_ops *o) {
+    fx_open();
+    if (model_create(m, &g_cfg, o) != 0) fail_msg("model_create: %s", tlm_last_error());
+    if (model_alloc_train(m, FB, FT) != 0) fail_msg("model_alloc_train: %s", tlm_last_error());
+    for (int i = 0; i < m->ntensors; i++) {
+        const tlm_tensor *t = &m->tensors[i];
+        float *buf = fx_read(t->name, tsize(t));
+        o->copy_h2d(o, m->params + t->offset, buf, tsize(t) * sizeof(float));
+        free(buf);
+    }
+}
+
+/* Like check_close, but up to max_out elements may exceed tol as long as
+ * none is off by more than abs_cap (AdamW: see tests/test_model.c). */
+static void check_close_out(const char *what, const float *got, const float *want, size_t n, double tol,
+                            size_t max_out, double abs_cap) {
+    double maxref = 0;
+    for (size_t i = 0; i < n; i++) maxref = fmax(maxref, fabs(want[i]));
+    double floor = fmax(maxref * 1e-2, 1e-30);
+    size_t out = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - want[i]);
+        if (!(d <= abs_cap)) fail_msg("%s: element %zu off by %.3g (cap %.3g)", what, i, d, abs_cap);
+        if (!(d / fmax(fabs(want[i]), floor) <= tol)) out++;
+    }
+    if (out > max_out) fail_msg("%s: %zu of %zu elements over rel err %.1g (%zu allowed)", what, out, n, tol, max_out);
+}
+
+static void test_model_fixture(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    tlm_model m;
+    fx_model(&m, o);
+    const size_t NV = (size_t)FB * FT * g_cfg.vocab;
+    float want_loss;
+    assert_int_equal(safetensors_read_f32(g_fx, "loss", &want_loss, 1), 0);
+
+    float loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 0.0f, 0);
+    float *logits = down(o, m.logits, NV), *ref = fx_read("logits", NV);
+    check_close("fixture logits", logits, ref, NV, TOL, 1e-2);
+    check_close("fixture eval loss", &loss, &want_loss, 1, TOL, 0);
+    free(logits), free(ref);
+
+    model_zero_grad(&m);
+    loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+    check_close("fixture train loss", &loss, &want_loss, 1, TOL, 0);
+    float *grads = down(o, m.grads, m.nparams);
+    for (int i = 0; i < m.ntensors; i++) {
+        const tlm_tensor *t = &m.tensors[i];
+        char name[160];
+        snprintf(name, sizeof name, "grad.%s", t->name);
+        float *r = fx_read(name, tsize(t));
+        check_close(name, grads + t->offset, r, tsize(t), TOL, 1e-2);
+        free(r);
+    }
+    free(grads);
+
+    /* five AdamW steps with clipping, as dev/make_fixtures.py did */
+    model_destroy(&m);
+    fx_model(&m, o);
+    float *mom = up(o, NULL, m.nparams * 4), *var = up(o, NULL, m.nparams * 4), *gn = up(o, NULL, 4);
+    float wl[5], wn[5], losses[5], norms[5];
+    assert_int_equal(safetensors_read_f32(g_fx, "adamw.losses", wl, 5), 0);
+    assert_int_equal(safetensors_read_f32(g_fx, "adamw.gnorms", wn, 5), 0);
+    for (int step = 1; step <= 5; step++) {
+        model_zero_grad(&m);
+        losses[step - 1] = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+        o->sumsq(o, gn, m.grads, m.nparams, 0);
+        float g2;
+        o->copy_d2h(o, &g2, gn, 4);
+        norms[step - 1] = sqrtf(g2);
+        for (int i = 0; i < m.ntensors; i++) {
+            const tlm_tensor *t = &m.tensors[i];
+            o->adamw(o, m.params + t->offset, m.grads + t->offset, mom + t->offset, var + t->offset, tsize(t), 1e-3f,
+                     0.9f, 0.95f, 1e-8f, t->decay ? 0.1f : 0.0f, step, gn, 1.0f);
+        }
+    }
+    check_close("fixture adamw losses", losses, wl, 5, TOL, 1e-2);
+    check_close("fixture adamw grad norms", norms, wn, 5, TOL, 1e-2);
+    float *params = down(o, m.params, m.nparams);
+    for (int i = 0; i < m.ntensors; i++) {
+        const tlm_tensor *t = &m.tensors[i];
+        char name[160];
+        snprintf(name, sizeof name, "adamw.%s", t->name);
+        float *r = fx_read(name, tsize(t));
+        check_close_out(name, params + t->offset, r, tsize(t), TOL, tsize(t) / 1000, 0.05 * 1e-3);
+        free(r);
+    }
+    free(params);
+    o->free(o, mom), o->free(o, var), o->free(o, gn);
+    model_destroy(&m);
+}
+
+/* Cached decoding (prompt in chunks, then one token at a time) gives the
+ * logits of the full forward at every position. */
+static void test_model_cached(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    tlm_model m;
+    fx_model(&m, o);
+    const int V = g_cfg.vocab, D = g_cfg.dim, L = g_cfg.layers, P = 20;
+    model_forward_backward(&m, g_in, g_tg, FB, FT, 0.0f, 0);
+    float *full = down(o, m.logits, (size_t)FB * FT * V);
+    float *kc[2], *vc[2];
+    for (int l = 0; l < L; l++) {
+        kc[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+        vc[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+    }
+    tlm_infer_scratch s;
+    assert_int_equal(model_infer_scratch_alloc(&m, &s, FB, P), 0);
+    float *od = up(o, NULL, (size_t)FB * V * 4), *got = malloc((size_t)FB * V * 4), *want = malloc((size_t)FB * V * 4);
+    int32_t chunk[FB * FT];
+    int pos = 0;
+    while (pos < FT) {
+        int T = pos == 0 ? 8 : pos < P ? P - pos : 1; /* chunks 8 and 12, then single tokens */
+        for (int b = 0; b < FB; b++)
+            for (int t = 0; t < T; t++) chunk[b * T + t] = g_in[b * FT + pos + t];
+        assert_int_equal(model_forward_cached(&m, &s, kc, vc, FT, chunk, FB, T, pos, od), 0);
+        pos += T;
+        o->copy_d2h(o, got, od, (size_t)FB * V * 4);
+        for (int b = 0; b < FB; b++) memcpy(want + (size_t)b * V, full + ((size_t)b * FT + pos - 1) * V, (size_t)V * 4);
+        char what[64];
+        snprintf(what, sizeof what, "cached logits at position %d", pos - 1);
+        check_close(what, got, want, (size_t)FB * V, TOL, 1e-2);
+    }
+    free(full), free(got), free(want);
+    o->free(o, od);
+    model_infer_scratch_free(&m, &s);
+    for (int l = 0; l < L; l++) o->free(o, kc[l]), o->free(o, vc[l]);
+    model_destroy(&m);
+}
+
+/* A few full training steps (tinylm train's loop: forward, backward,
+ * global norm, clipped AdamW) on the GPU and on the fast CPU backend from
+ * the same random initialisation: the same losses and norms. */
+static void test_train_steps(void **state) {
+    (void)state;
+    NEED_GPU();
+    fx_open();
+    tlm_ops *cpu = cpu_ops_create(2);
+    assert_non_null(cpu);
+    tlm_ops *be[2] = {g_gpu, cpu};
+    const int steps = 4;
+    float loss[2][4];
+    double norm[2][4];
+    float *params[2];
+    for (int k = 0; k < 2; k++) {
+        tlm_model m;
+        tlm_adamw a;
+        assert_int_equal(model_create(&m, &g_cfg, be[k]), 0);
+        model_init_random(&m, 7);
+        assert_int_equal(model_alloc_train(&m, FB, FT), 0);
+        assert_int_equal(adamw_create(&a, be[k], m.nparams), 0);
+        for (int s = 0; s < steps; s++) {
+            model_zero_grad(&m);
+            loss[k][s] = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (FB * FT), 0);
+            norm[k][s] = adamw_grad_norm(&a, &m);
+            adamw_update(&a, &m, 3e-3, 0.1, 0.05, s + 1); /* clip 0.05: clipping active */
+        }
+        params[k] = down(be[k], m.params, m.nparams);
+        adamw_destroy(&a, be[k]);
+        model_destroy(&m);
+    }
+    for (int s = 0; s < steps; s++) {
+        char what[64];
+        snprintf(what, sizeof what, "train step %d loss", s + 1);
+        check_close(what, &loss[0][s], &loss[1][s], 1, TOL, 0);
+        float a = (float)norm[0][s], b = (float)norm[1][s];
+        snprintf(what, sizeof what, "train step %d grad norm", s + 1);
+        check_close(what, &a, &b, 1, TOL, 0);
+    }
+    tlm_model shape;
+    assert_int_equal(model_create(&shape, &g_cfg, g_ref), 0);
+    check_close_out("params after training", params[0], params[1], shape.nparams, TOL, shape.nparams / 1000,
+                    0.05 * 3e-3 * steps);
+    model_destroy(&shape);
+    free(params[0]), free(params[1]);
+    cpu->destroy(cpu);
+}
+
+
+/* ---- generation block: packed weights, attn_decode -------------------------------------------- */
+
+/* y = op(x) on o: pack w, one matmul_packed (y pre-filled with y0). */
+static float *run_packed(tlm_ops *o, const float *x, int M, const float *w, int N, int K, int dtype, int kind,
+                         const float *nw, int accumulate, const float *y0) {
+    int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    float *dx = up(o, x, (size_t)M * K * 4), *dw = up(o, w, (size_t)N * K * 4);
+    float *dn = nw ? up(o, nw, (size_t)K * 4) : NULL, *dy = up(o, y0, (size_t)M * nout * 4);
+    tlm_packed *p = o->pack(o, dw, N, K, dtype, kind);
+    if (!p) fail_msg("pack on %s: %s", o->name, tlm_last_error());
+    o->matmul_packed(o, dy, dx, M, p, dn, 1e-5f, accumulate);
+    float *y = down(o, dy, (size_t)M * nout);
+    o->pack_free(o, p);
+    o->free(o, dx), o->free(o, dw), o->free(o, dy);
+    if (dn) o->free(o, dn);
+    return y;
+}
+
+static void test_packed(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->pack || !g_ref->pack) skip();
+    assert_true(g_gpu->pack_dtype_fast == TLM_PACK_F32 || g_gpu->pack_dtype_fast == TLM_PACK_BF16);
+    const int shapes[][3] = {{1, 40, 64}, {37, 70, 200}, {5, 64, 300}, {20, 2 * 88, 129}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int dt = TLM_PACK_F32; dt <= TLM_PACK_BF16; dt++)
+            for (int kind = 0; kind < 2; kind++)
+                for (int norm = 0; norm < 2; norm++) {
+                    const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                    const int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N, acc = kind == TLM_PACK_LINEAR && !norm;
+                    float *x = hrand((size_t)M * K, 1.0f), *w = hrand((size_t)N * K, 0.1f), *nw = hrand((size_t)K, 1.0f);
+                    float *y0 = hrand((size_t)M * nout, 1.0f);
+                    float *yg = run_packed(g_gpu, x, M, w, N, K, dt, kind, norm ? nw : NULL, acc, y0);
+                    float *yr = run_packed(g_ref, x, M, w, N, K, dt, kind, norm ? nw : NULL, acc, y0);
+                    char what[96];
+                    snprintf(what, sizeof what, "matmul_packed M%d N%d K%d dtype %d kind %d norm %d", M, N, K, dt, kind,
+                             norm);
+                    /* the same bf16 inputs and weights on both sides: only the
+                     * order of the fp32 sums differs */
+                    check_close(what, yg, yr, (size_t)M * nout, TOL, 1e-2);
+                    /* a row's result does not depend on the other rows */
+                    float *y1 = run_packed(g_gpu, x + (size_t)(M - 1) * K, 1, w, N, K, dt, kind, norm ? nw : NULL, acc,
+                                           y0 + (size_t)(M - 1) * nout);
+                    if (memcmp(y1, yg + (size_t)(M - 1) * nout, (size_t)nout * sizeof(float)))
+                        fail_msg("%s: the last row alone differs from the same row in the batch", what);
+                    free(x), free(w), free(nw), free(y0), free(yg), free(yr), free(y1);
+                }
+    assert_null(g_gpu->pack(g_gpu, NULL, 3, 4, TLM_PACK_F32, TLM_PACK_SWIGLU)); /* odd N for SWIGLU */
+    assert_non_null(strstr(tlm_last_error(), "pack"));
+}
+
+static float kv_value(const void *c, size_t i, int kvt) {
+    if (kvt == TLM_KV_F32) return ((const float *)c)[i];
+    uint16_t h = ((const uint16_t *)c)[i];
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v = e == 0 ? ldexp(m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1.0 + m / 1024.0, e - 15);
+    return (float)((h & 0x8000) ? -v : v);
+}
+
+static void decode_case(int kvt, int B, int H, int hd, int P, int steps) {
+    const int D = H * hd, Tmax = P + steps;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4, nc = (size_t)B * Tmax * D;
+    float *pre = hrand((size_t)B * P * 3 * D, 1.5f), *dec = hrand((size_t)steps * B * 3 * D, 1.5f);
+    float *res[2][3];
+    void *caches[2];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        void *kc = up(o, NULL, nc * es), *vc = up(o, NULL, nc * es);
+        float *qp = up(o, pre, (size_t)B * P * 3 * D * 4), *op = up(o, NULL, (size_t)B * P * D * 4);
+        float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
+        o->attn_decode(o, op, qp, kc, vc, kvt, B, P, Tmax, H, hd, 0, 10000.0f);
+        for (int s = 0; s < steps; s++) {
+            o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
+            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, B, 1, Tmax, H, hd, P + s, 10000.0f);
+        }
+        res[k][0] = down(o, op, (size_t)B * P * D);
+        res[k][1] = down(o, od, (size_t)steps * B * D);
+        res[k][2] = down(o, qp, (size_t)B * P * 3 * D); /* rotated in place */
+        caches[k] = malloc(nc * es);
+        o->copy_d2h(o, caches[k], kc, nc * es);
+        o->free(o, kc), o->free(o, vc), o->free(o, qp), o->free(o, op), o->free(o, qd), o->free(o, od);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "attn_decode kv %d B%d H%d hd%d prompt", kvt, B, H, hd);
+    check_close(what, res[0][0], res[1][0], (size_t)B * P * D, kvt == TLM_KV_F16 ? 2e-3 : TOL, 1e-2);
+    snprintf(what, sizeof what, "attn_decode kv %d B%d H%d hd%d steps", kvt, B, H, hd);
+    check_close(what, res[0][1], res[1][1], (size_t)steps * B * D, kvt == TLM_KV_F16 ? 2e-3 : TOL, 1e-2);
+    check_close("attn_decode rotated qkv", res[0][2], res[1][2], (size_t)B * P * 3 * D, TOL, 1e-3);
+    /* rotated keys agree to ~1e-7 (the reference rotates in double), so a
+     * half can be one step apart; position 0 is not rotated: bit-exact */
+    for (size_t i = 0; i < nc; i++) {
+        float a = kv_value(caches[0], i, kvt), b = kv_value(caches[1], i, kvt);
+        double tol = kvt == TLM_KV_F16 ? 1e-3 * fmax(fabs(b), 1e-2) : 1e-5 * fmax(fabs(b), 1.0);
+        if (!(fabs(a - b) <= tol)) fail_msg("attn_decode cache element %zu: %g vs %g", i, a, b);
+    }
+    for (int b = 0; b < B; b++) /* position 0 of every (sequence, head) */
+        for (int h = 0; h < H; h++) {
+            size_t at = ((size_t)b * H + h) * Tmax * hd;
+            if (memcmp((char *)caches[0] + at * es, (char *)caches[1] + at * es, (size_t)hd * es))
+                fail_msg("attn_decode kv %d: position 0 of b %d h %d is not stored exactly", kvt, b, h);
+        }
+    for (int k = 0; k < 2; k++) free(res[k][0]), free(res[k][1]), free(res[k][2]), free(caches[k]);
+    free(pre), free(dec);
+}
+
+static void test_attn_decode(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->attn_decode || !g_ref->attn_decode) skip();
+    for (int kvt = TLM_KV_F32; kvt <= TLM_KV_F16; kvt++) {
+        decode_case(kvt, 3, 2, 32, 20, 4);
+        decode_case(kvt, 2, 4, 16, 7, 3);
+        decode_case(kvt, 1, 2, 64, 40, 2);
+        decode_case(kvt, 2, 1, 128, 5, 2);
+    }
+    /* fp16 rounding of special values: ties to even, saturation, subnormals */
+    const float vals[] = {1.0f + 0x1p-11f, 1.0f + 0x1p-10f + 0x1p-11f, 65504.0f, 65519.0f, 70000.0f, -1e9f,
+                          0x1p-24f,        0x1p-25f,                   3e-6f,    -0x1p-14f, 0.0f,     -0.0f};
+    const int n = sizeof vals / sizeof vals[0], H = 1, hd = n, D = H * hd;
+    float qkv[3 * sizeof vals / sizeof vals[0]];
+    for (int d = 0; d < n; d++) qkv[d] = 0, qkv[D + d] = vals[d], qkv[2 * D + d] = vals[n - 1 - d];
+    uint16_t got[2][2][sizeof vals / sizeof vals[0]];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        float *dq = up(o, qkv, sizeof qkv), *out = up(o, NULL, (size_t)D * 4);
+        void *kc = up(o, NULL, sizeof got[0][0]), *vc = up(o, NULL, sizeof got[0][0]);
+        o->attn_decode(o, out, dq, kc, vc, TLM_KV_F16, 1, 1, 1, H, hd, 0, 10000.0f);
+        o->copy_d2h(o, got[k][0], kc, sizeof got[0][0]);
+        o->copy_d2h(o, got[k][1], vc, sizeof got[0][0]);
+        o->free(o, dq), o->free(o, out), o->free(o, kc), o->free(o, vc);
+    }
+    for (int d = 0; d < n; d++)
+        if (got[0][0][d] != got[1][0][d] || got[0][1][d] != got[1][1][d])
+            fail_msg("fp16 of %g: 0x%04x, reference 0x%04x", (double)vals[d], got[0][0][d], got[1][0][d]);
+}
+
+/* The packed generation path of the model against the unpacked one. */
+static void test_model_packed(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->pack) skip();
+    tlm_ops *o = g_gpu;
+    tlm_model m;
+    fx_model(&m, o);
+    const int V = g_cfg.vocab, D = g_cfg.dim, L = g_cfg.layers, H = g_cfg.heads, hd = D / H;
+    for (int dt = TLM_GEN_F32; dt <= TLM_GEN_BF16; dt++) {
+        tlm_infer_weights w;
+        if (model_infer_pack(&m, &w, dt)) fail_msg("model_infer_pack: %s", tlm_last_error());
+        const int kvt = model_infer_kv_dtype(&w);
+        const size_t es = kvt == TLM_KV_F16 ? 2 : 4;
+        float *kp[2], *vp[2], *kr[2], *vr[2];
+        for (int l = 0; l < L; l++) {
+            kp[l] = up(o, NULL, (size_t)FB * H * FT * hd * es);
+            vp[l] = up(o, NULL, (size_t)FB * H * FT * hd * es);
+            kr[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+            vr[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+        }
+        tlm_infer_scratch s;
+        assert_int_equal(model_infer_scratch_alloc(&m, &s, FB, 12), 0);
+        float *od = up(o, NULL, (size_t)FB * V * 4);
+        int32_t chunk[FB * FT];
+        for (int pos = 0; pos < FT;) {
+            int T = pos == 0 ? 12 : 1;
+            for (int b = 0; b < FB; b++)
+                for (int t = 0; t < T; t++) chunk[b * T + t] = g_in[b * FT + pos + t];
+            assert_int_equal(model_forward_packed(&m, &w, &s, kp, vp, FT, chunk, FB, T, pos, od), 0);
+            float *got = down(o, od, (size_t)FB * V);
+            assert_int_equal(model_forward_cached(&m, &s, kr, vr, FT, chunk, FB, T, pos, od), 0);
+            float *want = down(o, od, (size_t)FB * V);
+            char what[64];
+            snprintf(what, sizeof what, "packed %s logits at position %d", model_infer_dtype_name(dt), pos + T - 1);
+            /* bf16: inputs and weights rounded to 8 bits (0.4%), fp16 keys */
+            check_close(what, got, want, (size_t)FB * V, dt == TLM_GEN_BF16 ? 3e-2 : TOL, dt == TLM_GEN_BF16 ? 1.0 : 1e-2);
+            free(got), free(want);
+            pos += T;
+        }
+        o->free(o, od);
+        model_infer_scratch_free(&m, &s);
+        for (int l = 0; l < L; l++) o->free(o, kp[l]), o->free(o, vp[l]), o->free(o, kr[l]), o->free(o, vr[l]);
+        model_infer_unpack(&m, &w);
+    }
+    model_destroy(&m);
+}
+
+/* ---- bf16 matrix products ------------------------------------------------------------------ */
+
+/* Bounds: bf16 keeps 8 significant bits, so each operand is off by at most
+ * 2^-9 relative and each product term by ~2^-8; over K random-sign terms
+ * the error of a dot product grows like sqrt(K) * 2^-8 * |term| while the
+ * result grows like sqrt(K) * |term|, i.e. ~0.4% of the typical |C|: 2% of
+ * the largest |C| leaves a wide margin without admitting a wrong product.
+ * For the model: the loss moves by ~1e-3 relative (measured on CPU with
+ * bf16-rounded operands); 1e-2 is the bound, and gradients must point the
+ * same way (cosine > 0.99 per tensor). */
+static void test_bf16(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_ex_fn cx = g_mod ? (create_ex_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create_ex") : NULL;
+    if (!cx) skip();
+    char note[512];
+    tlm_ops *o = cx(0, "bf16", note, sizeof note);
+    if (!o) fail_msg("bf16 backend: %s", note);
+    assert_non_null(strstr(note, "bf16"));
+    check_matmul(o, 2e-2, 1.0);
+
+    fx_open();
+    tlm_model m;
+    fx_model(&m, o);
+    float want_loss;
+    assert_int_equal(safetensors_read_f32(g_fx, "loss", &want_loss, 1), 0);
+    model_zero_grad(&m);
+    float loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+    check_close("bf16 fixture loss", &loss, &want_loss, 1, 1e-2, 0);
+    float *grads = down(o, m.grads, m.nparams);
+    for (int i = 0; i < m.ntensors; i++) {
+        const tlm_tensor *t = &m.tensors[i];
+        char name[160];
+        snprintf(name, sizeof name, "grad.%s", t->name);
+        float *r = fx_read(name, tsize(t));
+        double dot = 0, na = 0, nb = 0;
+        for (size_t j = 0; j < tsize(t); j++) {
+            dot += (double)grads[t->offset + j] * r[j];
+            na += (double)grads[t->offset + j] * grads[t->offset + j];
+            nb += (double)r[j] * r[j];
+        }
+        double cosv = dot / sqrt(na * nb + 1e-300);
+        if (!(cosv > 0.99)) fail_msg("bf16 %s: cosine %.5f with the fp32 reference", name, cosv);
+        free(r);
+    }
+    free(grads);
+    model_destroy(&m);
+    o->destroy(o);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
+        cmocka_unit_test(test_embed),       cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention),   cmocka_unit_test(test_attn_cached), cmocka_unit_test(test_xent),
+        cmocka_unit_test(test_sumsq_adamw), cmocka_unit_test(test_determinism), cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_model_fixture), cmocka_unit_test(test_model_cached), cmocka_unit_test(test_train_steps),
+        cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
+        cmocka_unit_test(test_bf16),
+    };
+    int rc = cmocka_run_group_tests(tests, setup, teardown);
+    if (g_fx) safetensors_close(g_fx);
+    return rc;
+}

@@ -1,0 +1,465 @@
+/*
+ * The generation ops of ops.h (pack, matmul_packed, attn_decode): the fast
+ * CPU backend against the reference loops and against hand-computed bf16
+ * rounding; the promise that a row's result depends on nothing but that
+ * row (not the batch size, not the thread count), checked bit for bit; and
+ * attn_decode against the three ops it fuses.
+ */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops/ops.h"
+#include "util/common.h"
+
+static tlm_ops *g_fast, *g_fast1, *g_ref;
+
+static void fill_normal(float *x, size_t n, uint64_t seed, float scale) {
+    tlm_rng r;
+    tlm_rng_seed(&r, seed);
+    for (size_t i = 0; i < n; i++) x[i] = scale * tlm_rng_normal(&r);
+}
+
+/* max |a-b| / rms(b): an error relative to the typical output size, so
+ * outputs that happen to be near zero do not inflate it. *rms_err (may be
+ * NULL) receives rms(a-b) / rms(b). */
+static double err_vs_rms2(const float *a, const float *b, size_t n, double *rms_err) {
+    double ss = 0, se = 0, mx = 0;
+    for (size_t i = 0; i < n; i++) ss += (double)b[i] * b[i];
+    double rms = sqrt(ss / (double)n);
+    if (!(rms > 0)) rms = 1.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        se += d * d;
+        if (!(d <= mx)) mx = d; /* NaN propagates */
+    }
+    if (rms_err) *rms_err = sqrt(se / (double)n) / rms;
+    return mx / rms;
+}
+
+static double err_vs_rms(const float *a, const float *b, size_t n) { return err_vs_rms2(a, b, n, NULL); }
+
+/* y = op(x) through o: pack w, one matmul_packed, free. y is pre-filled
+ * with y0 (for accumulate). */
+static void run_packed(tlm_ops *o, float *y, const float *y0, const float *x, int M, const float *w, int N, int K,
+                       int dtype, int kind, const float *nw, int accumulate) {
+    tlm_packed *p = o->pack(o, w, N, K, dtype, kind);
+    assert_non_null(p);
+    int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    memcpy(y, y0, (size_t)M * nout * sizeof *y);
+    o->matmul_packed(o, y, x, M, p, nw, 1e-5f, accumulate);
+    o->pack_free(o, p);
+}
+
+/* ---- bf16 rounding by hand ---------------------------------------------- */
+
+static void test_bf16_rounding_by_hand(void **state) {
+    (void)state;
+    /* bf16 keeps 8 significant bits: at 1.0 the step is 2^-7, at 3.0 2^-6.
+     * x0 = 1 + 2^-8 is a tie -> even (1.0); x1 = 1 + 2^-7 + 2^-8 is a tie
+     * -> even (1 + 2^-6); w22 = 3 + 2^-7 is a tie -> even (3.0). */
+    const float x[4] = {1.0f + 0x1p-8f, 1.0f + 0x1p-7f + 0x1p-8f, 2.0f, 0.0f};
+    float w[3 * 4] = {0};
+    w[0 * 4 + 0] = 1.0f;
+    w[1 * 4 + 1] = 1.0f;
+    w[2 * 4 + 2] = 3.0f + 0x1p-7f;
+    const float want_bf16[3] = {1.0f, 1.0f + 0x1p-6f, 6.0f};
+    const float want_f32[3] = {x[0], x[1], 2.0f * (3.0f + 0x1p-7f)};
+    tlm_ops *ops[2] = {g_fast, g_ref};
+    float y[3], zero[3] = {0};
+    for (int i = 0; i < 2; i++) {
+        run_packed(ops[i], y, zero, x, 1, w, 3, 4, TLM_PACK_BF16, TLM_PACK_LINEAR, NULL, 0);
+        assert_memory_equal(y, want_bf16, sizeof y);
+        run_packed(ops[i], y, zero, x, 1, w, 3, 4, TLM_PACK_F32, TLM_PACK_LINEAR, NULL, 0);
+        assert_memory_equal(y, want_f32, sizeof y);
+        /* accumulate adds to what y holds */
+        float y0[3] = {10.0f, 20.0f, 30.0f};
+        run_packed(ops[i], y, y0, x, 1, w, 3, 4, TLM_PACK_BF16, TLM_PACK_LINEAR, NULL, 1);
+        for (int n = 0; n < 3; n++) assert_true(y[n] == y0[n] + want_bf16[n]);
+    }
+}
+
+/* ---- fast against reference ----------------------------------------------- */
+
+typedef struct {
+    int M, N, K;
+} shape;
+
+static void check_against_ref(int dtype, int kind, int use_norm, int accumulate) {
+    const shape shapes[] = {{1, 768, 256}, {3, 40, 17}, {13, 64, 33}, {5, 90, 704}, {64, 200, 64}, {2, 2, 1}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        int M = shapes[si].M, N = shapes[si].N, K = shapes[si].K;
+        if (kind == TLM_PACK_SWIGLU && accumulate) continue; /* not defined */
+        int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+        float *w = malloc((size_t)N * K * sizeof *w), *x = malloc((size_t)M * K * sizeof *x);
+        float *nw = malloc((size_t)K * sizeof *nw), *y0 = malloc((size_t)M * nout * sizeof *y0);
+        float *yf = malloc((size_t)M * nout * sizeof *yf), *yr = malloc((size_t)M * nout * sizeof *yr);
+        float *y32 = malloc((size_t)M * nout * sizeof *y32);
+        uint64_t seed = 1000 * si + 10 * (uint64_t)dtype + 2 * (uint64_t)kind + (uint64_t)use_norm;
+        fill_normal(w, (size_t)N * K, seed, 1.0f / sqrtf((float)K));
+        fill_normal(x, (size_t)M * K, seed + 1, 3.0f);
+        fill_normal(nw, (size_t)K, seed + 2, 0.3f);
+        for (int k = 0; k < K; k++) nw[k] += 1.0f;
+        fill_normal(y0, (size_t)M * nout, seed + 3, 1.0f);
+        const float *norm = use_norm ? nw : NULL;
+        run_packed(g_fast, yf, y0, x, M, w, N, K, dtype, kind, norm, accumulate);
+        run_packed(g_ref, yr, y0, x, M, w, N, K, dtype, kind, norm, accumulate);
+        /* the same format on both sides: fp32 sums against double sums,
+         * plus (bf16) the odd input rounded the other way after a norm
+         * computed in float instead of double */
+        double e = err_vs_rms(yf, yr, (size_t)M * nout);
+        double tol = dtype == TLM_PACK_F32 ? 3e-5 : 2e-3;
+        if (!(e <= tol))
+            fail_msg("dtype %d kind %d norm %d acc %d M=%d N=%d K=%d: fast vs ref error %g > %g", dtype, kind,
+                     use_norm, accumulate, M, N, K, e, tol);
+        if (dtype == TLM_PACK_BF16) {
+            /* bf16 against exact fp32: each input carries a relative rounding
+             * error of at most 2^-9 (uniform, sd 2^-9/sqrt(3)), so a product
+             * is off by sd ~2^-9 sqrt(2/3) ~ 1.6e-3 and a sum of K random
+             * products by about that fraction of its rms. Bounds: 3e-3 for
+             * the rms error, 2e-2 (~12 sd) for the worst of up to 13k
+             * outputs; and not 0, or nothing was rounded. SWIGLU multiplies
+             * two such sums, whose errors add: twice the bounds. */
+            run_packed(g_ref, y32, y0, x, M, w, N, K, TLM_PACK_F32, kind, norm, accumulate);
+            double rms_e;
+            double e32 = err_vs_rms2(yf, y32, (size_t)M * nout, &rms_e);
+            size_t nres = (size_t)M * nout;
+            double f = kind == TLM_PACK_SWIGLU ? 2.0 : 1.0;
+            if (!(e32 <= 2e-2 * f && (nres < 256 || rms_e <= 3e-3 * f) && e32 > 0))
+                fail_msg("kind %d M=%d N=%d K=%d: bf16 vs fp32 error max %g rms %g", kind, M, N, K, e32, rms_e);
+        }
+        free(w);
+        free(x);
+        free(nw);
+        free(y0);
+        free(yf);
+        free(yr);
+        free(y32);
+    }
+}
+
+static void test_matmul_packed_f32_vs_ref(void **state) {
+    (void)state;
+    for (int kind = 0; kind < 2; kind++)
+        for (int norm = 0; norm < 2; norm++)
+            for (int acc = 0; acc < 2; acc++) check_against_ref(TLM_PACK_F32, kind, norm, acc);
+}
+
+static void test_matmul_packed_bf16_vs_ref(void **state) {
+    (void)state;
+    for (int kind = 0; kind < 2; kind++)
+        for (int norm = 0; norm < 2; norm++)
+            for (int acc = 0; acc < 2; acc++) check_against_ref(TLM_PACK_BF16, kind, norm, acc);
+}
+
+/* ---- a row depends on that row only ----------------------------------------- */
+
+static void test_rows_independent_of_batch_and_threads(void **state) {
+    (void)state;
+    enum { M = 29, N = 136, K = 80 };
+    float *w = malloc((size_t)N * K * sizeof *w), *x = malloc((size_t)M * K * sizeof *x), nw[K];
+    float *yb = malloc((size_t)M * N * sizeof *yb), *y1 = malloc((size_t)N * sizeof *y1);
+    float *yt = malloc((size_t)M * N * sizeof *yt), *y0 = malloc((size_t)M * N * sizeof *y0);
+    fill_normal(w, (size_t)N * K, 5, 0.1f);
+    fill_normal(x, (size_t)M * K, 6, 1.0f);
+    fill_normal(nw, K, 7, 1.0f);
+    fill_normal(y0, (size_t)M * N, 8, 1.0f);
+    for (int dtype = TLM_PACK_F32; dtype <= TLM_PACK_BF16; dtype++)
+        for (int kind = 0; kind < 2; kind++) {
+            int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N, acc = kind == TLM_PACK_LINEAR;
+            tlm_packed *p = g_fast->pack(g_fast, w, N, K, dtype, kind);
+            tlm_packed *p1 = g_fast1->pack(g_fast1, w, N, K, dtype, kind);
+            memcpy(yb, y0, (size_t)M * nout * sizeof *yb);
+            memcpy(yt, y0, (size_t)M * nout * sizeof *yt);
+            g_fast->matmul_packed(g_fast, yb, x, M, p, nw, 1e-5f, acc);
+            g_fast1->matmul_packed(g_fast1, yt, x, M, p1, nw, 1e-5f, acc);
+            assert_memory_equal(yb, yt, (size_t)M * nout * sizeof *yb);
+            for (int m = 0; m < M; m++) {
+                memcpy(y1, y0 + (size_t)m * nout, (size_t)nout * sizeof *y1);
+                g_fast->matmul_packed(g_fast, y1, x + (size_t)m * K, 1, p, nw, 1e-5f, acc);
+                if (memcmp(y1, yb + (size_t)m * nout, (size_t)nout * sizeof *y1) != 0)
+                    fail_msg("dtype %d kind %d: row %d alone differs from the same row in a batch of %d", dtype,
+                             kind, m, M);
+            }
+            g_fast->pack_free(g_fast, p);
+            g_fast1->pack_free(g_fast1, p1);
+        }
+    free(w);
+    free(x);
+    free(yb);
+    free(y1);
+    free(yt);
+    free(y0);
+}
+
+/* ---- attn_decode ------------------------------------------------------------- */
+
+/* IEEE half -> double, from the definition (independent of both backends). */
+static double half_value(uint16_t h) {
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v = e == 0 ? ldexp((double)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1.0 + m / 1024.0, e - 15);
+    return (h & 0x8000) ? -v : v;
+}
+
+/* Cache element i as a double. */
+static double cache_at(const void *c, size_t i, int kvt) {
+    return kvt == TLM_KV_F16 ? half_value(((const uint16_t *)c)[i]) : ((const float *)c)[i];
+}
+
+/* |stored - x| within half an ulp of fp16 (2^-11 relative, 2^-25 absolute
+ * for subnormals), or saturated to 65504. */
+static int half_ok(double stored, float x) {
+    if (fabs(x) >= 65504.0) return fabs(stored) == 65504.0 && (stored > 0) == (x > 0);
+    return fabs(stored - x) <= ldexp(fabs(x), -11) + ldexp(1.0, -25);
+}
+
+typedef struct {
+    float *qkv, *out;
+    void *kc, *vc;
+} attn_bufs;
+
+/* Run a prompt of pos0 positions (filling the caches), then T more at pos0,
+ * through o; returns the buffers of the second call. */
+static attn_bufs run_attn(tlm_ops *o, int kvt, int B, int T, int H, int hd, int pos0, int Tmax, uint64_t seed,
+                          int edges) {
+    const int D = H * hd;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4, nc = (size_t)B * Tmax * D;
+    attn_bufs r;
+    r.kc = calloc(nc, es);
+    r.vc = calloc(nc, es);
+    if (pos0 > 0) {
+        float *q0 = malloc((size_t)B * pos0 * 3 * D * sizeof *q0), *o0 = malloc((size_t)B * pos0 * D * sizeof *o0);
+        fill_normal(q0, (size_t)B * pos0 * 3 * D, seed, 1.5f);
+        o->attn_decode(o, o0, q0, r.kc, r.vc, kvt, B, pos0, Tmax, H, hd, 0, 10000.0f);
+        free(q0);
+        free(o0);
+    }
+    r.qkv = malloc((size_t)B * T * 3 * D * sizeof *r.qkv);
+    r.out = malloc((size_t)B * T * D * sizeof *r.out);
+    fill_normal(r.qkv, (size_t)B * T * 3 * D, seed + 1, 1.5f);
+    /* v of the first new row: values that exercise the fp16 edges
+     * (saturation, subnormals, a tie) */
+    float *v0 = r.qkv + 2 * D;
+    const float edge[6] = {70000.0f, -65519.0f, 3e-6f, -1e-7f, 1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f};
+    for (int i = 0; i < 6 && i < D && edges; i++) v0[i] = edge[i];
+    o->attn_decode(o, r.out, r.qkv, r.kc, r.vc, kvt, B, T, Tmax, H, hd, pos0, 10000.0f);
+    return r;
+}
+
+static void free_bufs(attn_bufs *r) {
+    free(r->qkv);
+    free(r->out);
+    free(r->kc);
+    free(r->vc);
+}
+
+/* attn_decode on o against the reference backend's (rope_fwd, then plain
+ * loops over the head-major caches). */
+static void check_attn_decode(tlm_ops *o, int kvt, int B, int T, int H, int hd, int pos0, uint64_t seed) {
+    const int D = H * hd, Tmax = pos0 + T + 3;
+    const size_t nq = (size_t)B * T * 3 * D, nc = (size_t)B * Tmax * D, no = (size_t)B * T * D;
+    attn_bufs f = run_attn(o, kvt, B, T, H, hd, pos0, Tmax, seed, 1);
+    attn_bufs r = run_attn(g_ref, kvt, B, T, H, hd, pos0, Tmax, seed, 1);
+    /* floors of 0.1: the data are of order 1, so values near 0 compare
+     * absolutely. fp32 sums over up to 300 keys in another order and exp by
+     * a polynomial: a few 1e-6. */
+    double eo = test_max_rel_err(f.out, r.out, no, 0.1), eq = test_max_rel_err(f.qkv, r.qkv, nq, 0.1);
+    double ek = 0;
+    int v_same = 1;
+    for (size_t i = 0; i < nc; i++) {
+        double a = cache_at(f.kc, i, kvt), b = cache_at(r.kc, i, kvt);
+        double e = fabs(a - b) / fmax(fabs(b), 0.1);
+        ek = e > ek ? e : ek;
+        v_same &= cache_at(f.vc, i, kvt) == cache_at(r.vc, i, kvt);
+    }
+    /* k is rotated on both sides (float vs double angles): fp16 may round
+     * a hair apart, by one half ulp (2^-11) */
+    double tk = kvt == TLM_KV_F16 ? 1e-3 : 1e-5;
+    if (!(eo < 1e-4 && eq < 1e-5 && ek < tk && v_same))
+        fail_msg("%s kv %d B=%d T=%d H=%d hd=%d pos0=%d: errors out %g qkv %g k %g, v identical %d", o->name, kvt, B,
+                 T, H, hd, pos0, eo, eq, ek, v_same);
+    /* the new rows are stored exactly (fp32) or rounded to nearest (fp16) */
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int d = 0; d < D; d++) {
+                const float *row = f.qkv + ((size_t)b * T + t) * 3 * D;
+                /* head-major [B,H,Tmax,hd] */
+                size_t at = (((size_t)b * H + (size_t)(d / hd)) * Tmax + (size_t)(pos0 + t)) * hd + (size_t)(d % hd);
+                double sk = cache_at(f.kc, at, kvt), sv = cache_at(f.vc, at, kvt);
+                int ok = kvt == TLM_KV_F16 ? half_ok(sk, row[D + d]) && half_ok(sv, row[2 * D + d])
+                                           : sk == row[D + d] && sv == row[2 * D + d];
+                if (!ok)
+                    fail_msg("%s kv %d: cache at b=%d t=%d d=%d holds %g, %g for %g, %g", o->name, kvt, b, t, d, sk,
+                             sv, row[D + d], row[2 * D + d]);
+            }
+    if (kvt == TLM_KV_F16) {
+        /* fp16 caches against exact fp32 attention: k carries 2^-11
+         * relative rounding, so a score q.k/sqrt(hd) moves by up to
+         * |q||k| 2^-11 / sqrt(hd) ~ 6e-3 here (|q|, |k| ~ 1.5 sqrt(32)), and
+         * the probabilities and the output by about that fraction */
+        attn_bufs h = run_attn(o, kvt, B, T, H, hd, pos0, Tmax, seed, 0);
+        attn_bufs x = run_attn(g_ref, TLM_KV_F32, B, T, H, hd, pos0, Tmax, seed, 0);
+        double rms_e, e32 = err_vs_rms2(h.out, x.out, no, &rms_e);
+        free_bufs(&h);
+        /* relative to the outputs' rms: worst 2e-2, typical 3e-3 */
+        if (!(e32 < 2e-2 && rms_e < 3e-3 && e32 > 0))
+            fail_msg("kv fp16 B=%d T=%d pos0=%d: output differs from fp32 caches by max %g rms %g", B, T, pos0, e32,
+                     rms_e);
+        free_bufs(&x);
+    }
+    free_bufs(&f);
+    free_bufs(&r);
+}
+
+/* attn_decode with fp32 caches is rope_fwd + kv_store + attn_cached (of the
+ * reference backend), up to the caches' layout: a prompt of pos0 positions,
+ * then T more, through both; outputs, rotated qkv and caches compared. */
+static void check_fused_equals_ops(tlm_ops *o, int B, int T, int H, int hd, int pos0) {
+    const int D = H * hd, Tmax = pos0 + T + 2;
+    const size_t nc = (size_t)B * Tmax * D;
+    float *kh = calloc(nc, sizeof *kh), *vh = calloc(nc, sizeof *vh), *kr = calloc(nc, sizeof *kr),
+          *vr = calloc(nc, sizeof *vr);
+    const int steps[2][2] = {{0, pos0}, {pos0, T}}; /* (start, count) */
+    for (int s = 0; s < 2; s++) {
+        int p0 = steps[s][0], n = steps[s][1];
+        if (n == 0) continue;
+        size_t nq = (size_t)B * n * 3 * D, no = (size_t)B * n * D;
+        float *q1 = malloc(nq * sizeof *q1), *q2 = malloc(nq * sizeof *q2);
+        float *o1 = malloc(no * sizeof *o1), *o2 = malloc(no * sizeof *o2);
+        fill_normal(q1, nq, 40 + (uint64_t)s, 1.0f);
+        memcpy(q2, q1, nq * sizeof *q1);
+        o->attn_decode(o, o1, q1, kh, vh, TLM_KV_F32, B, n, Tmax, H, hd, p0, 10000.0f);
+        g_ref->rope_fwd(g_ref, q2, B, n, H, hd, p0, 10000.0f);
+        g_ref->kv_store(g_ref, kr, vr, q2, B, n, Tmax, D, p0);
+        g_ref->attn_cached(g_ref, o2, q2, kr, vr, B, n, Tmax, H, hd, p0);
+        double eo = test_max_rel_err(o1, o2, no, 0.1), eq = test_max_rel_err(q1, q2, nq, 0.1);
+        if (!(eo < 1e-4 && eq < 1e-5))
+            fail_msg("%s B=%d T=%d pos0=%d: fused vs ops: out %g qkv %g", o->name, B, n, p0, eo, eq);
+        free(q1);
+        free(q2);
+        free(o1);
+        free(o2);
+    }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < pos0 + T; t++)
+            for (int d = 0; d < D; d++) {
+                size_t hm = (((size_t)b * H + (size_t)(d / hd)) * Tmax + (size_t)t) * hd + (size_t)(d % hd);
+                size_t rm = ((size_t)b * Tmax + (size_t)t) * D + (size_t)d;
+                if (!(fabsf(kh[hm] - kr[rm]) <= 1e-5f * (1.0f + fabsf(kr[rm])) && vh[hm] == vr[rm]))
+                    fail_msg("%s: cache b=%d t=%d d=%d: %g, %g vs %g, %g", o->name, b, t, d, kh[hm], vh[hm], kr[rm],
+                             vr[rm]);
+            }
+    free(kh);
+    free(vh);
+    free(kr);
+    free(vr);
+}
+
+static void test_attn_decode_is_the_ops_it_fuses(void **state) {
+    (void)state;
+    tlm_ops *ops[2] = {g_fast, g_ref};
+    for (int i = 0; i < 2; i++) {
+        check_fused_equals_ops(ops[i], 2, 1, 4, 32, 30);
+        check_fused_equals_ops(ops[i], 1, 9, 2, 24, 4);
+    }
+}
+
+static void test_attn_decode_vs_reference(void **state) {
+    (void)state;
+    tlm_ops *ops[3] = {g_fast, g_fast1, g_ref};
+    for (int kvt = TLM_KV_F32; kvt <= TLM_KV_F16; kvt++)
+        for (int i = 0; i < 3; i++) {
+            check_attn_decode(ops[i], kvt, 1, 1, 8, 32, 0, 11);   /* the first token */
+            check_attn_decode(ops[i], kvt, 1, 1, 8, 32, 200, 12); /* one step late in the context */
+            check_attn_decode(ops[i], kvt, 3, 1, 4, 32, 37, 13);  /* a batch of streams */
+            check_attn_decode(ops[i], kvt, 1, 19, 4, 32, 5, 14);  /* a prompt chunk after 5 positions */
+            check_attn_decode(ops[i], kvt, 2, 7, 3, 24, 9, 15);   /* a head size without a SIMD kernel */
+            check_attn_decode(ops[i], kvt, 2, 3, 2, 64, 17, 16);
+        }
+    /* more positions than the per-thread RoPE table holds */
+    check_attn_decode(g_fast, TLM_KV_F16, 1, 300, 2, 32, 0, 17);
+}
+
+static void test_attn_decode_rows_independent_of_batch(void **state) {
+    (void)state;
+    enum { B = 5, T = 2, H = 4, hd = 32, D = H * hd, P0 = 40, TM = 48 };
+    for (int kvt = TLM_KV_F32; kvt <= TLM_KV_F16; kvt++) {
+        const size_t es = kvt == TLM_KV_F16 ? 2 : 4;
+        size_t nq = (size_t)B * T * 3 * D, nc = (size_t)B * TM * D;
+        float *qkv = malloc(nq * sizeof *qkv), *q1 = malloc(nq * sizeof *q1);
+        char *kc = calloc(nc, es), *vc = calloc(nc, es), *k1 = calloc(nc, es), *v1 = calloc(nc, es);
+        float *out = malloc((size_t)B * T * D * sizeof *out), *o1 = malloc((size_t)T * D * sizeof *o1);
+        fill_normal(qkv, nq, 21, 1.0f);
+        /* caches: the same random history for every sequence position */
+        float *hist = malloc(nc * sizeof *hist);
+        fill_normal(hist, nc, 22, 1.0f);
+        for (size_t i = 0; i < nc; i++) {
+            if (kvt == TLM_KV_F16) {
+                ((uint16_t *)kc)[i] = (uint16_t)(0x3000 + (i * 7919) % 0x0c00); /* halves in [0.125, 1) */
+                ((uint16_t *)vc)[i] = (uint16_t)(0xb000 + (i * 104729) % 0x0c00);
+            } else {
+                ((float *)kc)[i] = hist[i];
+                ((float *)vc)[i] = -hist[nc - 1 - i];
+            }
+        }
+        memcpy(q1, qkv, nq * sizeof *q1);
+        memcpy(k1, kc, nc * es);
+        memcpy(v1, vc, nc * es);
+        g_fast->attn_decode(g_fast, out, qkv, kc, vc, kvt, B, T, TM, H, hd, P0, 10000.0f);
+        for (int b = 0; b < B; b++) {
+            size_t sq = (size_t)b * T * 3 * D, sc = (size_t)b * TM * D * es;
+            g_fast1->attn_decode(g_fast1, o1, q1 + sq, k1 + sc, v1 + sc, kvt, 1, T, TM, H, hd, P0, 10000.0f);
+            assert_memory_equal(o1, out + (size_t)b * T * D, (size_t)T * D * sizeof *o1);
+            assert_memory_equal(k1 + sc, kc + sc, (size_t)TM * D * es);
+        }
+        free(qkv);
+        free(q1);
+        free(kc);
+        free(vc);
+        free(k1);
+        free(v1);
+        free(out);
+        free(o1);
+        free(hist);
+    }
+}
+
+static void test_pack_rejects_bad_shapes(void **state) {
+    (void)state;
+    float w[6] = {0};
+    tlm_ops *ops[2] = {g_fast, g_ref};
+    for (int i = 0; i < 2; i++) {
+        assert_null(ops[i]->pack(ops[i], w, 3, 2, TLM_PACK_BF16, TLM_PACK_SWIGLU)); /* odd gate|up rows */
+        assert_non_null(strstr(tlm_last_error(), "3 x 2"));
+        assert_null(ops[i]->pack(ops[i], w, 2, 3, 7, TLM_PACK_LINEAR));
+        assert_null(ops[i]->pack(ops[i], w, 0, 3, TLM_PACK_F32, TLM_PACK_LINEAR));
+    }
+}
+
+int main(void) {
+    g_fast = ops_create("cpu", 2, NULL, 0);
+    g_fast1 = ops_create("cpu", 1, NULL, 0);
+    g_ref = ops_create("cpu-ref", 1, NULL, 0);
+    if (!g_fast || !g_fast1 || !g_ref || !g_fast->pack || !g_ref->pack) {
+        fprintf(stderr, "cannot create cpu ops with the generation block: %s\n", tlm_last_error());
+        return 1;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bf16_rounding_by_hand),
+        cmocka_unit_test(test_matmul_packed_f32_vs_ref),
+        cmocka_unit_test(test_matmul_packed_bf16_vs_ref),
+        cmocka_unit_test(test_rows_independent_of_batch_and_threads),
+        cmocka_unit_test(test_attn_decode_is_the_ops_it_fuses),
+        cmocka_unit_test(test_attn_decode_vs_reference),
+        cmocka_unit_test(test_attn_decode_rows_independent_of_batch),
+        cmocka_unit_test(test_pack_rejects_bad_shapes),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    ops_destroy(g_fast);
+    ops_destroy(g_fast1);
+    ops_destroy(g_ref);
+    return rc;
+}
