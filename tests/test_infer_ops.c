@@ -427,6 +427,22 @@ static void test_attn_decode_rows_independent_of_batch(void **state) {
     }
 }
 
+static void test_embed_rows_equals_embed_fwd(void **state) {
+    (void)state;
+    enum { V = 50, D = 24, N = 7 };
+    float wte[V * D], a[N * D], b[N * D];
+    const int32_t tok[N] = {3, 0, 49, 3, 17, 8, 22};
+    fill_normal(wte, V * D, 31, 1.0f);
+    tlm_ops *ops[2] = {g_fast, g_ref};
+    for (int i = 0; i < 2; i++) {
+        assert_non_null(ops[i]->embed_rows);
+        ops[i]->embed_rows(ops[i], a, tok, wte, N, D);
+        ops[i]->embed_fwd(ops[i], b, tok, wte, N, D);
+        assert_memory_equal(a, b, sizeof a);
+        assert_memory_equal(a + 2 * D, wte + 49 * D, D * sizeof(float));
+    }
+}
+
 static void test_pack_rejects_bad_shapes(void **state) {
     (void)state;
     float w[6] = {0};
@@ -455,6 +471,7 @@ int main(void) {
         cmocka_unit_test(test_attn_decode_is_the_ops_it_fuses),
         cmocka_unit_test(test_attn_decode_vs_reference),
         cmocka_unit_test(test_attn_decode_rows_independent_of_batch),
+        cmocka_unit_test(test_embed_rows_equals_embed_fwd),
         cmocka_unit_test(test_pack_rejects_bad_shapes),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -199,8 +199,12 @@ int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scr
     const int N = B * T, D = c->dim, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
     const int kvt = model_infer_kv_dtype(w);
-    o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
-    o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
+    if (o->embed_rows) {
+        o->embed_rows(o, s->x, tokens, m->wte, N, D);
+    } else {
+        o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
+        o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
+    }
     for (int l = 0; l < L; l++) {
         const tlm_layer_params *p = &m->layer[l];
         o->matmul_packed(o, s->qkv, s->x, N, w->wqkv[l], p->attn_norm, eps, 0);

@@ -180,6 +180,11 @@ struct tlm_ops {
      * bytes; sums are fp32 either way. */
     void (*attn_decode)(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T, int Tmax,
                         int H, int hd, int pos0, float theta);
+    /* OPTIONAL (NULL: the model uses embed_fwd): out[N,D] = wte[tok[n], :]
+     * with tok on the HOST. A step embeds only B rows: the CPU copies them
+     * on the calling thread (embed_fwd may start a parallel region, whose
+     * spinning threads then compete with the generation ops' own). */
+    void (*embed_rows)(tlm_ops *o, float *out, const int32_t *tok_host, const float *wte, int N, int D);
     /* ==== end of the generation block ==================================== */
 
     void (*destroy)(tlm_ops *o);

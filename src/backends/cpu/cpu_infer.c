@@ -67,7 +67,6 @@ struct tlm_packed {
     void *data;
 };
 
-
 /* ---- the thread team ------------------------------------------------------------ *
  * At one token every op is a few microseconds of work, and on a shared
  * machine an OpenMP fork/join per op is worse than slow: with a static split
@@ -78,10 +77,16 @@ struct tlm_packed {
  * degrades to one-thread speed instead of stalling. Helpers spin briefly
  * between ops (the next op comes within microseconds) and then sleep.
  *
+ * One case remains: a helper that is preempted while it holds a chunk makes
+ * the caller wait for it. When a wait exceeds CI_STALL_S the machine is
+ * taken to be busy and the ops run alone for CI_SOLO_S before trying again.
+ *
  * Chunks write disjoint outputs and compute each output exactly as one
  * thread would, so results never depend on who ran what. */
 
 #define CI_MAX_HELPERS 63
+#define CI_STALL_S 50e-6 /* a wait this long means a helper was preempted */
+#define CI_SOLO_S 0.1     /* ... then run alone this long */
 #define CI_SPIN_LIMIT 100000 /* waiting rounds before a helper sleeps (~1 ms) */
 
 typedef void (*ci_chunk_fn)(void *arg, int chunk);
@@ -98,6 +103,7 @@ typedef struct {
     _Atomic(ci_chunk_fn) fn;
     _Atomic(void *) arg;
     atomic_int nchunks, nhelp;           /* the job's chunks; helpers 0..nhelp-1 take part */
+    double solo_until;                   /* tlm_now() before which ops run alone (owner only) */
 } ci_team;
 
 static ci_team ci_the_team = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -176,6 +182,11 @@ static void ci_run(int threads, int nchunks, ci_chunk_fn fn, void *arg) {
         for (int c = 0; c < nchunks; c++) fn(arg, c);
         return;
     }
+    if (tm->solo_until > 0 && tlm_now() < tm->solo_until) {
+        atomic_store_explicit(&tm->busy, 0, memory_order_release);
+        for (int c = 0; c < nchunks; c++) fn(arg, c);
+        return;
+    }
     int want = threads - 1 > CI_MAX_HELPERS ? CI_MAX_HELPERS : threads - 1;
     while (tm->nhelpers < want) {
         pthread_t t;
@@ -202,7 +213,13 @@ static void ci_run(int threads, int nchunks, ci_chunk_fn fn, void *arg) {
         pthread_mutex_unlock(&tm->mu);
     }
     ci_team_work(tm, g);
-    for (int round = 0; atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks; round++) ci_pause(round);
+    if (atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks) {
+        /* a helper still holds a chunk */
+        double t0 = tlm_now();
+        for (int round = 0; atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks; round++) ci_pause(round);
+        double t1 = tlm_now();
+        if (t1 - t0 > CI_STALL_S) tm->solo_until = t1 + CI_SOLO_S;
+    }
     atomic_store_explicit(&tm->busy, 0, memory_order_release);
 }
 
@@ -1033,6 +1050,11 @@ static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *v
     free(heap);
 }
 
+static void ci_embed_rows(tlm_ops *o, float *out, const int32_t *tok, const float *wte, int N, int D) {
+    (void)o;
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, wte + (size_t)tok[n] * D, sizeof(float) * (size_t)D);
+}
+
 void cpu_infer_install(tlm_ops *o) {
 #if defined(CI_AVX512BF16) || defined(CI_NEON_BF16) || defined(__AVX2__) || defined(CI_AVX512)
     /* bf16 dot products, or a cheap bf16 -> fp32 widening: half the bytes
@@ -1045,4 +1067,5 @@ void cpu_infer_install(tlm_ops *o) {
     o->pack_free = ci_pack_free;
     o->matmul_packed = ci_matmul_packed;
     o->attn_decode = ci_attn_decode;
+    o->embed_rows = ci_embed_rows;
 }

@@ -188,10 +188,17 @@ static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *
     free(s);
 }
 
+static void ref_embed_rows(tlm_ops *o, float *out, const int32_t *tok, const float *wte, int N, int D) {
+    (void)o;
+    for (int n = 0; n < N; n++)
+        for (int d = 0; d < D; d++) out[(size_t)n * D + d] = wte[(size_t)tok[n] * D + d];
+}
+
 void cpu_infer_ref_install(tlm_ops *o) {
     o->pack_dtype_fast = TLM_PACK_F32;
     o->pack = ref_pack;
     o->pack_free = ref_pack_free;
     o->matmul_packed = ref_matmul_packed;
     o->attn_decode = ref_attn_decode;
+    o->embed_rows = ref_embed_rows;
 }

@@ -31,7 +31,7 @@
 #define ATT_LDT 112 /* row stride of the transposed blocks (>= ATT_BQ, whole vectors) */
 
 typedef struct {
-    int T14, T32, ldS;
+    int T32, ldS;
     float *S, *dP, *Pt, *Qp, *Op, *Kt, *Vt, *Di;
 } att_ws;
 
@@ -39,7 +39,6 @@ static int att_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* Carve one thread's workspace; the sizes here define cpu_attn_ws_floats. */
 static size_t att_layout(att_ws *w, float *base, int T, int hd) {
-    w->T14 = att_up(T, 14);
     w->T32 = att_up(T, 32);
     /* + 32: kernels reading P or dS as A touch up to 13 columns past the
      * last key, into zeros that are never stored */
@@ -53,8 +52,8 @@ static size_t att_layout(att_ws *w, float *base, int T, int hd) {
     ATT_TAKE(w->S, (size_t)ATT_BQ * w->ldS);
     ATT_TAKE(w->dP, (size_t)ATT_BQ * w->ldS);
     ATT_TAKE(w->Pt, (size_t)w->T32 * ATT_LDT);
-    ATT_TAKE(w->Qp, (size_t)w->T14 * hd);
-    ATT_TAKE(w->Op, (size_t)w->T14 * hd);
+    ATT_TAKE(w->Qp, (size_t)14 * hd); /* tail panels */
+    ATT_TAKE(w->Op, (size_t)14 * hd);
     ATT_TAKE(w->Kt, (size_t)hd * w->T32);
     ATT_TAKE(w->Vt, (size_t)hd * w->T32);
     ATT_TAKE(w->Di, (size_t)w->T32);
@@ -67,25 +66,41 @@ size_t cpu_attn_ws_floats(int T, int hd) {
     return att_layout(&w, NULL, T, hd);
 }
 
-/* x rows [T, hd] at row stride rs into 14-row panels dst[p][d][r] */
-static void att_pack_panels(const float *x, ptrdiff_t rs, int T, int hd, float *dst) {
-    for (int p = 0; p * 14 < T; p++) {
-        int rows = T - p * 14 < 14 ? T - p * 14 : 14;
-        cpu_transpose(x + (ptrdiff_t)p * 14 * rs, rs, rows, hd, dst + (ptrdiff_t)p * hd * 14, 14, 14);
-    }
+/* Rows of q, k or dout are read in place by the kernel 14 at a time; the
+ * last rows (T not a multiple of 14) go through a zero-padded panel
+ * [hd][14], since the kernel reads 14 rows. */
+typedef struct {
+    const float *x;    /* rows [T, hd] */
+    ptrdiff_t rs;      /* their stride */
+    int t0;            /* T rounded down to a multiple of 14 */
+    const float *tail; /* rows t0 .. T - 1, padded */
+} att_rows;
+
+static att_rows att_rows_make(const float *x, ptrdiff_t rs, int T, int hd, float *tailbuf) {
+    att_rows r = {x, rs, T / 14 * 14, tailbuf};
+    if (r.t0 < T) cpu_transpose(x + (ptrdiff_t)r.t0 * rs, rs, T - r.t0, hd, tailbuf, 14, 14);
+    return r;
+}
+
+/* C rows 0..rows-1 (rows <= 14) = alpha x_{R+r} . b_j for the 32 (or cols)
+ * columns of b, transposed [hd][ldb]; R a multiple of 14. */
+static inline void att_rows_kernel(const att_rows *a, int R, int rows, int hd, const float *b, ptrdiff_t ldb,
+                                   float *C, ptrdiff_t ldc, int cols, float alpha) {
+    if (R < a->t0) /* 14 real rows to read, whatever `rows` stores */
+        cpu_kern_14x32_rows(hd, a->x + (ptrdiff_t)R * a->rs, a->rs, b, ldb, C, ldc, rows, cols, alpha, 0.0f);
+    else
+        cpu_kern_14x32(hd, a->tail, 1, 14, b, ldb, C, ldc, rows, cols, alpha, 0.0f);
 }
 
 /* S[i - i0][j] = alpha * a_i . b_j for rows i0..i1-1, keys j < i + 1 (at
- * least; whole 32-column panels): a in panels (Qp or Op), b transposed [hd][T32]. */
-static void att_scores(const att_ws *w, const float *ap, const float *bt, int hd, int i0, int i1, float alpha,
+ * least; whole 32-column panels): a rows of q or dout, b transposed [hd][T32]. */
+static void att_scores(const att_ws *w, const att_rows *a, const float *bt, int hd, int i0, int i1, float alpha,
                        float *S) {
     for (int r0 = 0; r0 < i1 - i0; r0 += 14) {
         int rows = i1 - i0 - r0 < 14 ? i1 - i0 - r0 : 14;
         int jend = att_up(i0 + r0 + rows, 32);
-        const float *a = ap + (ptrdiff_t)((i0 + r0) / 14) * hd * 14;
         for (int j0 = 0; j0 < jend; j0 += 32)
-            cpu_kern_14x32(hd, a, 1, 14, bt + j0, w->T32, S + (ptrdiff_t)r0 * w->ldS + j0, w->ldS, rows, 32, alpha,
-                           0.0f);
+            att_rows_kernel(a, i0 + r0, rows, hd, bt + j0, w->T32, S + (ptrdiff_t)r0 * w->ldS + j0, w->ldS, 32, alpha);
     }
 }
 
@@ -143,16 +158,15 @@ __attribute__((noinline)) static void att_grad_row(float *p, float *ds, int n, i
 
 /* Scores transposed, St[j][i - i0] = alpha * k_j . q_i for the queries
  * i0..i1-1 of a block and keys j < i1 (at least those with j <= i), from
- * k in panels (Kp) and q transposed [hd][T32] (Qt). */
-static void att_scores_t(const att_ws *w, const float *kp, const float *qt, int hd, int i0, int i1, float alpha,
+ * k rows and q transposed [hd][T32] (Qt). */
+static void att_scores_t(const att_ws *w, const att_rows *k, const float *qt, int hd, int i0, int i1, float alpha,
                          float *St) {
     for (int c0 = 0; c0 < i1 - i0; c0 += 32) {
         int cols = i1 - i0 - c0 < 32 ? i1 - i0 - c0 : 32;
         int jend = i0 + c0 + cols; /* keys past the last query of the panel are masked */
         for (int j0 = 0; j0 < jend; j0 += 14)
-            cpu_kern_14x32(hd, kp + (ptrdiff_t)(j0 / 14) * hd * 14, 1, 14, qt + i0 + c0, w->T32,
-                           St + (ptrdiff_t)j0 * ATT_LDT + c0, ATT_LDT, jend - j0 < 14 ? jend - j0 : 14, cols, alpha,
-                           0.0f);
+            att_rows_kernel(k, j0, jend - j0 < 14 ? jend - j0 : 14, hd, qt + i0 + c0, w->T32,
+                            St + (ptrdiff_t)j0 * ATT_LDT + c0, ATT_LDT, cols, alpha);
     }
 }
 
@@ -209,11 +223,11 @@ static void att_fwd_head(const att_ws *w, float *out, ptrdiff_t os, float *lse, 
                          int T, int D, int hd) {
     const float *k = q + D, *v = q + 2 * D;
     const float scale = 1.0f / sqrtf((float)hd);
-    att_pack_panels(k, rs, T, hd, w->Qp);                  /* Kp */
+    const att_rows kr = att_rows_make(k, rs, T, hd, w->Qp);
     cpu_transpose(q, rs, T, hd, w->Kt, w->T32, w->T32); /* Qt */
     for (int i0 = 0; i0 < T; i0 += ATT_BQ) {
         int i1 = T - i0 < ATT_BQ ? T : i0 + ATT_BQ;
-        att_scores_t(w, w->Qp, w->Kt, hd, i0, i1, scale, w->Pt);
+        att_scores_t(w, &kr, w->Kt, hd, i0, i1, scale, w->Pt);
         att_softmax_cols(w->Pt, i0, i1, w->Di, lse + i0);
         att_reduce_keys(w->Pt, v, rs, hd, i0, i1, out + (ptrdiff_t)i0 * os, os, w->Di);
     }
@@ -224,8 +238,7 @@ static void att_bwd_head(const att_ws *w, float *dq, const float *go, const floa
     const float *k = q + D, *v = q + 2 * D;
     float *dk = dq + D, *dv = dq + 2 * D;
     const float scale = 1.0f / sqrtf((float)hd);
-    att_pack_panels(q, rs, T, hd, w->Qp);
-    att_pack_panels(go, os, T, hd, w->Op);
+    const att_rows qr = att_rows_make(q, rs, T, hd, w->Qp), gr = att_rows_make(go, os, T, hd, w->Op);
     cpu_transpose(k, rs, T, hd, w->Kt, w->T32, w->T32);
     cpu_transpose(v, rs, T, hd, w->Vt, w->T32, w->T32);
     for (int i = 0; i < T; i++) {
@@ -239,8 +252,8 @@ static void att_bwd_head(const att_ws *w, float *dq, const float *go, const floa
     }
     for (int i0 = 0; i0 < T; i0 += ATT_BQ) {
         int i1 = T - i0 < ATT_BQ ? T : i0 + ATT_BQ;
-        att_scores(w, w->Qp, w->Kt, hd, i0, i1, scale, w->S);
-        att_scores(w, w->Op, w->Vt, hd, i0, i1, 1.0f, w->dP);
+        att_scores(w, &qr, w->Kt, hd, i0, i1, scale, w->S);
+        att_scores(w, &gr, w->Vt, hd, i0, i1, 1.0f, w->dP);
         for (int i = i0; i < i1; i++)
             att_grad_row(w->S + (ptrdiff_t)(i - i0) * w->ldS, w->dP + (ptrdiff_t)(i - i0) * w->ldS, i + 1,
                          att_up(i1, 32), lse[i], w->Di[i], scale);

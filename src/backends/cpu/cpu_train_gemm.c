@@ -1,13 +1,13 @@
 /*
- * fp32 matrix product on the AVX-512 micro-kernel of cpu_train.h, in the
- * classic packed layout: for each block of K (kc deep) and of N (nc wide),
- * op(B) is copied into 32-column panels [kc][32] that stay in L2, and each
- * group of 14 rows of op(A) into a panel [kc][14] that stays in L1 while
- * the kernel sweeps the B panels. Packing turns every transpose case into
- * the same unit-stride kernel loop; the transposes themselves go through
- * 16 x 16 register transposes (cpu_transpose). (Measured and dropped:
- * software prefetch of the next panels, and reading B unpacked when it is
- * not transposed; the hardware prefetchers already stream the operands.)
+ * fp32 matrix product on the AVX-512 micro-kernels of cpu_train.h, in the
+ * classic blocked layout: for each block of K (kc deep) and of N (nc wide),
+ * op(B) is packed into 32-column panels [kc][32] that stay in L2; each
+ * group of 14 rows of op(A) (kc deep, so it stays in L1) is then swept
+ * against all the B panels. A is read in place (both of its layouts have a
+ * kernel addressing), so only B is packed, with 16 x 16 register transposes
+ * (cpu_transpose) when it is [N,K]. (Measured and dropped: packing A too,
+ * software prefetch of the next panels, and reading B unpacked; the
+ * hardware prefetchers already stream the operands.)
  *
  * Threads split the larger of M and N (never K), so each element of C is
  * summed by one thread in one fixed order whatever the thread count.
@@ -76,7 +76,8 @@ void cpu_transpose(const float *src, ptrdiff_t lds, int nrows, int ncols, float 
 }
 
 /* Rows ic..ic+rows of op(A), columns pc..pc+kc, into ap[k*14 + r] (rows
- * padded with zeros to 14). */
+ * padded with zeros to 14): the last row panel, when M is not a multiple
+ * of 14. */
 static void gemm_pack_a(int transA, const float *A, int lda, int ic, int rows, int pc, int kc, float *ap) {
     if (transA) { /* op(A)[r][k] = A[k][r]: 14 contiguous floats per k */
         const __mmask16 m = (__mmask16)((1u << rows) - 1u);
@@ -125,26 +126,43 @@ static void gemm_serial(float *bp, float *ap, int transA, int transB, int M, int
             for (int q = 0; q < npan; q++) gemm_pack_b(transB, B, ldb, jc, ncur, pc, kcur, q, bp);
             for (int ic = 0; ic < M; ic += GEMM_MR) {
                 const int rows = M - ic < GEMM_MR ? M - ic : GEMM_MR;
-                gemm_pack_a(transA, A, lda, ic, rows, pc, kcur, ap);
+                /* whole panels read A in place; the last, short one from a
+                 * zero-padded copy (the kernel reads all 14 rows) */
+                if (rows < GEMM_MR) gemm_pack_a(transA, A, lda, ic, rows, pc, kcur, ap);
                 float *crow = C + (ptrdiff_t)ic * ldc + jc;
                 for (int q = 0; q < npan; q++) {
                     const int cols = ncur - q * GEMM_NR < GEMM_NR ? ncur - q * GEMM_NR : GEMM_NR;
-                    cpu_kern_14x32(kcur, ap, 1, GEMM_MR, bp + (ptrdiff_t)q * kcur * GEMM_NR, GEMM_NR,
-                                   crow + q * GEMM_NR, ldc, rows, cols, alpha, b_eff);
+                    const float *b = bp + (ptrdiff_t)q * kcur * GEMM_NR;
+                    float *c = crow + q * GEMM_NR;
+                    if (rows < GEMM_MR)
+                        cpu_kern_14x32(kcur, ap, 1, GEMM_MR, b, GEMM_NR, c, ldc, rows, cols, alpha, b_eff);
+                    else if (transA) /* op(A)[r][k] = A[k][r]: 14 contiguous floats per k */
+                        cpu_kern_14x32(kcur, A + (ptrdiff_t)pc * lda + ic, 1, lda, b, GEMM_NR, c, ldc, rows, cols,
+                                       alpha, b_eff);
+                    else
+                        cpu_kern_14x32_rows(kcur, A + (ptrdiff_t)ic * lda + pc, lda, b, GEMM_NR, c, ldc, rows, cols,
+                                            alpha, b_eff);
                 }
             }
         }
     }
 }
 
-/* Threads split the larger of M and N into contiguous parts and work
- * independently, each packing what it needs: one barrier per product. (A
+/* Threads split M or N into contiguous parts and work independently, each
+ * packing what it needs: one barrier per product. (A
  * team that packs each block of B together needs two barriers per block,
  * and on a busy machine every barrier waits for a descheduled thread; that
  * measured twice slower there, and no faster on an idle one.) */
 void cpu_gemm(float *ws, int nt, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc) {
-    const int split_m = M >= N;
+    /* Cut the dimension whose operand is cheaper to repeat: cutting M makes
+     * every thread pack all of op(B) (K x N: a copy or a transpose), cutting
+     * N makes every thread read all of op(A) (K x M, in place, about half
+     * the cost per element). So M is cut when M >= 2N, or when N is too
+     * narrow to share: the model's forward and input-gradient products (M =
+     * tokens) and the wide weight gradients; N for the narrow weight
+     * gradients (e.g. 256 x 704 over 4096 tokens) and few-row products. */
+    const int split_m = M >= 2 * N || N < 2 * GEMM_NR * nt;
     const int len = split_m ? M : N, unit = split_m ? GEMM_MR : GEMM_NR;
     const int units = (len + unit - 1) / unit;
     if (nt > units) nt = units;
