@@ -1,14 +1,17 @@
 /*
- * The fast CPU backend: matrix products through CBLAS, everything else as
- * OpenMP loops over rows (or heads) whose inner loops the compiler turns
- * into SIMD (`omp simd`, -O3 -march=native).
+ * The fast CPU backend: matrix products on our AVX-512 micro-kernel
+ * (cpu_train_gemm.c; CBLAS where the build has no AVX-512, and for
+ * products of a few rows), everything else as OpenMP loops over rows (or
+ * heads) whose inner loops the compiler turns into SIMD (`omp simd`, -O3
+ * -march=native).
  *
- * Attention is fused: each query row computes its scores against keys
- * 0..t into a per-thread scratch of T floats, so nothing of size T x T is
- * ever stored; the backward pass recomputes the probabilities from the
- * saved log-sum-exp. Work is split so that no two threads ever write the
- * same output element, which keeps every op deterministic for a given
- * thread count and free of atomics.
+ * Attention is fused: training attention goes in blocks of queries through
+ * the same micro-kernel (cpu_train_attn.c), generation attention row by row
+ * into a per-thread scratch; nothing of size T x T is ever stored, and the
+ * backward pass recomputes the probabilities from the saved log-sum-exp.
+ * Work is split so that no two threads ever write the same output element,
+ * which keeps every op deterministic and free of atomics; the training ops
+ * (products, attention, norms) also give the same bits for any thread count.
  */
 #include <cblas.h>
 #include <math.h>
@@ -28,28 +31,34 @@
 #define CPU_PAR_MIN 16384
 
 typedef struct {
-    float *scratch;        /* per-thread rows for attention scores */
+    float *scratch;        /* attention score rows, rmsnorm partial sums */
     size_t scratch_floats; /* capacity of scratch */
     float *gemm_ws;        /* per-thread packing buffers of cpu_gemm, allocated on first use */
     float *attn_ws;        /* per-thread scratch of the blocked attention */
     size_t attn_ws_floats; /* capacity of attn_ws */
 } cpu_ctx;
 
-/* Scratch of per_thread floats for each of o->threads threads, grown on
- * demand (the first step allocates; later steps reuse). Thread i uses
- * base + i * stride. An op has no error path, so failure here aborts. */
-static float *cpu_scratch(tlm_ops *o, size_t per_thread, size_t *stride) {
+/* Shared scratch of at least `bytes`, 64-byte aligned, grown on demand (the
+ * first step allocates; later steps reuse). An op has no error path, so
+ * failure here aborts. */
+static void *cpu_scratch_bytes(tlm_ops *o, size_t bytes) {
     cpu_ctx *c = o->ctx;
-    size_t s = (per_thread + 15) / 16 * 16; /* whole cache lines per thread */
-    size_t need = s * (size_t)o->threads;
+    size_t need = (bytes + 63) / 64 * 16; /* in floats, whole cache lines */
     if (need > c->scratch_floats) {
         tlm_free(c->scratch);
         c->scratch = tlm_alloc(need * sizeof(float));
         if (!c->scratch) abort();
         c->scratch_floats = need;
     }
-    *stride = s;
     return c->scratch;
+}
+
+/* per_thread floats for each of o->threads threads: thread i uses
+ * base + i * stride. */
+static float *cpu_scratch(tlm_ops *o, size_t per_thread, size_t *stride) {
+    size_t s = (per_thread + 15) / 16 * 16; /* whole cache lines per thread */
+    *stride = s;
+    return cpu_scratch_bytes(o, s * (size_t)o->threads * sizeof(float));
 }
 
 /* ---- dense algebra ------------------------------------------------------ */
@@ -153,56 +162,67 @@ static void cpu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const flo
 
 /* ---- RMSNorm ------------------------------------------------------------ */
 
+/* Row sums are accumulated in double (as the reference backend does): the
+ * pass is memory bound, so it costs nothing, and it keeps the rounding of
+ * these sums out of the comparison of whole training steps against the
+ * float64 PyTorch reference (test_model), which is sensitive to it. */
 static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
                             float eps) {
 #pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * D;
         float *yr = out + (size_t)n * D;
-        float ss = 0;
+        double ss = 0;
 #pragma omp simd reduction(+ : ss)
-        for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
-        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int d = 0; d < D; d++) ss += (double)xr[d] * xr[d];
+        float r = (float)(1.0 / sqrt(ss / D + (double)eps));
 #pragma omp simd
         for (int d = 0; d < D; d++) yr[d] = xr[d] * r * w[d];
         if (rstd) rstd[n] = r;
     }
 }
 
+/* Rows per partial sum of dw in rmsnorm_bwd: fixed, so that the result does
+ * not depend on the thread count (exact resume on another machine). */
+#define CPU_RMS_CHUNK 64
+
 /* dx_j = r w_j g_j - x_j r^3 / D * sum_i g_i w_i x_i (see cpu_ref.c). dw sums
- * over all rows, so each thread accumulates a private dw and the partial
- * sums are added in thread order (deterministic). */
+ * over all rows: each chunk of CPU_RMS_CHUNK rows sums into its own partial
+ * (double), and the partials are added in chunk order, so the result is
+ * deterministic and independent of the thread count. */
 static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
                             const float *rstd, int N, int D) {
     int nt = (long)N * D >= CPU_PAR_MIN ? o->threads : 1;
-    size_t stride;
-    float *part = cpu_scratch(o, (size_t)D, &stride);
+    int nchunks = (N + CPU_RMS_CHUNK - 1) / CPU_RMS_CHUNK;
+    double *part = cpu_scratch_bytes(o, (size_t)nchunks * (size_t)D * sizeof(double));
 #pragma omp parallel num_threads(nt)
     {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *mydw = part + (size_t)tid * stride;
-        memset(mydw, 0, sizeof(float) * (size_t)D);
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
-            float *dxr = dx + (size_t)n * D;
-            float r = rstd[n];
-            float dot = 0;
+        for (int ch = 0; ch < nchunks; ch++) {
+            double *pd = part + (size_t)ch * D;
+            memset(pd, 0, sizeof(double) * (size_t)D);
+            int n1 = (ch + 1) * CPU_RMS_CHUNK < N ? (ch + 1) * CPU_RMS_CHUNK : N;
+            for (int n = ch * CPU_RMS_CHUNK; n < n1; n++) {
+                const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
+                float *dxr = dx + (size_t)n * D;
+                float r = rstd[n];
+                double dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; d++) dot += g[d] * w[d] * xr[d];
-            float c = r * r * r * dot / (float)D;
+                for (int d = 0; d < D; d++) dot += (double)g[d] * w[d] * xr[d];
+                float c = (float)((double)r * r * r * dot / D);
 #pragma omp simd
-            for (int d = 0; d < D; d++) {
-                dxr[d] = r * w[d] * g[d] - xr[d] * c;
-                mydw[d] += g[d] * xr[d] * r;
+                for (int d = 0; d < D; d++) {
+                    dxr[d] = r * w[d] * g[d] - xr[d] * c;
+                    pd[d] += (double)(g[d] * xr[d] * r);
+                }
             }
         }
         /* implicit barrier: every partial is complete; reduce by columns */
 #pragma omp for schedule(static)
         for (int d = 0; d < D; d++) {
-            float s = 0;
-            for (int t = 0; t < nth; t++) s += part[(size_t)t * stride + d];
-            dw[d] += s;
+            double sm = 0;
+            for (int ch = 0; ch < nchunks; ch++) sm += part[(size_t)ch * D + d];
+            dw[d] += (float)sm;
         }
     }
 }
@@ -286,9 +306,11 @@ static float cpu_attn_row(float *out, const float *q, const float *k, const floa
     return mx + logf(sum);
 }
 
-/* Rows are independent, so the team splits (b, h, t); later rows see more
- * keys, hence the dynamic schedule. */
 #if CPU_HAVE_KERNELS
+/* Training attention runs as small matrix products on our micro-kernel
+ * (cpu_train_attn.c), ~6x faster than the row-by-row loops below, which
+ * remain for builds without AVX-512 (and serve attn_cached). */
+
 /* Scratch of the blocked attention for every thread, grown on demand. */
 static float *cpu_attn_ws(tlm_ops *o, int T, int hd) {
     cpu_ctx *c = o->ctx;
@@ -301,17 +323,24 @@ static float *cpu_attn_ws(tlm_ops *o, int T, int hd) {
     }
     return c->attn_ws;
 }
-#endif
 
 static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
+    int nt = (long)B * T * T * H * hd >= CPU_PAR_MIN ? o->threads : 1;
+    cpu_attn_fwd_blocked(cpu_attn_ws(o, T, hd), nt, out, lse, qkv, B, T, H, hd);
+}
+
+static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
+                         const float *qkv, int B, int T, int H, int hd) {
+    int nt = (long)B * T * T * H * hd >= CPU_PAR_MIN ? o->threads : 1;
+    cpu_attn_bwd_blocked(cpu_attn_ws(o, T, hd), nt, dqkv, dout, out, lse, qkv, B, T, H, hd);
+}
+
+#else
+
+/* Rows are independent, so the team splits (b, h, t); later rows see more
+ * keys, hence the dynamic schedule. */
+static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
-#if CPU_HAVE_KERNELS
-    {
-        int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
-        cpu_attn_fwd_blocked(cpu_attn_ws(o, T, hd), nt, out, lse, qkv, B, T, H, hd);
-        return;
-    }
-#endif
     float scale = 1.0f / sqrtf((float)hd);
     size_t stride;
     float *scr = cpu_scratch(o, (size_t)T, &stride);
@@ -372,10 +401,6 @@ static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
                          const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
     int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
-#if CPU_HAVE_KERNELS
-    cpu_attn_bwd_blocked(cpu_attn_ws(o, T, hd), nt, dqkv, dout, out, lse, qkv, B, T, H, hd);
-    return;
-#endif
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -391,6 +416,7 @@ static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
             }
         }
 }
+#endif
 
 /* ---- KV cache ----------------------------------------------------------- */
 
@@ -469,7 +495,7 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
 #pragma omp simd reduction(max : mx)
         for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
         float xt = x[tgt];
-        float sum = 0;
+        double sum = 0; /* in double, as in rmsnorm */
         if (want_grad) {
             /* keep the exponentials so they are computed once */
 #pragma omp simd reduction(+ : sum)
@@ -477,7 +503,7 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
                 x[i] = cpu_expf(x[i] - mx);
                 sum += x[i];
             }
-            float c = dscale / sum;
+            float c = (float)(dscale / sum);
 #pragma omp simd
             for (int i = 0; i < V; i++) x[i] *= c;
             x[tgt] -= dscale;
@@ -485,19 +511,31 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
 #pragma omp simd reduction(+ : sum)
             for (int i = 0; i < V; i++) sum += cpu_expf(x[i] - mx);
         }
-        /* (mx - xt) first: exact for nearby values, where adding logf(sum)
+        /* (mx - xt) first: exact for nearby values, where adding log(sum)
          * to a large mx first would round away the loss's low digits */
-        losses[n] = (mx - xt) + logf(sum);
+        losses[n] = (float)((double)(mx - xt) + log(sum));
     }
 }
 
 /* ---- optimizer ---------------------------------------------------------- */
 
+/* Elements per partial sum: fixed, so the result does not depend on the
+ * thread count (the gradient norm decides clipping, hence every weight). */
+#define CPU_SUMSQ_CHUNK 65536
+
 static void cpu_sumsq(tlm_ops *o, float *out, const float *x, size_t n, int accumulate) {
-    long nn = (long)n;
+    long nch = (long)((n + CPU_SUMSQ_CHUNK - 1) / CPU_SUMSQ_CHUNK);
+    double *part = cpu_scratch_bytes(o, (size_t)(nch > 0 ? nch : 1) * sizeof(double));
+#pragma omp parallel for num_threads(o->threads) if (n >= CPU_PAR_MIN) schedule(static)
+    for (long c = 0; c < nch; c++) {
+        size_t i0 = (size_t)c * CPU_SUMSQ_CHUNK, i1 = i0 + CPU_SUMSQ_CHUNK < n ? i0 + CPU_SUMSQ_CHUNK : n;
+        double s = 0;
+#pragma omp simd reduction(+ : s)
+        for (size_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
+        part[c] = s;
+    }
     double s = 0;
-#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static) reduction(+ : s)
-    for (long i = 0; i < nn; i++) s += (double)x[i] * x[i];
+    for (long c = 0; c < nch; c++) s += part[c];
     out[0] = (float)((accumulate ? out[0] : 0.0) + s);
 }
 
