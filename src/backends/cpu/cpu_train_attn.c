@@ -2,22 +2,22 @@
  * Causal attention for training as small matrix products on the 14 x 32
  * micro-kernel (cpu_train.h), one task per (sequence, head).
  *
- * Per task the head's q, k (and for backward dout, v) are first packed once
- * into the kernel's layouts: q and dout into 14-row panels [hd][14], k and
- * v transposed to [hd][T]. Queries then go in blocks of ATT_BQ rows; a
- * block sees keys 0..i1-1 (i1 = its last row + 1), so the scores live in a
- * scratch of ATT_BQ x T floats: nothing T x T is stored, and key columns
- * past a row tile's diagonal are skipped (they would be masked anyway).
- *
  *   forward:  S = q k^T * scale, P = softmax(S) (causal), out = P v,
  *             lse = max + log(sum) per row;
  *   backward: P = exp(S - lse) recomputed, dP = dout v^T,
  *             dS = P (dP - D) * scale with D_i = dout_i . out_i,
  *             dv += P^T dout, dk += dS^T q, dq = dS k.
- * The products that reduce over keys (P v, dS k) read the kernel's A
- * operand as a transpose; P and dS are transposed into [key][query] first
- * (cpu_transpose) so every kernel call walks its A operand with unit
- * stride across the 14 rows.
+ *
+ * Queries go in blocks of ATT_BQ rows; a block sees keys 0..i1-1 (i1 = its
+ * last row + 1), so scores live in a scratch of ATT_BQ x T floats: nothing
+ * T x T is stored, and key tiles past a tile's diagonal are skipped (they
+ * would be masked anyway). The kernel reads its A operand 14 rows at a
+ * time: rows of q, k, dout are read in place; the operand of the score
+ * products' B side is transposed once per task to [hd][T]. The forward
+ * keeps scores transposed ([key][query]), so the softmax runs down columns
+ * (16 queries per vector) and P v reads P with unit stride across the 14
+ * rows; the backward keeps them [query][key] for dv and dk, and transposes
+ * dS once per block for dq. (Blocks of 56..168 queries measured; 112 best.)
  */
 #include "backends/cpu/cpu_train.h"
 
@@ -27,12 +27,16 @@
 
 #if CPU_HAVE_KERNELS
 
-#define ATT_BQ 112 /* query rows per block: 8 row tiles of the kernel (56..168 measured) */
+#define ATT_BQ 112 /* query rows per block: 8 row tiles of the kernel */
 #define ATT_LDT 112 /* row stride of the transposed blocks (>= ATT_BQ, whole vectors) */
 
 typedef struct {
     int T32, ldS;
-    float *S, *dP, *Pt, *Qp, *Op, *Kt, *Vt, *Di;
+    float *S, *dP;   /* [ATT_BQ][ldS] scores / dP then dS (backward) */
+    float *Pt;       /* [T32][ATT_LDT] transposed block: P (forward), dS (backward) */
+    float *Qp, *Op;  /* tail panels [hd][14] of the rows read in place */
+    float *Kt, *Vt;  /* [hd][T32]: k and v (backward), q (forward, in Kt) */
+    float *Di;       /* [T32] D_i (backward), 1/sum per query (forward) */
 } att_ws;
 
 static int att_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -242,10 +246,10 @@ static void att_bwd_head(const att_ws *w, float *dq, const float *go, const floa
     cpu_transpose(k, rs, T, hd, w->Kt, w->T32, w->T32);
     cpu_transpose(v, rs, T, hd, w->Vt, w->T32, w->T32);
     for (int i = 0; i < T; i++) {
-        const float *gr = go + (ptrdiff_t)i * os, *orow = o + (ptrdiff_t)i * os;
+        const float *grow = go + (ptrdiff_t)i * os, *orow = o + (ptrdiff_t)i * os;
         float di = 0;
 #pragma omp simd reduction(+ : di)
-        for (int d = 0; d < hd; d++) di += gr[d] * orow[d];
+        for (int d = 0; d < hd; d++) di += grow[d] * orow[d];
         w->Di[i] = di;
         memset(dk + (ptrdiff_t)i * rs, 0, sizeof(float) * (size_t)hd);
         memset(dv + (ptrdiff_t)i * rs, 0, sizeof(float) * (size_t)hd);
