@@ -49,13 +49,13 @@ typedef struct {
 /* Activations saved for backward, for a (B,T) up to the allocated size. */
 typedef struct {
     float *x;      /* [N,D]  layer input (residual stream) */
-    float *xn1;    /* [N,D]  rmsnorm before attention */
+    float *xn1;    /* [N,D]  rmsnorm before attention: NULL in training (recomputed in backward from x, rstd1) */
     float *rstd1;  /* [N] */
     float *qkv;    /* [N,3D] after rope */
     float *att;    /* [N,D]  attention output (before wo) */
     float *lse;    /* [B,H,T] */
     float *xmid;   /* [N,D]  residual after attention */
-    float *xn2;    /* [N,D] */
+    float *xn2;    /* [N,D]  NULL in training (recomputed in backward from xmid, rstd2) */
     float *rstd2;  /* [N] */
     float *gu;     /* [N,2F] */
     float *act;    /* [N,F]  silu(gate)*up */
