@@ -967,10 +967,10 @@ static void decode_case(int kvt, int B, int H, int hd, int P, int steps) {
         void *kc = up(o, NULL, nc * es), *vc = up(o, NULL, nc * es);
         float *qp = up(o, pre, (size_t)B * P * 3 * D * 4), *op = up(o, NULL, (size_t)B * P * D * 4);
         float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
-        o->attn_decode(o, op, qp, kc, vc, kvt, B, P, Tmax, H, hd, 0, 10000.0f);
+        o->attn_decode(o, op, qp, kc, vc, kvt, NULL, NULL, 0, B, P, Tmax, H, hd, 0, 10000.0f);
         for (int s = 0; s < steps; s++) {
             o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
-            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, B, 1, Tmax, H, hd, P + s, 10000.0f);
+            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, NULL, NULL, 0, B, 1, Tmax, H, hd, P + s, 10000.0f);
         }
         res[k][0] = down(o, op, (size_t)B * P * D);
         res[k][1] = down(o, od, (size_t)steps * B * D);
@@ -1002,6 +1002,41 @@ static void decode_case(int kvt, int B, int H, int hd, int P, int steps) {
     free(pre), free(dec);
 }
 
+/* The shared-prefix form (one prompt, B samples): the prompt into [H,P,hd]
+ * caches as one sequence, then `steps` decode steps of B sequences over
+ * it, on both backends. */
+static void decode_case_shared(int kvt, int B, int H, int hd, int P, int steps) {
+    const int D = H * hd;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4, np = (size_t)P * D, nc = (size_t)B * steps * D;
+    float *pre = hrand((size_t)P * 3 * D, 1.5f), *dec = hrand((size_t)steps * B * 3 * D, 1.5f);
+    float *res[2];
+    void *own[2];
+    tlm_ops *be[2] = {g_gpu, g_ref};
+    for (int k = 0; k < 2; k++) {
+        tlm_ops *o = be[k];
+        void *kp = up(o, NULL, np * es), *vp = up(o, NULL, np * es), *kc = up(o, NULL, nc * es),
+             *vc = up(o, NULL, nc * es);
+        float *qp = up(o, pre, (size_t)P * 3 * D * 4), *op = up(o, NULL, (size_t)P * D * 4);
+        float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
+        o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, 10000.0f);
+        for (int s = 0; s < steps; s++) {
+            o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
+            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, kp, vp, P, B, 1, steps, H, hd, P + s, 10000.0f);
+        }
+        res[k] = down(o, od, (size_t)steps * B * D);
+        own[k] = malloc(nc * es);
+        o->copy_d2h(o, own[k], vc, nc * es); /* v is not rotated: identical on both */
+        o->free(o, kp), o->free(o, vp), o->free(o, kc), o->free(o, vc);
+        o->free(o, qp), o->free(o, op), o->free(o, qd), o->free(o, od);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "attn_decode shared prefix kv %d B%d H%d hd%d P%d", kvt, B, H, hd, P);
+    check_close(what, res[0], res[1], (size_t)steps * B * D, kvt == TLM_KV_F16 ? 2e-3 : TOL, 1e-2);
+    if (memcmp(own[0], own[1], nc * es)) fail_msg("%s: the sequences' own v rows differ", what);
+    for (int k = 0; k < 2; k++) free(res[k]), free(own[k]);
+    free(pre), free(dec);
+}
+
 static void test_attn_decode(void **state) {
     (void)state;
     NEED_GPU();
@@ -1011,6 +1046,8 @@ static void test_attn_decode(void **state) {
         decode_case(kvt, 2, 4, 16, 7, 3);
         decode_case(kvt, 1, 2, 64, 40, 2);
         decode_case(kvt, 2, 1, 128, 5, 2);
+        decode_case_shared(kvt, 4, 2, 32, 20, 3);
+        decode_case_shared(kvt, 3, 3, 24, 33, 2);
     }
     /* fp16 rounding of special values: ties to even, saturation, subnormals */
     const float vals[] = {1.0f + 0x1p-11f, 1.0f + 0x1p-10f + 0x1p-11f, 65504.0f, 65519.0f, 70000.0f, -1e9f,
@@ -1024,7 +1061,7 @@ static void test_attn_decode(void **state) {
         tlm_ops *o = be[k];
         float *dq = up(o, qkv, sizeof qkv), *out = up(o, NULL, (size_t)D * 4);
         void *kc = up(o, NULL, sizeof got[0][0]), *vc = up(o, NULL, sizeof got[0][0]);
-        o->attn_decode(o, out, dq, kc, vc, TLM_KV_F16, 1, 1, 1, H, hd, 0, 10000.0f);
+        o->attn_decode(o, out, dq, kc, vc, TLM_KV_F16, NULL, NULL, 0, 1, 1, 1, H, hd, 0, 10000.0f);
         o->copy_d2h(o, got[k][0], kc, sizeof got[0][0]);
         o->copy_d2h(o, got[k][1], vc, sizeof got[0][0]);
         o->free(o, dq), o->free(o, out), o->free(o, kc), o->free(o, vc);
@@ -1063,7 +1100,7 @@ static void test_model_packed(void **state) {
             int T = pos == 0 ? 12 : 1;
             for (int b = 0; b < FB; b++)
                 for (int t = 0; t < T; t++) chunk[b * T + t] = g_in[b * FT + pos + t];
-            assert_int_equal(model_forward_packed(&m, &w, &s, kp, vp, FT, chunk, FB, T, pos, od), 0);
+            assert_int_equal(model_forward_packed(&m, &w, &s, kp, vp, FT, NULL, chunk, FB, T, pos, od), 0);
             float *got = down(o, od, (size_t)FB * V);
             assert_int_equal(model_forward_cached(&m, &s, kr, vr, FT, chunk, FB, T, pos, od), 0);
             float *want = down(o, od, (size_t)FB * V);

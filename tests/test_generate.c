@@ -181,7 +181,7 @@ static int check_packed_against_full(int dtype, float scale, int B, int np, int 
     for (int pos = 0; pos < np; pos += chunk) {
         int T = np - pos < chunk ? np - pos : chunk;
         for (int b = 0; b < B; b++) memcpy(tmp + (size_t)b * T, seq + (size_t)b * Tmax + pos, (size_t)T * sizeof *tmp);
-        assert_int_equal(model_forward_packed(&m, &w, &s, kv.k, kv.v, Tmax, tmp, B, T, pos, logits_dev), 0);
+        assert_int_equal(model_forward_packed(&m, &w, &s, kv.k, kv.v, Tmax, NULL, tmp, B, T, pos, logits_dev), 0);
     }
     int decided = 0;
     *worst = 0;
@@ -220,7 +220,7 @@ static int check_packed_against_full(int dtype, float scale, int B, int np, int 
             seq[(size_t)b * Tmax + len] = best;
         }
         if (k < steps - 1)
-            assert_int_equal(model_forward_packed(&m, &w, &s, kv.k, kv.v, Tmax, next, B, 1, len, logits_dev), 0);
+            assert_int_equal(model_forward_packed(&m, &w, &s, kv.k, kv.v, Tmax, NULL, next, B, 1, len, logits_dev), 0);
     }
     g_ops->free(g_ops, logits_dev);
     model_infer_unpack(&m, &w);
@@ -319,21 +319,32 @@ static void test_batched_sampling_matches_alone(void **state) {
     tlm_config c = tiny_config(300);
     tlm_model m;
     make_model(&m, &c, 6);
-    enum { NP = 6, MAXT = 24, B = 4 };
+    /* B = 9: enough streams that the draws run in parallel chunks (8 or
+     * more), and the shared-prefix caches of the packed path */
+    enum { NP = 6, MAXT = 24, B = 9 };
     int32_t prompt[NP], batch[B * MAXT], alone[MAXT];
     int blen[B], alen;
     random_tokens(prompt, NP, c.vocab, 66);
     tlm_gen_params p = {.samples = B, .max_tokens = MAXT,
                         .sampling = {.temperature = 1.0f, .top_k = 50, .top_p = 0.9f}, .seed = 1234};
-    assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &p, NULL, NULL, batch, blen, NULL), 0);
-    for (int b = 0; b < B; b++) {
-        tlm_gen_params q = p;
-        q.samples = 1;
-        q.seq_base = b;
-        assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &q, NULL, NULL, alone, &alen, NULL), 0);
-        assert_int_equal(alen, blen[b]);
-        assert_memory_equal(alone, batch + (size_t)b * MAXT, (size_t)alen * sizeof(int32_t));
+    /* top-k then top-p, and top-p over the whole vocabulary (another path
+     * of the sampler), each on the reference and the packed bf16 path */
+    for (int variant = 0; variant < 4; variant++) {
+        p.sampling.top_k = variant & 1 ? 0 : 50;
+        p.dtype = variant & 2 ? TLM_GEN_BF16 : TLM_GEN_REF;
+        assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &p, NULL, NULL, batch, blen, NULL), 0);
+        for (int b = 0; b < B; b++) {
+            tlm_gen_params q = p;
+            q.samples = 1;
+            q.seq_base = b;
+            assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &q, NULL, NULL, alone, &alen, NULL), 0);
+            assert_int_equal(alen, blen[b]);
+            assert_memory_equal(alone, batch + (size_t)b * MAXT, (size_t)alen * sizeof(int32_t));
+        }
     }
+    p.sampling.top_k = 50;
+    p.dtype = TLM_GEN_AUTO;
+    assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &p, NULL, NULL, batch, blen, NULL), 0);
     /* the sequences are not copies of each other */
     assert_true(blen[0] != blen[1] || memcmp(batch, batch + MAXT, (size_t)blen[0] * sizeof(int32_t)) != 0);
     /* same seed, same text; another seed, other text */

@@ -233,7 +233,7 @@ static attn_bufs run_attn(tlm_ops *o, int kvt, int B, int T, int H, int hd, int 
     if (pos0 > 0) {
         float *q0 = malloc((size_t)B * pos0 * 3 * D * sizeof *q0), *o0 = malloc((size_t)B * pos0 * D * sizeof *o0);
         fill_normal(q0, (size_t)B * pos0 * 3 * D, seed, 1.5f);
-        o->attn_decode(o, o0, q0, r.kc, r.vc, kvt, B, pos0, Tmax, H, hd, 0, 10000.0f);
+        o->attn_decode(o, o0, q0, r.kc, r.vc, kvt, NULL, NULL, 0, B, pos0, Tmax, H, hd, 0, 10000.0f);
         free(q0);
         free(o0);
     }
@@ -245,7 +245,7 @@ static attn_bufs run_attn(tlm_ops *o, int kvt, int B, int T, int H, int hd, int 
     float *v0 = r.qkv + 2 * D;
     const float edge[6] = {70000.0f, -65519.0f, 3e-6f, -1e-7f, 1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f};
     for (int i = 0; i < 6 && i < D && edges; i++) v0[i] = edge[i];
-    o->attn_decode(o, r.out, r.qkv, r.kc, r.vc, kvt, B, T, Tmax, H, hd, pos0, 10000.0f);
+    o->attn_decode(o, r.out, r.qkv, r.kc, r.vc, kvt, NULL, NULL, 0, B, T, Tmax, H, hd, pos0, 10000.0f);
     return r;
 }
 
@@ -331,7 +331,7 @@ static void check_fused_equals_ops(tlm_ops *o, int B, int T, int H, int hd, int 
         float *o1 = malloc(no * sizeof *o1), *o2 = malloc(no * sizeof *o2);
         fill_normal(q1, nq, 40 + (uint64_t)s, 1.0f);
         memcpy(q2, q1, nq * sizeof *q1);
-        o->attn_decode(o, o1, q1, kh, vh, TLM_KV_F32, B, n, Tmax, H, hd, p0, 10000.0f);
+        o->attn_decode(o, o1, q1, kh, vh, TLM_KV_F32, NULL, NULL, 0, B, n, Tmax, H, hd, p0, 10000.0f);
         g_ref->rope_fwd(g_ref, q2, B, n, H, hd, p0, 10000.0f);
         g_ref->kv_store(g_ref, kr, vr, q2, B, n, Tmax, D, p0);
         g_ref->attn_cached(g_ref, o2, q2, kr, vr, B, n, Tmax, H, hd, p0);
@@ -408,10 +408,10 @@ static void test_attn_decode_rows_independent_of_batch(void **state) {
         memcpy(q1, qkv, nq * sizeof *q1);
         memcpy(k1, kc, nc * es);
         memcpy(v1, vc, nc * es);
-        g_fast->attn_decode(g_fast, out, qkv, kc, vc, kvt, B, T, TM, H, hd, P0, 10000.0f);
+        g_fast->attn_decode(g_fast, out, qkv, kc, vc, kvt, NULL, NULL, 0, B, T, TM, H, hd, P0, 10000.0f);
         for (int b = 0; b < B; b++) {
             size_t sq = (size_t)b * T * 3 * D, sc = (size_t)b * TM * D * es;
-            g_fast1->attn_decode(g_fast1, o1, q1 + sq, k1 + sc, v1 + sc, kvt, 1, T, TM, H, hd, P0, 10000.0f);
+            g_fast1->attn_decode(g_fast1, o1, q1 + sq, k1 + sc, v1 + sc, kvt, NULL, NULL, 0, 1, T, TM, H, hd, P0, 10000.0f);
             assert_memory_equal(o1, out + (size_t)b * T * D, (size_t)T * D * sizeof *o1);
             assert_memory_equal(k1 + sc, kc + sc, (size_t)TM * D * es);
         }
@@ -425,6 +425,95 @@ static void test_attn_decode_rows_independent_of_batch(void **state) {
         free(o1);
         free(hist);
     }
+}
+
+/* A shared prefix (kp, vp, P) is the same attention as a copy of it at the
+ * start of every sequence's cache: a prompt of P positions through B = 1
+ * into [1,H,P,hd] caches, then for B sequences n0 own positions and a step
+ * of T more, once over the prefix and once over full caches holding a
+ * copy of it. Outputs within 1e-5 (the fast kernel sums the two segments
+ * as two online-softmax chunks), stored rows identical, and each sequence
+ * alone over the prefix gives the batch's bits. */
+static void check_shared_prefix(tlm_ops *o, int kvt, int B, int T, int H, int hd, int P, int n0) {
+    const int D = H * hd, own = n0 + T, full = P + own;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4;
+    const size_t npre = (size_t)P * D, nown = (size_t)B * own * D, nfull = (size_t)B * full * D;
+    char *kp = calloc(npre, es), *vp = calloc(npre, es);
+    char *ko = calloc(nown, es), *vo = calloc(nown, es), *kf = calloc(nfull, es), *vf = calloc(nfull, es);
+    float *qp = malloc((size_t)P * 3 * D * sizeof *qp), *op = malloc((size_t)P * D * sizeof *op);
+    fill_normal(qp, (size_t)P * 3 * D, 41, 1.5f);
+    o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, 10000.0f);
+    /* the full caches: the prefix rows copied into every sequence */
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            memcpy(kf + (((size_t)b * H + h) * full) * hd * es, kp + (size_t)h * P * hd * es, (size_t)P * hd * es);
+            memcpy(vf + (((size_t)b * H + h) * full) * hd * es, vp + (size_t)h * P * hd * es, (size_t)P * hd * es);
+        }
+    const int steps[2][2] = {{P, n0}, {P + n0, T}}; /* (pos0, count) */
+    for (int s = 0; s < 2; s++) {
+        const int p0 = steps[s][0], n = steps[s][1];
+        if (n == 0) continue;
+        const size_t nq = (size_t)B * n * 3 * D, no = (size_t)B * n * D;
+        float *qa = malloc(nq * sizeof *qa), *qb = malloc(nq * sizeof *qb), *q1 = malloc(nq * sizeof *q1);
+        float *oa = malloc(no * sizeof *oa), *ob = malloc(no * sizeof *ob), *o1 = malloc(no * sizeof *o1);
+        fill_normal(qa, nq, 42 + (uint64_t)s, 1.5f);
+        memcpy(qb, qa, nq * sizeof *qa);
+        memcpy(q1, qa, nq * sizeof *qa);
+        o->attn_decode(o, oa, qa, ko, vo, kvt, kp, vp, P, B, n, own, H, hd, p0, 10000.0f);
+        o->attn_decode(o, ob, qb, kf, vf, kvt, NULL, NULL, 0, B, n, full, H, hd, p0, 10000.0f);
+        double e = test_max_rel_err(oa, ob, no, 0.1);
+        if (!(e < 1e-5))
+            fail_msg("%s kv %d B=%d T=%d P=%d pos0=%d: shared prefix vs copied prefix differ by %g", o->name, kvt, B, n,
+                     P, p0, e);
+        assert_memory_equal(qa, qb, nq * sizeof *qa); /* the same rotation */
+        /* each sequence alone over the prefix, into a copy of its own caches */
+        char *k1 = malloc((size_t)own * D * es), *v1 = malloc((size_t)own * D * es);
+        for (int b = 0; b < B; b++) {
+            size_t so = (size_t)b * own * D * es;
+            /* rows of this call are rewritten by it; the earlier ones are the batch's */
+            memcpy(k1, ko + so, (size_t)own * D * es);
+            memcpy(v1, vo + so, (size_t)own * D * es);
+            o->attn_decode(o, o1, q1 + (size_t)b * n * 3 * D, k1, v1, kvt, kp, vp, P, 1, n, own, H, hd, p0, 10000.0f);
+            assert_memory_equal(o1, oa + (size_t)b * n * D, (size_t)n * D * sizeof *o1);
+            assert_memory_equal(k1, ko + so, (size_t)own * D * es);
+        }
+        free(k1);
+        free(v1);
+        free(qa);
+        free(qb);
+        free(q1);
+        free(oa);
+        free(ob);
+        free(o1);
+    }
+    /* own row r is position P + r of the full caches */
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            size_t a = ((size_t)b * H + h) * own * hd * es, f = (((size_t)b * H + h) * full + (size_t)P) * hd * es;
+            assert_memory_equal(ko + a, kf + f, (size_t)own * hd * es);
+            assert_memory_equal(vo + a, vf + f, (size_t)own * hd * es);
+        }
+    free(kp);
+    free(vp);
+    free(ko);
+    free(vo);
+    free(kf);
+    free(vf);
+    free(qp);
+    free(op);
+}
+
+static void test_attn_decode_shared_prefix(void **state) {
+    (void)state;
+    tlm_ops *ops[3] = {g_fast, g_fast1, g_ref};
+    for (int kvt = TLM_KV_F32; kvt <= TLM_KV_F16; kvt++)
+        for (int i = 0; i < 3; i++) {
+            check_shared_prefix(ops[i], kvt, 5, 1, 4, 32, 37, 6); /* decode steps of a batch */
+            check_shared_prefix(ops[i], kvt, 2, 3, 2, 64, 17, 0); /* right after the prompt, T > 1 */
+            check_shared_prefix(ops[i], kvt, 3, 1, 3, 24, 9, 2);  /* a head size without a SIMD kernel */
+        }
+    /* a prefix longer than one score chunk of the fast kernel */
+    check_shared_prefix(g_fast, TLM_KV_F16, 2, 1, 2, 32, 1100, 3);
 }
 
 static void test_embed_rows_equals_embed_fwd(void **state) {
@@ -471,6 +560,7 @@ int main(void) {
         cmocka_unit_test(test_attn_decode_is_the_ops_it_fuses),
         cmocka_unit_test(test_attn_decode_vs_reference),
         cmocka_unit_test(test_attn_decode_rows_independent_of_batch),
+        cmocka_unit_test(test_attn_decode_shared_prefix),
         cmocka_unit_test(test_embed_rows_equals_embed_fwd),
         cmocka_unit_test(test_pack_rejects_bad_shapes),
     };

@@ -224,11 +224,15 @@ static void run_adamw(int which) {
         /* Adam divides by sqrt(v): an element whose gradient is near zero
          * (so float32 rounding noise is a large fraction of it) moves by a
          * noise-dependent fraction of lr; even torch in float32 differs from
-         * the float64 reference by up to 0.008 lr on a few elements. So: at
-         * most 0.1% of elements beyond 1e-4, and none beyond 0.05 lr. A real
-         * optimizer bug (decay, bias correction, clipping) moves them all. */
+         * the float64 reference by up to 0.008 lr on a few elements, and
+         * which elements depends on the order of the sums (a build without
+         * -march=native had 6 to 9 of 4,096 beyond 1e-4, the native one 4).
+         * So: at most 1% of elements beyond 1e-4, and none beyond 0.05 lr.
+         * A real optimizer bug (decay, bias correction, moments) moves
+         * nearly all of them by a fraction of lr; clipping is checked by the
+         * losses and norms above. */
         check_close_ex(name, o->name, params + t->offset, ref, tensor_size(t), TOL, FLOOR_FRAC,
-                       tensor_size(t) / 1000, 0.05 * ADAM_LR);
+                       tensor_size(t) / 100, 0.05 * ADAM_LR);
         free(ref);
     }
     free(params);

@@ -38,6 +38,29 @@ int generate_validate(const tlm_model *m, const int32_t *prompt, int nprompt, in
     return 0;
 }
 
+/* Drawing the next token of many streams: chunk c draws for streams
+ * [c*B/n, (c+1)*B/n) with sampler sm[c] (its own scratch); each stream uses
+ * only its own rng and logits row, so the split changes no token. */
+typedef struct {
+    tlm_sampler *sm;
+    int nchunks, B, V, first;
+    const float *logits;
+    tlm_rng *rng;
+    const unsigned char *done;
+    int32_t *tok;
+} gen_draw_job;
+
+static void gen_draw_chunk(void *arg, int c) {
+    const gen_draw_job *j = arg;
+    const int b0 = (int)((long)c * j->B / j->nchunks), b1 = (int)((long)(c + 1) * j->B / j->nchunks);
+    for (int b = b0; b < b1; b++) {
+        if (j->done[b]) continue;
+        /* after the prompt every sequence starts from logits row 0 */
+        const float *row = j->logits + (size_t)(j->first ? 0 : b) * j->V;
+        j->tok[b] = sampler_sample(&j->sm[c], row, &j->rng[b]);
+    }
+}
+
 int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p,
                  tlm_token_fn on_token, void *user, int32_t *out, int *out_len, tlm_gen_stats *stats) {
     if (generate_validate(m, prompt, nprompt, eot, p)) return -1;
@@ -54,8 +77,13 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     const int Tc = chunk < nprompt ? chunk : nprompt;
 
     int rc = -1, stop = 0;
-    tlm_sampler sm;
+    /* one sampler (scratch) per chunk of streams drawn in parallel */
+    enum { GEN_MAX_DRAW = 16 };
+    tlm_sampler sm[GEN_MAX_DRAW];
     int have_sm = 0;
+    int nsm = ops->host_for && B >= 8 ? (ops->threads < B / 4 ? ops->threads : B / 4) : 1;
+    if (nsm > GEN_MAX_DRAW) nsm = GEN_MAX_DRAW;
+    if (nsm < 1) nsm = 1;
     tlm_kvcache kv;
     /* Two scratches: the prompt needs 1 x Tc rows, a step B x 1; one
      * scratch for both would hold B x Tc rows. */
@@ -84,9 +112,16 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         wts = &own;
     }
     st.dtype = wts->dtype;
-    if (sampler_init(&sm, V, &p->sampling)) goto out;
-    have_sm = 1;
-    if (kvcache_alloc_dtype(&kv, m, B, Tmax, model_infer_kv_dtype(wts))) goto out;
+    for (; have_sm < nsm; have_sm++)
+        if (sampler_init(&sm[have_sm], V, &p->sampling)) goto out;
+    /* Packed weights keep the prompt's keys and values once, shared by all
+     * samples (attention streams them once per step instead of B times);
+     * the reference path copies them into every sequence. */
+    const int shared = wts->dtype != TLM_GEN_REF;
+    if (shared ? kvcache_alloc_shared(&kv, m, B, nprompt, maxt, model_infer_kv_dtype(wts))
+               : kvcache_alloc_dtype(&kv, m, B, Tmax, 0))
+        goto out;
+    const tlm_kv_prefix pre = kvcache_prefix(&kv);
     if (model_infer_scratch_alloc(m, &sp, 1, Tc)) goto out;
     have_sp = 1;
     if (model_infer_scratch_alloc(m, &ss, B, 1)) goto out;
@@ -96,27 +131,35 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     if (!logits_dev || !logits) goto out;
     for (int b = 0; b < B; b++) generate_seed_rng(&rng[b], p->seed, p->seq_base + b);
 
-    /* Prompt: every sequence shares it, so compute it once as sequence 0
-     * (B=1 on the same [B,Tmax,D] caches) and copy its cache rows over. */
+    /* Prompt: every sequence shares it, so compute it once, as one sequence
+     * whose caches are the shared prefix (or sequence 0's, copied to the
+     * others on the reference path). */
     double t0 = tlm_now();
     for (int pos = 0; pos < nprompt; pos += Tc) {
         int T = nprompt - pos < Tc ? nprompt - pos : Tc;
-        if (model_forward_packed(m, wts, &sp, kv.k, kv.v, Tmax, prompt + pos, 1, T, pos, logits_dev)) goto out;
+        if (model_forward_packed(m, wts, &sp, shared ? kv.pk : kv.k, shared ? kv.pv : kv.v, shared ? nprompt : Tmax,
+                                 NULL, prompt + pos, 1, T, pos, logits_dev))
+            goto out;
     }
-    if (B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
+    if (!shared && B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
     ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
     double t1 = tlm_now();
     st.prompt_seconds = t1 - t0;
 
     int live = B;
+    gen_draw_job dj = {.sm = sm, .nchunks = nsm, .B = B, .V = V, .logits = logits, .rng = rng, .done = done,
+                       .tok = tok};
     for (int k = 0; k < maxt && live > 0 && !stop; k++) {
+        dj.first = k == 0;
+        if (nsm > 1)
+            ops->host_for(ops, nsm, gen_draw_chunk, &dj);
+        else
+            gen_draw_chunk(&dj, 0);
+        /* then, in stream order: end-of-text, output, the caller's callback */
         for (int b = 0; b < B && !stop; b++) {
             if (done[b]) continue;
-            /* After the prompt all sequences share logits row 0. */
-            const float *row = logits + (size_t)(k == 0 ? 0 : b) * V;
-            int32_t t = sampler_sample(&sm, row, &rng[b]);
+            const int32_t t = tok[b];
             st.new_tokens++;
-            tok[b] = t;
             if (t == eot) {
                 done[b] = 1;
                 live--;
@@ -129,7 +172,9 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         if (stop || live == 0 || k == maxt - 1) break;
         /* Finished sequences are stepped along with the rest (feeding their
          * last token); their outputs are ignored. */
-        if (model_forward_packed(m, wts, &ss, kv.k, kv.v, Tmax, tok, B, 1, nprompt + k, logits_dev)) goto out;
+        if (model_forward_packed(m, wts, &ss, kv.k, kv.v, kv.Tmax, shared ? &pre : NULL, tok, B, 1, nprompt + k,
+                                 logits_dev))
+            goto out;
         ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
         st.steps++;
     }
@@ -144,7 +189,7 @@ out:
     if (have_sp) model_infer_scratch_free(m, &sp);
     if (have_ss) model_infer_scratch_free(m, &ss);
     kvcache_free(&kv, m);
-    if (have_sm) sampler_free(&sm);
+    for (int i = 0; i < have_sm; i++) sampler_free(&sm[i]);
     model_infer_unpack(m, &own);
     free(rng);
     free(tok);

@@ -57,18 +57,27 @@ int32_t sampler_argmax(const float *logits, int V);
 /* Per layer l: k[l], v[l] are device buffers. kv_dtype 0 (the reference
  * path, kv_store/attn_cached): fp32 [B,Tmax,D]. TLM_KV_F32 or TLM_KV_F16
  * (packed weights, attn_decode): head-major [B,H,Tmax,hd] of that element
- * type (halves behind the float *). */
+ * type (halves behind the float *), optionally after a shared prefix of P
+ * positions, pk[l], pv[l] [H,P,hd], that every sequence reads (one prompt,
+ * many samples: stored and streamed once instead of B times); the
+ * sequences' own rows then hold positions P .. P+Tmax-1. */
 typedef struct {
-    int L, B, Tmax, D, H;
+    int L, B, P, Tmax, D, H;
     int kv_dtype;
-    float **k, **v; /* host arrays [L] of device pointers */
+    float **k, **v;   /* host arrays [L] of device pointers */
+    float **pk, **pv; /* the shared prefix, NULL when P = 0 */
 } tlm_kvcache;
 
 /* The reference path's cache (kv_dtype 0). */
 int kvcache_alloc(tlm_kvcache *c, tlm_model *m, int B, int Tmax);
 /* The cache for model_infer_kv_dtype(weights) (0, TLM_KV_F32, TLM_KV_F16). */
 int kvcache_alloc_dtype(tlm_kvcache *c, tlm_model *m, int B, int Tmax, int kv_dtype);
+/* The same with a shared prefix of P positions (P = 0: none) and Tmax
+ * positions of each sequence's own after it. */
+int kvcache_alloc_shared(tlm_kvcache *c, tlm_model *m, int B, int P, int Tmax, int kv_dtype);
 void kvcache_free(tlm_kvcache *c, tlm_model *m);
+/* The prefix as model_forward_packed takes it. */
+tlm_kv_prefix kvcache_prefix(const tlm_kvcache *c);
 /* Copy positions 0..npos-1 of sequence `src` to every other sequence, so a
  * shared prompt is computed once for the whole batch. */
 void kvcache_broadcast(tlm_kvcache *c, tlm_model *m, int src, int npos);

@@ -187,15 +187,21 @@ int model_infer_kv_dtype(const tlm_infer_weights *w) {
 }
 
 int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
-                         int Tmax, const int32_t *tokens, int B, int T, int pos0, float *logits_out) {
-    if (!w || w->dtype == TLM_GEN_REF) return model_forward_cached(m, s, kc, vc, Tmax, tokens, B, T, pos0, logits_out);
+                         int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens, int B, int T, int pos0,
+                         float *logits_out) {
+    const int P = pre ? pre->P : 0;
+    if (!w || w->dtype == TLM_GEN_REF) {
+        if (P > 0) return tlm_errorf("a shared KV prefix needs packed weights (not --dtype ref)");
+        return model_forward_cached(m, s, kc, vc, Tmax, tokens, B, T, pos0, logits_out);
+    }
     const tlm_config *c = &m->cfg;
     tlm_ops *o = m->ops;
     if (B <= 0 || T <= 0 || B > s->Bmax || T > s->Tchunk)
         return tlm_errorf("generation batch %d x %d exceeds the scratch allocated for %d x %d", B, T, s->Bmax,
                           s->Tchunk);
-    if (pos0 < 0 || pos0 + T > Tmax)
-        return tlm_errorf("positions %d..%d exceed the KV cache length %d", pos0, pos0 + T - 1, Tmax);
+    if (P < 0 || pos0 < P || pos0 - P + T > Tmax)
+        return tlm_errorf("positions %d..%d exceed the KV cache (%d shared + %d own positions)", pos0, pos0 + T - 1,
+                          P, Tmax);
     const int N = B * T, D = c->dim, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
     const int kvt = model_infer_kv_dtype(w);
@@ -208,7 +214,8 @@ int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scr
     for (int l = 0; l < L; l++) {
         const tlm_layer_params *p = &m->layer[l];
         o->matmul_packed(o, s->qkv, s->x, N, w->wqkv[l], p->attn_norm, eps, 0);
-        o->attn_decode(o, s->att, s->qkv, kc[l], vc[l], kvt, B, T, Tmax, H, hd, pos0, theta);
+        o->attn_decode(o, s->att, s->qkv, kc[l], vc[l], kvt, P ? pre->k[l] : NULL, P ? pre->v[l] : NULL, P, B, T,
+                       Tmax, H, hd, pos0, theta);
         o->matmul_packed(o, s->x, s->att, N, w->wo[l], NULL, 0.0f, 1);
         o->matmul_packed(o, s->act, s->x, N, w->wgu[l], p->mlp_norm, eps, 0);
         o->matmul_packed(o, s->x, s->act, N, w->wdown[l], NULL, 0.0f, 1);

@@ -57,8 +57,20 @@ int model_infer_kv_dtype(const tlm_infer_weights *w);
 
 /* model_forward_cached (same arguments and result) through packed weights;
  * w NULL or of dtype TLM_GEN_REF: model_forward_cached itself. kc, vc are
- * caches of model_infer_kv_dtype(w) elements (cast to float **). */
+ * caches of model_infer_kv_dtype(w) elements (cast to float **).
+ * pre (NULL: none; packed weights only) is a prefix shared by all B
+ * sequences, stored once per layer ([H,P,hd] each, see attn_decode): the
+ * caches kc, vc then hold positions P .. P+Tmax-1 of each sequence, and
+ * pos0 >= P. Generating several samples of one prompt computes the prompt
+ * once (B = 1, no prefix, caches = pre's, Tmax = P) and then steps all
+ * samples over it. */
+typedef struct {
+    float **k, **v; /* [L] device caches [H,P,hd] */
+    int P;
+} tlm_kv_prefix;
 int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
-                         int Tmax, const int32_t *tokens, int B, int T, int pos0, float *logits_out);
+                         int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens, int B, int T, int pos0,
+                         float *logits_out);
+
 
 #endif

@@ -177,14 +177,28 @@ struct tlm_ops {
      * contiguous, so attention streams them from memory, which bounds it at
      * many streams. Elements are kv_dtype: TLM_KV_F32, or TLM_KV_F16 (IEEE
      * half, rounded to nearest even, saturated to +-65504) for half the
-     * bytes; sums are fp32 either way. */
-    void (*attn_decode)(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T, int Tmax,
-                        int H, int hd, int pos0, float theta);
+     * bytes; sums are fp32 either way.
+     * A SHARED PREFIX (kp, vp, P > 0; NULL, NULL, 0 without one): positions
+     * 0 .. P-1 are the same for every sequence (one prompt, several
+     * samples), so they are stored once, kp, vp [H,P,hd] of kv_dtype, and
+     * each sequence's caches hold only its own positions: row r of kc, vc
+     * is position P + r (so pos0 >= P and pos0 - P + T <= Tmax). Attention
+     * over many streams then reads the prefix once per step (from cache)
+     * instead of once per stream (from memory). Keys are visited prefix
+     * first, then the sequence's own rows, whatever B is. */
+    void (*attn_decode)(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
+                        const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta);
     /* OPTIONAL (NULL: the model uses embed_fwd): out[N,D] = wte[tok[n], :]
      * with tok on the HOST. A step embeds only B rows: the CPU copies them
      * on the calling thread (embed_fwd may start a parallel region, whose
      * spinning threads then compete with the generation ops' own). */
     void (*embed_rows)(tlm_ops *o, float *out, const int32_t *tok_host, const float *wte, int N, int D);
+    /* OPTIONAL (NULL: the caller loops itself): run fn(arg, c) for every c
+     * in [0, n) on the backend's host compute threads and return when all
+     * are done; the calls must be independent. Host work between steps
+     * (sampling many streams) then uses the threads the backend already
+     * runs, instead of a second pool spinning against them. */
+    void (*host_for)(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg);
     /* ==== end of the generation block ==================================== */
 
     void (*destroy)(tlm_ops *o);

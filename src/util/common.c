@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 static _Thread_local char g_err[1024];
 
@@ -29,10 +32,26 @@ double tlm_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* Buffers this large are aligned to, and advised onto, 2 MB pages where
+ * the kernel offers them (Linux transparent huge pages in "madvise" mode):
+ * the KV cache of many streams, activations and weights are walked across
+ * tens of MB, and with 4 KB pages nearly every row of a head's keys is a
+ * TLB miss. */
+#define TLM_HUGE_MIN ((size_t)4 << 20)
+#define TLM_HUGE_PAGE ((size_t)2 << 20)
+
 void *tlm_alloc(size_t bytes) {
     size_t rounded = (bytes + TLM_ALIGN - 1) / TLM_ALIGN * TLM_ALIGN;
     if (rounded == 0) rounded = TLM_ALIGN;
-    void *p = aligned_alloc(TLM_ALIGN, rounded);
+    void *p;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (rounded >= TLM_HUGE_MIN) {
+        rounded = (rounded + TLM_HUGE_PAGE - 1) / TLM_HUGE_PAGE * TLM_HUGE_PAGE;
+        p = aligned_alloc(TLM_HUGE_PAGE, rounded);
+        if (p) madvise(p, rounded, MADV_HUGEPAGE); /* advice only: failure changes nothing */
+    } else
+#endif
+        p = aligned_alloc(TLM_ALIGN, rounded);
     if (!p) {
         char b[32];
         tlm_errorf("out of memory allocating %s: use a smaller --batch or model", tlm_fmt_bytes((double)bytes, b, sizeof b));

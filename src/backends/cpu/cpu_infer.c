@@ -78,14 +78,19 @@ struct tlm_packed {
  * between ops (the next op comes within microseconds) and then sleep.
  *
  * One case remains: a helper that is preempted while it holds a chunk makes
- * the caller wait for it. When a wait exceeds CI_STALL_S the machine is
- * taken to be busy and the ops run alone for CI_SOLO_S before trying again.
+ * the caller wait for it. A helper that runs finishes its last chunk at
+ * most one chunk after the caller ran out of chunks, and a chunk is no
+ * longer than the caller's own share; so when the wait exceeds the caller's
+ * own time by CI_STALL_S, the machine is taken to be busy and the ops run
+ * alone for CI_SOLO_S before trying again. (A fixed 50 us limit alone
+ * mistook long chunks for preemption: at 64 streams, attention and product
+ * chunks are tens of microseconds, and 2 threads ran 25% slower.)
  *
  * Chunks write disjoint outputs and compute each output exactly as one
  * thread would, so results never depend on who ran what. */
 
 #define CI_MAX_HELPERS 63
-#define CI_STALL_S 50e-6 /* a wait this long means a helper was preempted */
+#define CI_STALL_S 50e-6 /* a wait this much longer than a chunk means a helper was preempted */
 #define CI_SOLO_S 0.1     /* ... then run alone this long */
 #define CI_SPIN_LIMIT 100000 /* waiting rounds before a helper sleeps (~1 ms) */
 
@@ -212,13 +217,14 @@ static void ci_run(int threads, int nchunks, ci_chunk_fn fn, void *arg) {
         pthread_cond_broadcast(&tm->cv);
         pthread_mutex_unlock(&tm->mu);
     }
+    const double t_start = tlm_now();
     ci_team_work(tm, g);
     if (atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks) {
         /* a helper still holds a chunk */
         double t0 = tlm_now();
         for (int round = 0; atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks; round++) ci_pause(round);
         double t1 = tlm_now();
-        if (t1 - t0 > CI_STALL_S) tm->solo_until = t1 + CI_SOLO_S;
+        if (t1 - t0 > (t0 - t_start) + CI_STALL_S) tm->solo_until = t1 + CI_SOLO_S;
     }
     atomic_store_explicit(&tm->busy, 0, memory_order_release);
 }
@@ -798,8 +804,9 @@ static inline void ci_kv_put(void *dst, const float *src, int n, int f16) {
 
 /* ---- attention rows ------------------------------------------------------------ */
 
-/* One query against nk cached rows (kvstride elements apart) with an online
- * softmax over blocks of 16 keys, so no score buffer is needed. */
+/* One query against cached rows (kvstride elements apart) in two segments,
+ * np rows of a shared prefix (kp, vp) and then nk rows of the sequence's
+ * own (k, v), with an online softmax carried across chunks and segments. */
 #if defined(CI_AVX512)
 static inline __attribute__((always_inline)) __m512 ci_kv_load(const void *base, size_t i, const int f16) {
     if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
@@ -829,12 +836,14 @@ static inline __attribute__((always_inline)) __m512 ci_hsum16(const __m512 *a) {
 #define CI_ATTN_CHUNK 1024
 
 static inline __attribute__((always_inline)) void ci_attn_row512(const int HC, const int f16, float *out,
-                                                                 const float *q, const void *k, const void *v,
-                                                                 size_t kvstride, int nk, float scale,
-                                                                 const char *knext, const char *vnext) {
-    /* knext, vnext (may be NULL): the next task's keys and values, fetched
-     * while this one computes; a task's rows span only a few pages, too few
-     * for the hardware prefetcher to get going */
+                                                                 const float *q, const void *kp, const void *vp,
+                                                                 int np, const void *k, const void *v, int nk,
+                                                                 size_t kvstride, float scale, const char *knext,
+                                                                 const char *vnext) {
+    /* knext, vnext (may be NULL): the next task's own keys and values,
+     * fetched while this one computes its own; a task's rows span only a
+     * few pages, too few for the hardware prefetcher to get going. The
+     * prefix is shared by every task and is already in cache. */
     const size_t row_bytes = (size_t)HC * 16 * (f16 ? 2 : 4);
     __m512 qv[8], ov[4][8];
     for (int c = 0; c < HC; c++) {
@@ -843,69 +852,78 @@ static inline __attribute__((always_inline)) void ci_attn_row512(const int HC, c
     }
     _Alignas(64) float sc[CI_ATTN_CHUNK];
     float mx = -INFINITY;
+    int started = 0;
     __m512 lsum = _mm512_setzero_ps();
-    for (int c0 = 0; c0 < nk; c0 += CI_ATTN_CHUNK) {
-        const int n = nk - c0 < CI_ATTN_CHUNK ? nk - c0 : CI_ATTN_CHUNK;
-        /* pass 1: scores, 16 keys per transposed sum, and their max */
-        __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (int j0 = 0; j0 < n; j0 += 16) {
-            const int nb = n - j0 < 16 ? n - j0 : 16;
-            __m512 a[16];
+    for (int seg = 0; seg < 2; seg++) {
+        const void *ks = seg ? k : kp, *vs = seg ? v : vp;
+        const int ns = seg ? nk : np;
+        const char *kn = seg ? knext : NULL, *vn = seg ? vnext : NULL;
+        for (int c0 = 0; c0 < ns; c0 += CI_ATTN_CHUNK) {
+            const int n = ns - c0 < CI_ATTN_CHUNK ? ns - c0 : CI_ATTN_CHUNK;
+            /* pass 1: scores, 16 keys per transposed sum, and their max */
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            for (int j0 = 0; j0 < n; j0 += 16) {
+                const int nb = n - j0 < 16 ? n - j0 : 16;
+                __m512 a[16];
 #pragma GCC unroll 16
-            for (int j = 0; j < 16; j++) {
-                if (j >= nb) {
-                    a[j] = _mm512_setzero_ps();
-                    continue;
+                for (int j = 0; j < 16; j++) {
+                    if (j >= nb) {
+                        a[j] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    size_t base = (size_t)(c0 + j0 + j) * kvstride;
+                    if (kn)
+                        for (size_t off = 0; off < row_bytes; off += 64)
+                            _mm_prefetch(kn + (size_t)(c0 + j0 + j) * row_bytes + off, _MM_HINT_T0);
+                    __m512 acc = _mm512_mul_ps(qv[0], ci_kv_load(ks, base, f16));
+                    for (int c = 1; c < HC; c++)
+                        acc = _mm512_fmadd_ps(qv[c], ci_kv_load(ks, base + 16 * (size_t)c, f16), acc);
+                    a[j] = acc;
                 }
-                size_t base = (size_t)(c0 + j0 + j) * kvstride;
-                if (knext)
-                    for (size_t off = 0; off < row_bytes; off += 64)
-                        _mm_prefetch(knext + (size_t)(c0 + j0 + j) * row_bytes + off, _MM_HINT_T0);
-                __m512 acc = _mm512_mul_ps(qv[0], ci_kv_load(k, base, f16));
-                for (int c = 1; c < HC; c++) acc = _mm512_fmadd_ps(qv[c], ci_kv_load(k, base + 16 * (size_t)c, f16), acc);
-                a[j] = acc;
+                __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ci_mask(nb), ci_hsum16(a));
+                vmax = _mm512_max_ps(vmax, sv);
+                _mm512_store_ps(sc + j0, sv);
             }
-            __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ci_mask(nb), ci_hsum16(a));
-            vmax = _mm512_max_ps(vmax, sv);
-            _mm512_store_ps(sc + j0, sv);
-        }
-        /* a new maximum rescales what earlier chunks summed */
-        float cm = _mm512_reduce_max_ps(vmax);
-        if (cm > mx) {
-            if (c0 > 0) {
-                __m512 corr = _mm512_set1_ps(expf(mx - cm));
-                lsum = _mm512_mul_ps(lsum, corr);
-                for (int u = 0; u < 4; u++)
-                    for (int c = 0; c < HC; c++) ov[u][c] = _mm512_mul_ps(ov[u][c], corr);
+            /* a new maximum rescales what earlier chunks summed */
+            float cm = _mm512_reduce_max_ps(vmax);
+            if (cm > mx) {
+                if (started) {
+                    __m512 corr = _mm512_set1_ps(expf(mx - cm));
+                    lsum = _mm512_mul_ps(lsum, corr);
+                    for (int u = 0; u < 4; u++)
+                        for (int c = 0; c < HC; c++) ov[u][c] = _mm512_mul_ps(ov[u][c], corr);
+                }
+                mx = cm;
             }
-            mx = cm;
-        }
-        /* pass 2: probabilities (masked tail lanes hold -inf -> 0) */
-        const __m512 mv = _mm512_set1_ps(mx);
-        for (int j0 = 0; j0 < n; j0 += 16) {
-            __m512 p = _mm512_maskz_mov_ps(ci_mask(n - j0), ci_exp512(_mm512_sub_ps(_mm512_load_ps(sc + j0), mv)));
-            lsum = _mm512_add_ps(lsum, p);
-            _mm512_store_ps(sc + j0, p);
-        }
-        /* pass 3: p @ v, four independent accumulator sets so consecutive
-         * keys do not wait on each other's multiply-add */
-        int j = 0;
-        for (; j + 4 <= n; j += 4) {
+            started = 1;
+            /* pass 2: probabilities (masked tail lanes hold -inf -> 0) */
+            const __m512 mv = _mm512_set1_ps(mx);
+            for (int j0 = 0; j0 < n; j0 += 16) {
+                __m512 p = _mm512_maskz_mov_ps(ci_mask(n - j0), ci_exp512(_mm512_sub_ps(_mm512_load_ps(sc + j0), mv)));
+                lsum = _mm512_add_ps(lsum, p);
+                _mm512_store_ps(sc + j0, p);
+            }
+            /* pass 3: p @ v, four independent accumulator sets so consecutive
+             * keys do not wait on each other's multiply-add */
+            int j = 0;
+            for (; j + 4 <= n; j += 4) {
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) {
-                size_t base = (size_t)(c0 + j + u) * kvstride;
-                if (vnext)
-                    for (size_t off = 0; off < row_bytes; off += 64)
-                        _mm_prefetch(vnext + (size_t)(c0 + j + u) * row_bytes + off, _MM_HINT_T0);
-                __m512 pj = _mm512_set1_ps(sc[j + u]);
-                for (int c = 0; c < HC; c++)
-                    ov[u][c] = _mm512_fmadd_ps(pj, ci_kv_load(v, base + 16 * (size_t)c, f16), ov[u][c]);
+                for (int u = 0; u < 4; u++) {
+                    size_t base = (size_t)(c0 + j + u) * kvstride;
+                    if (vn)
+                        for (size_t off = 0; off < row_bytes; off += 64)
+                            _mm_prefetch(vn + (size_t)(c0 + j + u) * row_bytes + off, _MM_HINT_T0);
+                    __m512 pj = _mm512_set1_ps(sc[j + u]);
+                    for (int c = 0; c < HC; c++)
+                        ov[u][c] = _mm512_fmadd_ps(pj, ci_kv_load(vs, base + 16 * (size_t)c, f16), ov[u][c]);
+                }
             }
-        }
-        for (; j < n; j++) {
-            size_t base = (size_t)(c0 + j) * kvstride;
-            __m512 pj = _mm512_set1_ps(sc[j]);
-            for (int c = 0; c < HC; c++) ov[0][c] = _mm512_fmadd_ps(pj, ci_kv_load(v, base + 16 * (size_t)c, f16), ov[0][c]);
+            for (; j < n; j++) {
+                size_t base = (size_t)(c0 + j) * kvstride;
+                __m512 pj = _mm512_set1_ps(sc[j]);
+                for (int c = 0; c < HC; c++)
+                    ov[0][c] = _mm512_fmadd_ps(pj, ci_kv_load(vs, base + 16 * (size_t)c, f16), ov[0][c]);
+            }
         }
     }
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum));
@@ -920,43 +938,48 @@ static inline float ci_kv_get(const void *base, size_t i, int f16) {
     return f16 ? ci_from_f16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-static void ci_attn_row_generic(float *out, const float *q, const void *k, const void *v, size_t kvstride, int nk,
-                                int hd, float scale, int f16) {
+static void ci_attn_row_generic(float *out, const float *q, const void *kp, const void *vp, int np, const void *k,
+                                const void *v, int nk, size_t kvstride, int hd, float scale, int f16) {
     float mx = -INFINITY, l = 0.0f;
     for (int d = 0; d < hd; d++) out[d] = 0.0f;
-    for (int j0 = 0; j0 < nk; j0 += 16) {
-        int nb = nk - j0 < 16 ? nk - j0 : 16;
-        float s[16], bm = -INFINITY;
-        for (int j = 0; j < nb; j++) {
-            size_t base = (size_t)(j0 + j) * kvstride;
-            float a = 0.0f;
-            for (int d = 0; d < hd; d++) a += q[d] * ci_kv_get(k, base + (size_t)d, f16);
-            s[j] = a * scale;
-            bm = s[j] > bm ? s[j] : bm;
+    for (int seg = 0; seg < 2; seg++) {
+        const void *ks = seg ? k : kp, *vs = seg ? v : vp;
+        const int ns = seg ? nk : np;
+        for (int j0 = 0; j0 < ns; j0 += 16) {
+            int nb = ns - j0 < 16 ? ns - j0 : 16;
+            float s[16], bm = -INFINITY;
+            for (int j = 0; j < nb; j++) {
+                size_t base = (size_t)(j0 + j) * kvstride;
+                float a = 0.0f;
+                for (int d = 0; d < hd; d++) a += q[d] * ci_kv_get(ks, base + (size_t)d, f16);
+                s[j] = a * scale;
+                bm = s[j] > bm ? s[j] : bm;
+            }
+            float mnew = bm > mx ? bm : mx, corr = expf(mx - mnew);
+            l *= corr;
+            for (int d = 0; d < hd; d++) out[d] *= corr;
+            for (int j = 0; j < nb; j++) {
+                float p = expf(s[j] - mnew);
+                l += p;
+                size_t base = (size_t)(j0 + j) * kvstride;
+                for (int d = 0; d < hd; d++) out[d] += p * ci_kv_get(vs, base + (size_t)d, f16);
+            }
+            mx = mnew;
         }
-        float mnew = bm > mx ? bm : mx, corr = expf(mx - mnew);
-        l *= corr;
-        for (int d = 0; d < hd; d++) out[d] *= corr;
-        for (int j = 0; j < nb; j++) {
-            float p = expf(s[j] - mnew);
-            l += p;
-            size_t base = (size_t)(j0 + j) * kvstride;
-            for (int d = 0; d < hd; d++) out[d] += p * ci_kv_get(v, base + (size_t)d, f16);
-        }
-        mx = mnew;
     }
     float inv = 1.0f / l;
     for (int d = 0; d < hd; d++) out[d] *= inv;
 }
 
-static void ci_attn_row(float *out, const float *q, const void *k, const void *v, size_t kvstride, int nk, int hd,
-                        float scale, int f16, const char *knext, const char *vnext) {
+static void ci_attn_row(float *out, const float *q, const void *kp, const void *vp, int np, const void *k,
+                        const void *v, int nk, size_t kvstride, int hd, float scale, int f16, const char *knext,
+                        const char *vnext) {
 #if defined(CI_AVX512)
 #define CI_ATTN_HD(HC)                                                                  \
     if (f16)                                                                            \
-        ci_attn_row512(HC, 1, out, q, k, v, kvstride, nk, scale, knext, vnext);         \
+        ci_attn_row512(HC, 1, out, q, kp, vp, np, k, v, nk, kvstride, scale, knext, vnext); \
     else                                                                                \
-        ci_attn_row512(HC, 0, out, q, k, v, kvstride, nk, scale, knext, vnext);         \
+        ci_attn_row512(HC, 0, out, q, kp, vp, np, k, v, nk, kvstride, scale, knext, vnext); \
     return;
     switch (hd) {
     case 16: CI_ATTN_HD(1)
@@ -969,7 +992,7 @@ static void ci_attn_row(float *out, const float *q, const void *k, const void *v
 #endif
     (void)knext;
     (void)vnext;
-    ci_attn_row_generic(out, q, k, v, kvstride, nk, hd, scale, f16);
+    ci_attn_row_generic(out, q, kp, vp, np, k, v, nk, kvstride, hd, scale, f16);
 }
 
 /* Tasks are (sequence, head) pairs: a task rotates, stores and attends for
@@ -978,8 +1001,9 @@ static void ci_attn_row(float *out, const float *q, const void *k, const void *v
 typedef struct {
     float *out, *qkv;
     char *kc, *vc;
+    const char *kp, *vp; /* shared prefix [H,P,hd], or NULL with P = 0 */
     const float *cs, *sn;
-    int B, T, Tmax, H, hd, pos0, f16, per_chunk;
+    int B, T, Tmax, H, hd, pos0, P, f16, per_chunk;
     float scale;
 } ci_attn_job;
 
@@ -994,19 +1018,21 @@ static void ci_attn_task(const ci_attn_job *j, int task) {
             ci_rotate(row, j->cs + (size_t)t * half, j->sn + (size_t)t * half, half);
             ci_rotate(row + D, j->cs + (size_t)t * half, j->sn + (size_t)t * half, half);
         }
-        size_t dst = (((size_t)task * j->Tmax + (size_t)(j->pos0 + t)) * hd) * es;
+        size_t dst = (((size_t)task * j->Tmax + (size_t)(j->pos0 - j->P + t)) * hd) * es;
         ci_kv_put(j->kc + dst, row + D, hd, j->f16);
         ci_kv_put(j->vc + dst, row + 2 * D, hd, j->f16);
     }
-    /* this (sequence, head)'s keys: rows hd apart from task * Tmax * hd */
+    /* this (sequence, head)'s own keys: rows hd apart from task * Tmax * hd;
+     * head h's prefix keys: P rows from h * P * hd */
     const size_t cache = (size_t)task * j->Tmax * hd * es, next = (size_t)j->Tmax * hd * es;
+    const size_t pre = (size_t)h * j->P * hd * es;
     /* the next task's rows, for the prefetch of the first query row */
     const char *kn = task + 1 < ntask ? j->kc + cache + next : NULL;
     const char *vn = kn ? j->vc + cache + next : NULL;
     for (int t = 0; t < T; t++)
         ci_attn_row(j->out + ((size_t)b * T + t) * D + (size_t)h * hd, j->qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd,
-                    j->kc + cache, j->vc + cache, (size_t)hd, j->pos0 + t + 1, hd, j->scale, j->f16, t == 0 ? kn : NULL,
-                    t == 0 ? vn : NULL);
+                    j->kp ? j->kp + pre : NULL, j->vp ? j->vp + pre : NULL, j->P, j->kc + cache, j->vc + cache,
+                    j->pos0 - j->P + t + 1, (size_t)hd, hd, j->scale, j->f16, t == 0 ? kn : NULL, t == 0 ? vn : NULL);
 }
 
 static void ci_attn_chunk(void *arg, int c) {
@@ -1018,11 +1044,13 @@ static void ci_attn_chunk(void *arg, int c) {
 /* Tasks are (sequence, head) pairs: a task rotates, stores and attends for
  * its own head columns only, so the tasks never share a byte and need no
  * barrier between the store and the attention. */
-static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
-                           int Tmax, int H, int hd, int pos0, float theta) {
+static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
+                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
     const int half = hd / 2;
-    ci_attn_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .B = B, .T = T, .Tmax = Tmax, .H = H, .hd = hd,
-                     .pos0 = pos0, .f16 = kv_dtype == TLM_KV_F16, .scale = 1.0f / sqrtf((float)hd)};
+    if (!kp || !vp) P = 0;
+    ci_attn_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .kp = P ? kp : NULL, .vp = P ? vp : NULL, .B = B,
+                     .T = T, .Tmax = Tmax, .H = H, .hd = hd, .pos0 = pos0, .P = P, .f16 = kv_dtype == TLM_KV_F16,
+                     .scale = 1.0f / sqrtf((float)hd)};
     ci_rope_table *rc = &ci_rope_cache;
     float *heap = NULL;
     if ((long)T * half <= CI_ROPE_CAP) {
@@ -1055,6 +1083,8 @@ static void ci_embed_rows(tlm_ops *o, float *out, const int32_t *tok, const floa
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, wte + (size_t)tok[n] * D, sizeof(float) * (size_t)D);
 }
 
+static void ci_host_for(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg) { ci_run(o->threads, n, fn, arg); }
+
 void cpu_infer_install(tlm_ops *o) {
 #if defined(CI_AVX512BF16) || defined(CI_NEON_BF16) || defined(__AVX2__) || defined(CI_AVX512)
     /* bf16 dot products, or a cheap bf16 -> fp32 widening: half the bytes
@@ -1068,4 +1098,5 @@ void cpu_infer_install(tlm_ops *o) {
     o->matmul_packed = ci_matmul_packed;
     o->attn_decode = ci_attn_decode;
     o->embed_rows = ci_embed_rows;
+    o->host_for = ci_host_for;
 }

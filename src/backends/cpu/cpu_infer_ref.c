@@ -148,17 +148,19 @@ static void ref_kv_put(void *c, size_t i, float x, int kv_dtype) {
 }
 
 /* By definition: RoPE (rope_fwd), then the store into the head-major
- * caches [B,H,Tmax,hd], then softmax attention over them, in double. */
-static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
-                            int Tmax, int H, int hd, int pos0, float theta) {
+ * caches [B,H,Tmax,hd] (row = position - P), then softmax attention over
+ * the shared prefix [H,P,hd] and the sequence's own rows, in double. */
+static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
+                            const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
     const int D = H * hd;
+    if (!kp || !vp) P = 0;
     o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             for (int h = 0; h < H; h++)
                 for (int d = 0; d < hd; d++) {
                     const float *row = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
-                    size_t at = (((size_t)b * H + h) * Tmax + (size_t)(pos0 + t)) * hd + (size_t)d;
+                    size_t at = (((size_t)b * H + h) * Tmax + (size_t)(pos0 - P + t)) * hd + (size_t)d;
                     ref_kv_put(kc, at, row[D + d], kv_dtype);
                     ref_kv_put(vc, at, row[2 * D + d], kv_dtype);
                 }
@@ -169,22 +171,26 @@ static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *
         for (int t = 0; t < T; t++)
             for (int h = 0; h < H; h++) {
                 const float *q = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
-                const size_t head = ((size_t)b * H + h) * Tmax * hd;
+                const size_t head = ((size_t)b * H + h) * Tmax * hd, phead = (size_t)h * P * hd;
                 const int nk = pos0 + t + 1;
+                /* key j: prefix row j when j < P, else own row j - P */
+#define REF_KEY(c, pc, j, d) ((j) < P ? ref_kv_get((pc), phead + (size_t)(j) * hd + (d), kv_dtype) \
+                                      : ref_kv_get((c), head + (size_t)((j) - P) * hd + (d), kv_dtype))
                 double mx = -INFINITY, z = 0;
                 for (int j = 0; j < nk; j++) {
                     double a = 0;
-                    for (int d = 0; d < hd; d++) a += (double)q[d] * ref_kv_get(kc, head + (size_t)j * hd + d, kv_dtype);
+                    for (int d = 0; d < hd; d++) a += (double)q[d] * REF_KEY(kc, kp, j, d);
                     s[j] = a * scale;
                     mx = s[j] > mx ? s[j] : mx;
                 }
                 for (int j = 0; j < nk; j++) z += (s[j] = exp(s[j] - mx));
                 for (int d = 0; d < hd; d++) {
                     double acc = 0;
-                    for (int j = 0; j < nk; j++) acc += s[j] * ref_kv_get(vc, head + (size_t)j * hd + d, kv_dtype);
+                    for (int j = 0; j < nk; j++) acc += s[j] * REF_KEY(vc, vp, j, d);
                     out[((size_t)b * T + t) * D + (size_t)h * hd + d] = (float)(acc / z);
                 }
             }
+#undef REF_KEY
     free(s);
 }
 

@@ -277,7 +277,8 @@ static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
 
 /* ---- attn_decode ------------------------------------------------------------------- */
 
-/* k, v of qkv[B,T,3D] into the head-major caches [B,H,Tmax,hd]. */
+/* k, v of qkv[B,T,3D] into the head-major caches [B,H,Tmax,hd], row
+ * position - P (P: length of the shared prefix, 0 without one). */
 template <class KV>
 static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, int T, int Tmax, int H, int hd,
                                      int pos0) {
@@ -300,8 +301,8 @@ static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, in
 #define DEC_WARPS 4
 template <class KV, int NCH>
 static __global__ void __launch_bounds__(DEC_WARPS * 32)
-    k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, int B, int T, int Tmax, int H, int hd,
-                  int pos0, float scale_log2) {
+    k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, const KV *kp, const KV *vp, int P, int B,
+                  int T, int Tmax, int H, int hd, int pos0, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
@@ -311,7 +312,9 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
     const float *qrow = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
     for (int d = lane; d < 32 * NCH; d += 32) sq[w][d] = d < hd ? qrow[d] : 0.f;
     __syncwarp();
-    const size_t head = ((size_t)b * H + h) * Tmax * hd;
+    /* key j < P: row j of the shared prefix [H,P,hd]; else own row j - P */
+    const KV *kh = kc + ((size_t)b * H + h) * Tmax * hd, *vh = vc + ((size_t)b * H + h) * Tmax * hd;
+    const KV *kph = kp + (size_t)h * P * hd, *vph = vp + (size_t)h * P * hd;
     const int nk = pos0 + t + 1;
     float mrun = -INFINITY, lsum = 0.f, o[NCH];
     for (int cix = 0; cix < NCH; cix++) o[cix] = 0.f;
@@ -319,9 +322,9 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
         const int jj = j0 + lane;
         float s = -INFINITY;
         if (jj < nk) {
-            const size_t kr = head + (size_t)jj * hd;
+            const KV *kr = jj < P ? kph + (size_t)jj * hd : kh + (size_t)(jj - P) * hd;
             float acc = 0.f;
-            for (int d = 0; d < hd; d++) acc += sq[w][d] * kv_io<KV>::get(kc, kr + d);
+            for (int d = 0; d < hd; d++) acc += sq[w][d] * kv_io<KV>::get(kr, d);
             s = acc * scale_log2;
         }
         const float mnew = fmaxf(mrun, cu_warp_max(s));
@@ -333,10 +336,11 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
         const int cnt = cu_imin(32, nk - j0);
         for (int i = 0; i < cnt; i++) {
             const float pi = __shfl_sync(CU_FULL, p, i);
-            const size_t vr = head + (size_t)(j0 + i) * hd;
+            const int jv = j0 + i;
+            const KV *vr = jv < P ? vph + (size_t)jv * hd : vh + (size_t)(jv - P) * hd;
             for (int cix = 0; cix < NCH; cix++) {
                 int d = lane + 32 * cix;
-                if (d < hd) o[cix] += pi * kv_io<KV>::get(vc, vr + d);
+                if (d < hd) o[cix] += pi * kv_io<KV>::get(vr, d);
             }
         }
     }
@@ -349,33 +353,35 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
 }
 
 template <class KV>
-static void att_decode_launch(cu_ctx *c, float *out, const float *qkv, void *kc, void *vc, int B, int T, int Tmax,
-                              int H, int hd, int pos0) {
+static void att_decode_launch(cu_ctx *c, float *out, const float *qkv, void *kc, void *vc, const void *kp,
+                              const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0) {
     auto ks = k_kv_store_hm<KV>;
-    CU_LAUNCH(ks, cu_grid(c, (size_t)B * T, 1), 256, c->stream, (KV *)kc, (KV *)vc, qkv, B, T, Tmax, H, hd, pos0);
+    /* the store kernel indexes rows by position: shift by the prefix */
+    CU_LAUNCH(ks, cu_grid(c, (size_t)B * T, 1), 256, c->stream, (KV *)kc, (KV *)vc, qkv, B, T, Tmax, H, hd, pos0 - P);
     cu_after(c, "attn_decode (store)");
     unsigned blocks = (unsigned)(((size_t)B * H * T + DEC_WARPS - 1) / DEC_WARPS);
     float sl = (1.0f / sqrtf((float)hd)) * CU_LOG2E;
-    const KV *k = (const KV *)kc, *v = (const KV *)vc;
+    const KV *k = (const KV *)kc, *v = (const KV *)vc, *pk = (const KV *)kp, *pv = (const KV *)vp;
     if (hd <= 32) {
         auto kern = k_attn_decode<KV, 1>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
     } else if (hd <= 64) {
         auto kern = k_attn_decode<KV, 2>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
     } else if (hd <= 96) {
         auto kern = k_attn_decode<KV, 3>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
     } else {
         auto kern = k_attn_decode<KV, 4>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
     }
     cu_after(c, "attn_decode");
 }
 
-static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, int B, int T,
-                           int Tmax, int H, int hd, int pos0, float theta) {
+static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
+                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
     cu_ctx *c = cu_of(o);
+    if (!kp || !vp) P = 0;
     if (c->failed || B <= 0 || T <= 0 || H <= 0) return;
     if (hd < 1 || hd > 128) {
         cu_fail(c, "attn_decode: head size %d is not supported by the CUDA backend (1..128): use --device cpu", hd);
@@ -387,9 +393,9 @@ static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *v
     }
     o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
     if (kv_dtype == TLM_KV_F16)
-        att_decode_launch<uint16_t>(c, out, qkv, kc, vc, B, T, Tmax, H, hd, pos0);
+        att_decode_launch<uint16_t>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0);
     else
-        att_decode_launch<float>(c, out, qkv, kc, vc, B, T, Tmax, H, hd, pos0);
+        att_decode_launch<float>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0);
 }
 
 void cu_infer_install(tlm_ops *o) {
