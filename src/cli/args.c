@@ -1,4 +1,5 @@
-/* Flag parsing shared by the subcommands: strict numbers, one-line errors. */
+/* Flag parsing shared by the subcommands: strict numbers, one-line errors,
+ * and the table-driven parser every subcommand uses. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -82,4 +83,70 @@ int cli_parse_duration(const char *cmd, const char *flag, const char *val, doubl
     }
     *out = v * mul;
     return 0;
+}
+
+/* ---- table-driven flag parsing ---------------------------------------------------- */
+
+static const cli_flag *find_flag(const char *arg, const cli_flag *flags, int nflags) {
+    for (int k = 0; k < nflags; k++)
+        if (cli_is_flag(arg, flags[k].name)) return &flags[k];
+    return NULL;
+}
+
+/* Store one value; 0, or -1 after the parse helper printed the error. */
+static int store_value(const char *cmd, const cli_flag *f, const char *v) {
+    long l;
+    switch (f->type) {
+    case CLI_INT:
+        if (cli_parse_int(cmd, f->name, v, f->lo, f->hi, &l)) return -1;
+        *f->dest.i = (int)l;
+        return 0;
+    case CLI_LONG: return cli_parse_int(cmd, f->name, v, f->lo, f->hi, f->dest.l);
+    case CLI_DOUBLE: return cli_parse_float(cmd, f->name, v, f->flo, f->fhi, f->dest.d);
+    case CLI_DURATION: return cli_parse_duration(cmd, f->name, v, f->dest.d);
+    case CLI_STRING: *f->dest.s = v; return 0;
+    case CLI_CUSTOM: return f->parse(cmd, f->name, v, f->dest.p);
+    case CLI_SWITCH: break; /* handled by the caller: takes no value */
+    }
+    return -1;
+}
+
+int cli_parse_flags(const char *cmd, int argc, char **argv, const cli_flag *flags, int nflags,
+                    void (*usage)(FILE *)) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return CLI_PARSE_HELP;
+        }
+        const cli_flag *f = find_flag(a, flags, nflags);
+        if (!f) {
+            if (nflags == 0)
+                fprintf(stderr, "tinylm %s: error: unknown flag '%s': tinylm %s takes no flags\n", cmd, a, cmd);
+            else
+                fprintf(stderr, "tinylm %s: error: unknown flag '%s': see tinylm %s --help\n", cmd, a, cmd);
+            return CLI_PARSE_ERROR;
+        }
+        if (f->type == CLI_SWITCH) {
+            if (a[strlen(f->name)] == '=') {
+                fprintf(stderr, "tinylm %s: error: flag %s takes no value, got '%s'\n", cmd, f->name, a);
+                return CLI_PARSE_ERROR;
+            }
+            *f->dest.i = 1;
+        } else {
+            const char *v = cli_flag_value(cmd, argc, argv, &i);
+            if (!v || store_value(cmd, f, v)) return CLI_PARSE_ERROR;
+        }
+        if (f->given) *f->given = 1;
+    }
+    return CLI_PARSE_OK;
+}
+
+void cli_model_apply(const cli_model_flags *m, tlm_config *c) {
+    if (m->vocab) c->vocab = (int)m->vocab;
+    if (m->dim) c->dim = (int)m->dim;
+    if (m->layers) c->layers = (int)m->layers;
+    if (m->heads) c->heads = (int)m->heads;
+    if (m->hidden) c->hidden = (int)m->hidden;
+    if (m->context) c->context = (int)m->context;
 }

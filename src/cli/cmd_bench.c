@@ -95,8 +95,8 @@ static void bench_usage(FILE *f) {
 /* ---- flags ------------------------------------------------------------------------ */
 
 typedef struct {
-    const char *preset, *corpus, *device;
-    long vocab, dim, layers, heads, hidden, context;
+    const char *corpus, *device;
+    cli_model_flags model;
     long batch, steps, warmup, gemm_size, gemm_reps;
     long prompt_tokens, gen_tokens, vocab_train, threads, seed;
     int streams[MAX_STREAMS], nstreams;
@@ -104,7 +104,9 @@ typedef struct {
     int only_given, json;
 } bench_flags;
 
-static int parse_streams(const char *v, bench_flags *g) {
+/* --streams and --only: CLI_CUSTOM parsers, dest is the bench_flags. */
+static int parse_streams(const char *cmd, const char *flag, const char *v, void *dest) {
+    bench_flags *g = dest;
     g->nstreams = 0;
     const char *p = v;
     for (;;) {
@@ -112,11 +114,12 @@ static int parse_streams(const char *v, bench_flags *g) {
         errno = 0;
         long s = strtol(p, &end, 10);
         if (errno || end == p || (*end != ',' && *end != '\0') || s < 1 || s > 4096) {
-            fprintf(stderr, "tinylm bench: error: --streams expects comma-separated counts from 1 to 4096 like 1,64, got '%s'\n", v);
+            fprintf(stderr, "tinylm %s: error: %s expects comma-separated counts from 1 to 4096 like 1,64, got '%s'\n",
+                    cmd, flag, v);
             return -1;
         }
         if (g->nstreams == MAX_STREAMS) {
-            fprintf(stderr, "tinylm bench: error: --streams lists more than %d counts: give fewer\n", MAX_STREAMS);
+            fprintf(stderr, "tinylm %s: error: %s lists more than %d counts: give fewer\n", cmd, flag, MAX_STREAMS);
             return -1;
         }
         g->streams[g->nstreams++] = (int)s;
@@ -125,7 +128,8 @@ static int parse_streams(const char *v, bench_flags *g) {
     }
 }
 
-static int parse_only(const char *v, bench_flags *g) {
+static int parse_only(const char *cmd, const char *flag, const char *v, void *dest) {
+    bench_flags *g = dest;
     static const struct { const char *name; unsigned bit; } names[] = {
         {"train", S_TRAIN}, {"sgemm", S_SGEMM}, {"prompt", S_PROMPT}, {"gen", S_GEN},
         {"tokenizer", S_TOK}, {"memory", S_MEM}, {"peak", S_MEM}};
@@ -137,8 +141,8 @@ static int parse_only(const char *v, bench_flags *g) {
         for (size_t k = 0; k < sizeof names / sizeof names[0]; k++)
             if (strlen(names[k].name) == n && !strncmp(p, names[k].name, n)) bit = names[k].bit;
         if (!bit) {
-            fprintf(stderr, "tinylm bench: error: --only '%s' names an unknown part '%.*s': use train, sgemm, prompt, gen, tokenizer or memory\n",
-                    v, (int)n, p);
+            fprintf(stderr, "tinylm %s: error: %s '%s' names an unknown part '%.*s': use train, sgemm, prompt, gen, tokenizer or memory\n",
+                    cmd, flag, v, (int)n, p);
             return -1;
         }
         g->sections |= bit;
@@ -149,7 +153,7 @@ static int parse_only(const char *v, bench_flags *g) {
 
 static int parse_flags(int argc, char **argv, bench_flags *g) {
     memset(g, 0, sizeof *g);
-    g->preset = "seed";
+    g->model.preset = "seed";
     g->device = "cpu";
     g->batch = 16;
     g->steps = 10;
@@ -164,51 +168,26 @@ static int parse_flags(int argc, char **argv, bench_flags *g) {
     g->streams[1] = 64;
     g->nstreams = 2;
     g->sections = S_ALL;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            bench_usage(stdout);
-            return 1;
-        }
-#define VAL()                                                      \
-    do {                                                           \
-        if (!(v = cli_flag_value(CMD, argc, argv, &i))) return -1; \
-    } while (0)
-#define INT(name, field, lo, hi)                                       \
-    else if (cli_is_flag(a, name)) {                                   \
-        VAL();                                                         \
-        if (cli_parse_int(CMD, name, v, lo, hi, &g->field)) return -1; \
-    }
-        if (cli_is_flag(a, "--preset")) { VAL(); g->preset = v; }
-        else if (cli_is_flag(a, "--corpus")) { VAL(); g->corpus = v; }
-        else if (cli_is_flag(a, "--device")) { VAL(); g->device = v; }
-        else if (cli_is_flag(a, "--streams")) { VAL(); if (parse_streams(v, g)) return -1; }
-        else if (cli_is_flag(a, "--only")) { VAL(); if (parse_only(v, g)) return -1; g->only_given = 1; }
-        else if (!strcmp(a, "--json")) g->json = 1;
-        INT("--vocab", vocab, 257, 1 << 20)
-        INT("--dim", dim, 1, 16384)
-        INT("--layers", layers, 1, 1024)
-        INT("--heads", heads, 1, 16384)
-        INT("--hidden", hidden, 1, 65536)
-        INT("--context", context, 1, 1L << 20)
-        INT("--batch", batch, 1, 1L << 20)
-        INT("--steps", steps, 1, 1000000)
-        INT("--warmup-steps", warmup, 0, 1000000)
-        INT("--gemm-size", gemm_size, 1, 32768)
-        INT("--gemm-reps", gemm_reps, 1, 10000)
-        INT("--prompt-tokens", prompt_tokens, 1, 1L << 20)
-        INT("--gen-tokens", gen_tokens, 1, 1L << 20)
-        INT("--vocab-train", vocab_train, 257, 1 << 24)
-        INT("--threads", threads, 0, 4096)
-        INT("--seed", seed, 0, 0x7fffffffffffffffL)
-        else {
-            fprintf(stderr, "tinylm bench: error: unknown flag '%s': see tinylm bench --help\n", a);
-            return -1;
-        }
-#undef VAL
-#undef INT
-    }
-    return 0;
+    const cli_flag flags[] = {
+        CLI_MODEL_FLAGS(&g->model),
+        CLI_MODEL_VOCAB_FLAG(&g->model),
+        CLI_FLAG_LONG("--batch", &g->batch, NULL, 1, 1L << 20),
+        CLI_FLAG_LONG("--steps", &g->steps, NULL, 1, 1000000),
+        CLI_FLAG_LONG("--warmup-steps", &g->warmup, NULL, 0, 1000000),
+        CLI_FLAG_LONG("--gemm-size", &g->gemm_size, NULL, 1, 32768),
+        CLI_FLAG_LONG("--gemm-reps", &g->gemm_reps, NULL, 1, 10000),
+        CLI_FLAG_LONG("--prompt-tokens", &g->prompt_tokens, NULL, 1, 1L << 20),
+        CLI_FLAG_LONG("--gen-tokens", &g->gen_tokens, NULL, 1, 1L << 20),
+        CLI_FLAG_CUSTOM("--streams", parse_streams, g, NULL),
+        CLI_FLAG_STRING("--corpus", &g->corpus, NULL),
+        CLI_FLAG_LONG("--vocab-train", &g->vocab_train, NULL, 257, 1 << 24),
+        CLI_FLAG_LONG("--threads", &g->threads, NULL, 0, 4096),
+        CLI_FLAG_STRING("--device", &g->device, NULL),
+        CLI_FLAG_LONG("--seed", &g->seed, NULL, 0, 0x7fffffffffffffffL),
+        CLI_FLAG_CUSTOM("--only", parse_only, g, &g->only_given),
+        CLI_FLAG_SWITCH("--json", &g->json),
+    };
+    return cli_parse_flags(CMD, argc, argv, flags, CLI_NFLAGS(flags), bench_usage);
 }
 
 /* ---- the training child ------------------------------------------------------------ */
@@ -504,16 +483,11 @@ static void progress(const char *what) {
 int cmd_bench(int argc, char **argv) {
     bench_flags g;
     int pr = parse_flags(argc, argv, &g);
-    if (pr) return pr > 0 ? 0 : 2;
+    if (pr != CLI_PARSE_OK) return pr == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
 
     tlm_config c;
-    if (config_preset(g.preset, &c)) return cli_fail(CMD, tlm_last_error());
-    if (g.vocab) c.vocab = (int)g.vocab;
-    if (g.dim) c.dim = (int)g.dim;
-    if (g.layers) c.layers = (int)g.layers;
-    if (g.heads) c.heads = (int)g.heads;
-    if (g.hidden) c.hidden = (int)g.hidden;
-    if (g.context) c.context = (int)g.context;
+    if (config_preset(g.model.preset, &c)) return cli_fail(CMD, tlm_last_error());
+    cli_model_apply(&g.model, &c);
     if (config_validate(&c)) return cli_fail(CMD, tlm_last_error());
     if (!g.corpus) {
         if (g.only_given && (g.sections & S_TOK))

@@ -9,7 +9,7 @@
 #include "io/fileio.h"
 #include "text/tokenizer.h"
 
-static int usage(FILE *f) {
+static void usage(FILE *f) {
     fprintf(f,
             "usage: tinylm encode --tokenizer FILE [--input FILE | --text TEXT]\n"
             "       tinylm decode --tokenizer FILE [--input FILE | --text \"ID ID ...\"]\n"
@@ -19,7 +19,6 @@ static int usage(FILE *f) {
             "  --tokenizer FILE   a tokenizer.json (e.g. DIR/tokenizer.json from tinylm prepare)\n"
             "  --input FILE       read the text (or ids) from FILE\n"
             "  --text TEXT        take the text (or ids) from the command line\n");
-    return f == stdout ? 0 : 2;
 }
 
 static char *read_stdin(size_t *len) {
@@ -39,19 +38,13 @@ int cmd_encode(int argc, char **argv) {
     const char *cmd = argv[0];
     int decode = !strcmp(cmd, "decode");
     const char *tokpath = NULL, *input = NULL, *text = NULL;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return usage(stdout);
-        if (cli_is_flag(a, "--tokenizer") || cli_is_flag(a, "--input") || cli_is_flag(a, "--text")) {
-            if (!(v = cli_flag_value(cmd, argc, argv, &i))) return 2;
-            if (cli_is_flag(a, "--tokenizer")) tokpath = v;
-            else if (cli_is_flag(a, "--input")) input = v;
-            else text = v;
-            continue;
-        }
-        fprintf(stderr, "tinylm %s: error: unknown flag '%s': see tinylm %s --help\n", cmd, a, cmd);
-        return 2;
-    }
+    const cli_flag flags[] = {
+        CLI_FLAG_STRING("--tokenizer", &tokpath, NULL),
+        CLI_FLAG_STRING("--input", &input, NULL),
+        CLI_FLAG_STRING("--text", &text, NULL),
+    };
+    int pr = cli_parse_flags(cmd, argc, argv, flags, CLI_NFLAGS(flags), usage);
+    if (pr != CLI_PARSE_OK) return pr == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
     if (!tokpath) return cli_fail(cmd, "--tokenizer is required: the tokenizer.json to use");
     tlm_tokenizer *t = tokenizer_load(tokpath);
     if (!t) return cli_fail(cmd, tlm_last_error());

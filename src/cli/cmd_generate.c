@@ -60,66 +60,48 @@ static int on_token(void *user, int seq, int32_t token) {
     return 0;
 }
 
+/* (0, 1] has an open end, which a lo..hi range cannot say. */
+static int parse_top_p(const char *cmd, const char *flag, const char *val, void *dest) {
+    double *top_p = dest;
+    if (cli_parse_float(cmd, flag, val, -1e300, 1e300, top_p)) return -1;
+    if (!(*top_p > 0.0 && *top_p <= 1.0)) {
+        fprintf(stderr, "tinylm %s: error: %s %g is out of range: use a value in (0, 1] (1 = off)\n", cmd, flag,
+                *top_p);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_dtype(const char *cmd, const char *flag, const char *val, void *dest) {
+    (void)flag; /* the library's message names --dtype */
+    if (model_infer_parse_dtype(val, dest)) {
+        cli_fail(cmd, tlm_last_error());
+        return -1;
+    }
+    return 0;
+}
+
 int cmd_generate(int argc, char **argv) {
     const char *run = NULL, *prompt = "", *device = "auto";
     int dtype = TLM_GEN_AUTO;
     long max_tokens = 200, top_k = 0, samples = 1, threads = 0, seed_l = 0;
     double temperature = 0.8, top_p = 0.95;
     int max_given = 0, seed_given = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            generate_usage(stdout);
-            return 0;
-        }
-#define VAL()                                                         \
-    do {                                                              \
-        if (!(v = cli_flag_value(CMD, argc, argv, &i))) return 2;     \
-    } while (0)
-        if (cli_is_flag(a, "--model")) { VAL(); run = v; }
-        else if (cli_is_flag(a, "--prompt")) { VAL(); prompt = v; }
-        else if (cli_is_flag(a, "--device")) { VAL(); device = v; }
-        else if (cli_is_flag(a, "--dtype")) {
-            VAL();
-            if (model_infer_parse_dtype(v, &dtype)) {
-                cli_fail(CMD, tlm_last_error());
-                return 2;
-            }
-        }
-        else if (cli_is_flag(a, "--max-tokens")) {
-            VAL();
-            if (cli_parse_int(CMD, "--max-tokens", v, 1, 1L << 30, &max_tokens)) return 2;
-            max_given = 1;
-        } else if (cli_is_flag(a, "--temperature")) {
-            VAL();
-            if (cli_parse_float(CMD, "--temperature", v, 0.0, 1e6, &temperature)) return 2;
-        } else if (cli_is_flag(a, "--top-k")) {
-            VAL();
-            if (cli_parse_int(CMD, "--top-k", v, 0, 1L << 30, &top_k)) return 2;
-        } else if (cli_is_flag(a, "--top-p")) {
-            VAL();
-            if (cli_parse_float(CMD, "--top-p", v, -1e300, 1e300, &top_p)) return 2;
-            if (!(top_p > 0.0 && top_p <= 1.0)) {
-                fprintf(stderr, "tinylm %s: error: --top-p %g is out of range: use a value in (0, 1] (1 = off)\n",
-                        CMD, top_p);
-                return 2;
-            }
-        } else if (cli_is_flag(a, "--seed")) {
-            VAL();
-            if (cli_parse_int(CMD, "--seed", v, 0, 0x7fffffffffffffffL, &seed_l)) return 2;
-            seed_given = 1;
-        } else if (cli_is_flag(a, "--samples")) {
-            VAL();
-            if (cli_parse_int(CMD, "--samples", v, 1, 4096, &samples)) return 2;
-        } else if (cli_is_flag(a, "--threads")) {
-            VAL();
-            if (cli_parse_int(CMD, "--threads", v, 0, 4096, &threads)) return 2;
-        } else {
-            fprintf(stderr, "tinylm %s: error: unknown flag '%s': see tinylm %s --help\n", CMD, a, CMD);
-            return 2;
-        }
-#undef VAL
-    }
+    const cli_flag flags[] = {
+        CLI_FLAG_STRING("--model", &run, NULL),
+        CLI_FLAG_STRING("--prompt", &prompt, NULL),
+        CLI_FLAG_LONG("--max-tokens", &max_tokens, &max_given, 1, 1L << 30),
+        CLI_FLAG_DOUBLE("--temperature", &temperature, NULL, 0.0, 1e6),
+        CLI_FLAG_LONG("--top-k", &top_k, NULL, 0, 1L << 30),
+        CLI_FLAG_CUSTOM("--top-p", parse_top_p, &top_p, NULL),
+        CLI_FLAG_LONG("--seed", &seed_l, &seed_given, 0, 0x7fffffffffffffffL),
+        CLI_FLAG_LONG("--samples", &samples, NULL, 1, 4096),
+        CLI_FLAG_LONG("--threads", &threads, NULL, 0, 4096),
+        CLI_FLAG_STRING("--device", &device, NULL),
+        CLI_FLAG_CUSTOM("--dtype", parse_dtype, &dtype, NULL),
+    };
+    int parsed = cli_parse_flags(CMD, argc, argv, flags, CLI_NFLAGS(flags), generate_usage);
+    if (parsed != CLI_PARSE_OK) return parsed == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
     if (!run) return cli_fail(CMD, "--model is required: the run folder that `tinylm train` wrote");
     uint64_t seed = seed_given ? (uint64_t)seed_l : (uint64_t)(tlm_now() * 1e6) & 0x7fffffffffffffffULL;
 

@@ -1,23 +1,20 @@
 /* tinylm info: what this machine offers tinylm (CPU, SIMD, BLAS, devices,
  * pinned host memory). */
 #include <stdio.h>
-#include <string.h>
 
 #include "backends/cpu/cpu_info.h"
 #include "cli/cli.h"
 #include "ops/ops.h"
 #include "tinylm/tinylm.h"
 
+static void info_usage(FILE *f) {
+    fprintf(f, "usage: tinylm info\n\nShow the CPU and its SIMD features, threads, the BLAS library, the compute\n"
+               "devices found, and whether pinned (page-locked) host memory is in use.\n");
+}
+
 int cmd_info(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: tinylm info\n\nShow the CPU and its SIMD features, threads, the BLAS library, the compute\n"
-                   "devices found, and whether pinned (page-locked) host memory is in use.\n");
-            return 0;
-        }
-        fprintf(stderr, "tinylm info: error: unknown flag '%s': tinylm info takes no flags\n", argv[i]);
-        return 2;
-    }
+    int pr = cli_parse_flags("info", argc, argv, NULL, 0, info_usage);
+    if (pr != CLI_PARSE_OK) return pr == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
     tlm_cpu_info ci;
     cpu_info_query(&ci);
     char simd[128];

@@ -191,22 +191,16 @@ int cmd_prepare(int argc, char **argv) {
     const char *input = NULL, *out = NULL;
     long vocab = 2560, seed = 1337, threads = 0;
     double val_frac = 0.01;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { prepare_usage(stdout); return 0; }
-#define VAL() do { if (!(v = cli_flag_value(CMD, argc, argv, &i))) return 2; } while (0)
-        if (cli_is_flag(a, "--input")) { VAL(); input = v; }
-        else if (cli_is_flag(a, "--out")) { VAL(); out = v; }
-        else if (cli_is_flag(a, "--vocab")) { VAL(); if (cli_parse_int(CMD, "--vocab", v, 257, 1 << 20, &vocab)) return 2; }
-        else if (cli_is_flag(a, "--val-fraction")) { VAL(); if (cli_parse_float(CMD, "--val-fraction", v, 0, 0.5, &val_frac)) return 2; }
-        else if (cli_is_flag(a, "--seed")) { VAL(); if (cli_parse_int(CMD, "--seed", v, 0, 0x7fffffffL, &seed)) return 2; }
-        else if (cli_is_flag(a, "--threads")) { VAL(); if (cli_parse_int(CMD, "--threads", v, 0, 4096, &threads)) return 2; }
-        else {
-            fprintf(stderr, "tinylm prepare: error: unknown flag '%s': see tinylm prepare --help\n", a);
-            return 2;
-        }
-#undef VAL
-    }
+    const cli_flag flags[] = {
+        CLI_FLAG_STRING("--input", &input, NULL),
+        CLI_FLAG_STRING("--out", &out, NULL),
+        CLI_FLAG_LONG("--vocab", &vocab, NULL, 257, 1 << 20),
+        CLI_FLAG_DOUBLE("--val-fraction", &val_frac, NULL, 0, 0.5),
+        CLI_FLAG_LONG("--seed", &seed, NULL, 0, 0x7fffffffL),
+        CLI_FLAG_LONG("--threads", &threads, NULL, 0, 4096),
+    };
+    int pr = cli_parse_flags(CMD, argc, argv, flags, CLI_NFLAGS(flags), prepare_usage);
+    if (pr != CLI_PARSE_OK) return pr == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
     if (!input) return cli_fail(CMD, "--input is required: a text file or a folder of .txt files");
     if (!out) return cli_fail(CMD, "--out is required: the folder to write tokenizer.json and token files to");
     if (threads > 0) omp_set_num_threads((int)threads);
@@ -282,7 +276,10 @@ int cmd_prepare(int argc, char **argv) {
         size_t cut = (size_t)((1.0 - val_frac) * (double)d->len);
         while (cut < d->len && d->text[cut - 1] != '\n') cut++;
         if (cut > 0 && cut < d->len) {
-            if (ndocs == cap) docs = realloc(docs, (cap *= 2) * sizeof(doc_t));
+            if (ndocs == cap) {
+                docs = realloc(docs, (cap *= 2) * sizeof(doc_t));
+                d = &docs[0]; /* the old block is gone */
+            }
             docs[1] = (doc_t){d->text + cut, d->len - cut, d->source};
             d->len = cut;
             ndocs = 2;

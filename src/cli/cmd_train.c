@@ -161,11 +161,11 @@ static int on_progress(void *user, const tlm_train_progress *p) {
 
 /* ---- flags ----------------------------------------------------------------- */
 
-/* Flags are parsed first into `given` so that, on --resume, only the flags
- * the user typed replace the saved options. */
+/* Flags are parsed first into this struct, with a has_ bit for each option,
+ * so that on --resume only the flags the user typed replace the saved ones. */
 typedef struct {
-    const char *data, *out, *preset, *device;
-    long dim, layers, heads, hidden, context;
+    const char *data, *out, *device;
+    cli_model_flags model;
     long batch, accum, warmup, max_steps, eval_every, eval_batches, save_every, log_every;
     long workers, prefetch, seed, threads;
     double lr, min_lr, weight_decay, clip, max_time;
@@ -177,74 +177,31 @@ typedef struct {
 
 static int parse_flags(int argc, char **argv, train_flags *g) {
     memset(g, 0, sizeof *g);
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            train_usage(stdout);
-            return 1;
-        }
-#define VAL()                                                 \
-    do {                                                      \
-        if (!(v = cli_flag_value(CMD, argc, argv, &i))) return -1; \
-    } while (0)
-#define INT(name, field, lo, hi)                                               \
-    else if (cli_is_flag(a, name)) {                                           \
-        VAL();                                                                 \
-        if (cli_parse_int(CMD, name, v, lo, hi, &g->field)) return -1;         \
-    }
-#define INTH(name, field, lo, hi)                                              \
-    else if (cli_is_flag(a, name)) {                                           \
-        VAL();                                                                 \
-        if (cli_parse_int(CMD, name, v, lo, hi, &g->field)) return -1;         \
-        g->has_##field = 1;                                                    \
-    }
-#define FLTH(name, field, lo, hi)                                              \
-    else if (cli_is_flag(a, name)) {                                           \
-        VAL();                                                                 \
-        if (cli_parse_float(CMD, name, v, lo, hi, &g->field)) return -1;       \
-        g->has_##field = 1;                                                    \
-    }
-        if (cli_is_flag(a, "--data")) { VAL(); g->data = v; }
-        else if (cli_is_flag(a, "--out")) { VAL(); g->out = v; }
-        else if (cli_is_flag(a, "--preset")) { VAL(); g->preset = v; }
-        else if (cli_is_flag(a, "--device")) { VAL(); g->device = v; }
-        else if (!strcmp(a, "--resume")) g->resume = 1;
-        else if (cli_is_flag(a, "--max-time")) {
-            VAL();
-            if (cli_parse_duration(CMD, "--max-time", v, &g->max_time)) return -1;
-            g->has_max_time = 1;
-        }
-        INT("--dim", dim, 1, 16384)
-        INT("--layers", layers, 1, 1024)
-        INT("--heads", heads, 1, 16384)
-        INT("--hidden", hidden, 1, 65536)
-        INT("--context", context, 1, 1L << 20)
-        INTH("--batch", batch, 1, 1L << 20)
-        INTH("--accum", accum, 1, 1L << 20)
-        INTH("--warmup", warmup, 0, 1000000000000L)
-        INTH("--max-steps", max_steps, 1, 1000000000000L)
-        INTH("--eval-every", eval_every, 1, 1000000000000L)
-        INTH("--eval-batches", eval_batches, 1, 1000000000L)
-        INTH("--save-every", save_every, 1, 1000000000000L)
-        INTH("--log-every", log_every, 1, 1000000000000L)
-        INTH("--workers", workers, 0, 256)
-        INTH("--prefetch", prefetch, 1, 1024)
-        INTH("--seed", seed, 0, 0x7fffffffffffffffL)
-        INTH("--threads", threads, 0, 4096)
-        FLTH("--lr", lr, 1e-12, 1e9)
-        FLTH("--min-lr", min_lr, 0, 1e9)
-        FLTH("--weight-decay", weight_decay, 0, 1e3)
-        FLTH("--clip", clip, 0, 1e9)
-        else {
-            fprintf(stderr, "tinylm train: error: unknown flag '%s': see tinylm train --help\n", a);
-            return -1;
-        }
-#undef VAL
-#undef INT
-#undef INTH
-#undef FLTH
-    }
-    return 0;
+    const cli_flag flags[] = {
+        CLI_FLAG_STRING("--data", &g->data, NULL),
+        CLI_FLAG_STRING("--out", &g->out, NULL),
+        CLI_FLAG_SWITCH("--resume", &g->resume),
+        CLI_MODEL_FLAGS(&g->model),
+        CLI_FLAG_LONG("--batch", &g->batch, &g->has_batch, 1, 1L << 20),
+        CLI_FLAG_LONG("--accum", &g->accum, &g->has_accum, 1, 1L << 20),
+        CLI_FLAG_DOUBLE("--lr", &g->lr, &g->has_lr, 1e-12, 1e9),
+        CLI_FLAG_DOUBLE("--min-lr", &g->min_lr, &g->has_min_lr, 0, 1e9),
+        CLI_FLAG_LONG("--warmup", &g->warmup, &g->has_warmup, 0, 1000000000000L),
+        CLI_FLAG_DOUBLE("--weight-decay", &g->weight_decay, &g->has_weight_decay, 0, 1e3),
+        CLI_FLAG_DOUBLE("--clip", &g->clip, &g->has_clip, 0, 1e9),
+        CLI_FLAG_LONG("--max-steps", &g->max_steps, &g->has_max_steps, 1, 1000000000000L),
+        CLI_FLAG_DURATION("--max-time", &g->max_time, &g->has_max_time),
+        CLI_FLAG_LONG("--eval-every", &g->eval_every, &g->has_eval_every, 1, 1000000000000L),
+        CLI_FLAG_LONG("--eval-batches", &g->eval_batches, &g->has_eval_batches, 1, 1000000000L),
+        CLI_FLAG_LONG("--save-every", &g->save_every, &g->has_save_every, 1, 1000000000000L),
+        CLI_FLAG_LONG("--log-every", &g->log_every, &g->has_log_every, 1, 1000000000000L),
+        CLI_FLAG_STRING("--device", &g->device, NULL),
+        CLI_FLAG_LONG("--threads", &g->threads, &g->has_threads, 0, 4096),
+        CLI_FLAG_LONG("--workers", &g->workers, &g->has_workers, 0, 256),
+        CLI_FLAG_LONG("--prefetch", &g->prefetch, &g->has_prefetch, 1, 1024),
+        CLI_FLAG_LONG("--seed", &g->seed, &g->has_seed, 0, 0x7fffffffffffffffL),
+    };
+    return cli_parse_flags(CMD, argc, argv, flags, CLI_NFLAGS(flags), train_usage);
 }
 
 /* Lay the typed flags over o (the defaults, or the saved options). */
@@ -252,11 +209,7 @@ static void apply_flags(const train_flags *g, tlm_train_opts *o) {
     if (g->data) snprintf(o->data, sizeof o->data, "%s", g->data);
     if (g->out) snprintf(o->out, sizeof o->out, "%s", g->out);
     if (g->device) snprintf(o->device, sizeof o->device, "%s", g->device);
-    if (g->dim) o->cfg.dim = (int)g->dim;
-    if (g->layers) o->cfg.layers = (int)g->layers;
-    if (g->heads) o->cfg.heads = (int)g->heads;
-    if (g->hidden) o->cfg.hidden = (int)g->hidden;
-    if (g->context) o->cfg.context = (int)g->context;
+    cli_model_apply(&g->model, &o->cfg);
     if (g->has_batch) o->batch = (int)g->batch;
     if (g->has_accum) o->accum = (int)g->accum;
     if (g->has_warmup) o->warmup = g->warmup;
@@ -315,18 +268,18 @@ static void print_banner(const tlm_trainer *t) {
 int cmd_train(int argc, char **argv) {
     train_flags g;
     int pr = parse_flags(argc, argv, &g);
-    if (pr) return pr > 0 ? 0 : 2;
+    if (pr != CLI_PARSE_OK) return pr == CLI_PARSE_HELP ? 0 : CLI_EXIT_USAGE;
     if (!g.out) return cli_fail(CMD, "--out is required: the run folder for checkpoints (see tinylm train --help)");
 
     tlm_train_opts o;
     if (g.resume) {
         /* Everything not typed keeps the value the run was saved with. */
         if (train_opts_load(&o, g.out)) return cli_fail(CMD, tlm_last_error());
-        if (g.preset && config_preset(g.preset, &o.cfg)) return cli_fail(CMD, tlm_last_error());
+        if (g.model.preset && config_preset(g.model.preset, &o.cfg)) return cli_fail(CMD, tlm_last_error());
     } else {
         if (!g.data) return cli_fail(CMD, "--data is required: the folder written by tinylm prepare");
         train_opts_default(&o);
-        if (config_preset(g.preset ? g.preset : "seed", &o.cfg)) return cli_fail(CMD, tlm_last_error());
+        if (config_preset(g.model.preset ? g.model.preset : "seed", &o.cfg)) return cli_fail(CMD, tlm_last_error());
     }
     apply_flags(&g, &o);
 
