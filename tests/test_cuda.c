@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fixture.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -36,9 +37,8 @@
 #include "util/common.h"
 
 #define TOL 1e-4
-#define FIXTURE TLM_SOURCE_DIR "/tests/fixtures/tiny_ref.safetensors"
-#define FB 2
-#define FT 32
+#define FB FIXTURE_B
+#define FT FIXTURE_T
 
 typedef tlm_ops *(*create_fn)(int device, char *note, size_t n);
 typedef tlm_ops *(*create_ex_fn)(int device, const char *dtype, char *note, size_t n);
@@ -682,48 +682,20 @@ static void test_errors(void **state) {
 
 /* ---- the model: fixture, cached decoding, training steps ----------------------------------- */
 
-static tlm_st_file *g_fx;
-static tlm_config g_cfg;
-static int32_t g_in[FB * FT], g_tg[FB * FT];
-static int g_nvalid;
-
-static float *fx_read(const char *name, size_t n) {
-    float *buf = malloc(n * sizeof(float));
-    assert_non_null(buf);
-    if (safetensors_read_f32(g_fx, name, buf, n) != 0) fail_msg("fixture: %s", tlm_last_error());
-    return buf;
-}
+/* Opened by the first test that needs it: without a GPU every test skips
+ * before that. */
+static test_fixture g_fx;
 
 static void fx_open(void) {
-    if (g_fx) return;
-    g_fx = safetensors_open(FIXTURE);
-    if (!g_fx) fail_msg("cannot open %s: %s", FIXTURE, tlm_last_error());
-    g_cfg = (tlm_config){.vocab = 300, .dim = 64, .layers = 2, .heads = 4, .hidden = 176, .context = 32,
-                         .norm_eps = 1e-5f, .rope_theta = 10000.0f};
-    float *in = fx_read("inputs", FB * FT), *tg = fx_read("targets", FB * FT);
-    g_nvalid = 0;
-    for (int i = 0; i < FB * FT; i++) {
-        g_in[i] = (int32_t)in[i];
-        g_tg[i] = (int32_t)tg[i];
-        g_nvalid += g_tg[i] >= 0;
-    }
-    free(in);
-    free(tg);
+    if (!g_fx.f && fixture_open(&g_fx) != 0) fail_msg("cannot open %s: %s", FIXTURE_PATH, tlm_last_error());
 }
-
-static size_t tsize(const tlm_tensor *t) { return (size_t)t->rows * (size_t)t->cols; }
 
 static void fx_model(tlm_model *m, tlm_ops *o) {
     fx_open();
-    if (model_create(m, &g_cfg, o) != 0) fail_msg("model_create: %s", tlm_last_error());
-    if (model_alloc_train(m, FB, FT) != 0) fail_msg("model_alloc_train: %s", tlm_last_error());
-    for (int i = 0; i < m->ntensors; i++) {
-        const tlm_tensor *t = &m->tensors[i];
-        float *buf = fx_read(t->name, tsize(t));
-        o->copy_h2d(o, m->params + t->offset, buf, tsize(t) * sizeof(float));
-        free(buf);
-    }
+    fixture_model(&g_fx, m, o);
 }
+
+static size_t tsize(const tlm_tensor *t) { return (size_t)t->rows * (size_t)t->cols; }
 
 /* Like check_close, but up to max_out elements may exceed tol as long as
  * none is off by more than abs_cap (AdamW: see tests/test_model.c). */
@@ -747,25 +719,25 @@ static void test_model_fixture(void **state) {
     tlm_ops *o = g_gpu;
     tlm_model m;
     fx_model(&m, o);
-    const size_t NV = (size_t)FB * FT * g_cfg.vocab;
+    const size_t NV = (size_t)FB * FT * g_fx.cfg.vocab;
     float want_loss;
-    assert_int_equal(safetensors_read_f32(g_fx, "loss", &want_loss, 1), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "loss", &want_loss, 1), 0);
 
-    float loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 0.0f, 0);
-    float *logits = down(o, m.logits, NV), *ref = fx_read("logits", NV);
+    float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 0.0f, 0);
+    float *logits = down(o, m.logits, NV), *ref = fixture_read(&g_fx, "logits", NV);
     check_close("fixture logits", logits, ref, NV, TOL, 1e-2);
     check_close("fixture eval loss", &loss, &want_loss, 1, TOL, 0);
     free(logits), free(ref);
 
     model_zero_grad(&m);
-    loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+    loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
     check_close("fixture train loss", &loss, &want_loss, 1, TOL, 0);
     float *grads = down(o, m.grads, m.nparams);
     for (int i = 0; i < m.ntensors; i++) {
         const tlm_tensor *t = &m.tensors[i];
         char name[160];
         snprintf(name, sizeof name, "grad.%s", t->name);
-        float *r = fx_read(name, tsize(t));
+        float *r = fixture_read(&g_fx, name, tsize(t));
         check_close(name, grads + t->offset, r, tsize(t), TOL, 1e-2);
         free(r);
     }
@@ -776,11 +748,11 @@ static void test_model_fixture(void **state) {
     fx_model(&m, o);
     float *mom = up(o, NULL, m.nparams * 4), *var = up(o, NULL, m.nparams * 4), *gn = up(o, NULL, 4);
     float wl[5], wn[5], losses[5], norms[5];
-    assert_int_equal(safetensors_read_f32(g_fx, "adamw.losses", wl, 5), 0);
-    assert_int_equal(safetensors_read_f32(g_fx, "adamw.gnorms", wn, 5), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.losses", wl, 5), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.gnorms", wn, 5), 0);
     for (int step = 1; step <= 5; step++) {
         model_zero_grad(&m);
-        losses[step - 1] = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+        losses[step - 1] = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
         o->sumsq(o, gn, m.grads, m.nparams, 0);
         float g2;
         o->copy_d2h(o, &g2, gn, 4);
@@ -798,7 +770,7 @@ static void test_model_fixture(void **state) {
         const tlm_tensor *t = &m.tensors[i];
         char name[160];
         snprintf(name, sizeof name, "adamw.%s", t->name);
-        float *r = fx_read(name, tsize(t));
+        float *r = fixture_read(&g_fx, name, tsize(t));
         check_close_out(name, params + t->offset, r, tsize(t), TOL, tsize(t) / 1000, 0.05 * 1e-3);
         free(r);
     }
@@ -815,8 +787,8 @@ static void test_model_cached(void **state) {
     tlm_ops *o = g_gpu;
     tlm_model m;
     fx_model(&m, o);
-    const int V = g_cfg.vocab, D = g_cfg.dim, L = g_cfg.layers, P = 20;
-    model_forward_backward(&m, g_in, g_tg, FB, FT, 0.0f, 0);
+    const int V = g_fx.cfg.vocab, D = g_fx.cfg.dim, L = g_fx.cfg.layers, P = 20;
+    model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 0.0f, 0);
     float *full = down(o, m.logits, (size_t)FB * FT * V);
     float *kc[2], *vc[2];
     for (int l = 0; l < L; l++) {
@@ -831,7 +803,7 @@ static void test_model_cached(void **state) {
     while (pos < FT) {
         int T = pos == 0 ? 8 : pos < P ? P - pos : 1; /* chunks 8 and 12, then single tokens */
         for (int b = 0; b < FB; b++)
-            for (int t = 0; t < T; t++) chunk[b * T + t] = g_in[b * FT + pos + t];
+            for (int t = 0; t < T; t++) chunk[b * T + t] = g_fx.inputs[b * FT + pos + t];
         assert_int_equal(model_forward_cached(&m, &s, kc, vc, FT, chunk, FB, T, pos, od), 0);
         pos += T;
         o->copy_d2h(o, got, od, (size_t)FB * V * 4);
@@ -864,13 +836,13 @@ static void test_train_steps(void **state) {
     for (int k = 0; k < 2; k++) {
         tlm_model m;
         tlm_adamw a;
-        assert_int_equal(model_create(&m, &g_cfg, be[k]), 0);
+        assert_int_equal(model_create(&m, &g_fx.cfg, be[k]), 0);
         model_init_random(&m, 7);
         assert_int_equal(model_alloc_train(&m, FB, FT), 0);
         assert_int_equal(adamw_create(&a, be[k], m.nparams), 0);
         for (int s = 0; s < steps; s++) {
             model_zero_grad(&m);
-            loss[k][s] = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (FB * FT), 0);
+            loss[k][s] = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (FB * FT), 0);
             norm[k][s] = adamw_grad_norm(&a, &m);
             adamw_update(&a, &m, 3e-3, 0.1, 0.05, s + 1); /* clip 0.05: clipping active */
         }
@@ -887,7 +859,7 @@ static void test_train_steps(void **state) {
         check_close(what, &a, &b, 1, TOL, 0);
     }
     tlm_model shape;
-    assert_int_equal(model_create(&shape, &g_cfg, g_ref), 0);
+    assert_int_equal(model_create(&shape, &g_fx.cfg, g_ref), 0);
     check_close_out("params after training", params[0], params[1], shape.nparams, TOL, shape.nparams / 1000,
                     0.05 * 3e-3 * steps);
     model_destroy(&shape);
@@ -1079,7 +1051,7 @@ static void test_model_packed(void **state) {
     tlm_ops *o = g_gpu;
     tlm_model m;
     fx_model(&m, o);
-    const int V = g_cfg.vocab, D = g_cfg.dim, L = g_cfg.layers, H = g_cfg.heads, hd = D / H;
+    const int V = g_fx.cfg.vocab, D = g_fx.cfg.dim, L = g_fx.cfg.layers, H = g_fx.cfg.heads, hd = D / H;
     for (int dt = TLM_GEN_F32; dt <= TLM_GEN_BF16; dt++) {
         tlm_infer_weights w;
         if (model_infer_pack(&m, &w, dt)) fail_msg("model_infer_pack: %s", tlm_last_error());
@@ -1099,7 +1071,7 @@ static void test_model_packed(void **state) {
         for (int pos = 0; pos < FT;) {
             int T = pos == 0 ? 12 : 1;
             for (int b = 0; b < FB; b++)
-                for (int t = 0; t < T; t++) chunk[b * T + t] = g_in[b * FT + pos + t];
+                for (int t = 0; t < T; t++) chunk[b * T + t] = g_fx.inputs[b * FT + pos + t];
             assert_int_equal(model_forward_packed(&m, &w, &s, kp, vp, FT, NULL, chunk, FB, T, pos, od), 0);
             float *got = down(o, od, (size_t)FB * V);
             assert_int_equal(model_forward_cached(&m, &s, kr, vr, FT, chunk, FB, T, pos, od), 0);
@@ -1144,16 +1116,16 @@ static void test_bf16(void **state) {
     tlm_model m;
     fx_model(&m, o);
     float want_loss;
-    assert_int_equal(safetensors_read_f32(g_fx, "loss", &want_loss, 1), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "loss", &want_loss, 1), 0);
     model_zero_grad(&m);
-    float loss = model_forward_backward(&m, g_in, g_tg, FB, FT, 1.0f / (float)g_nvalid, 0);
+    float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
     check_close("bf16 fixture loss", &loss, &want_loss, 1, 1e-2, 0);
     float *grads = down(o, m.grads, m.nparams);
     for (int i = 0; i < m.ntensors; i++) {
         const tlm_tensor *t = &m.tensors[i];
         char name[160];
         snprintf(name, sizeof name, "grad.%s", t->name);
-        float *r = fx_read(name, tsize(t));
+        float *r = fixture_read(&g_fx, name, tsize(t));
         double dot = 0, na = 0, nb = 0;
         for (size_t j = 0; j < tsize(t); j++) {
             dot += (double)grads[t->offset + j] * r[j];
@@ -1180,6 +1152,6 @@ int main(void) {
         cmocka_unit_test(test_bf16),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
-    if (g_fx) safetensors_close(g_fx);
+    fixture_close(&g_fx);
     return rc;
 }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fixture.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -21,53 +22,26 @@
 #include "testutil.h"
 #include "tinylm/tinylm.h"
 
-#define FIXTURE TLM_SOURCE_DIR "/tests/fixtures/tiny_ref.safetensors"
 #define TOL 1e-4
 #define FLOOR_FRAC 1e-2
-#define FB 2
+#define FB FIXTURE_B
 #define ADAM_LR 1e-3f
-#define FT 32
+#define FT FIXTURE_T
 
-typedef struct {
-    tlm_st_file *f;
-    tlm_config cfg;
-    int32_t inputs[FB * FT], targets[FB * FT];
-    int nvalid; /* non-ignored targets */
-} fixture;
-
-static fixture g_fx;
-
-static float *fx_read(const char *name, size_t n) {
-    float *buf = malloc(n * sizeof(float));
-    assert_non_null(buf);
-    if (safetensors_read_f32(g_fx.f, name, buf, n) != 0) fail_msg("fixture: %s", tlm_last_error());
-    return buf;
-}
+static test_fixture g_fx;
 
 static int setup_fixture(void **state) {
     (void)state;
-    g_fx.f = safetensors_open(FIXTURE);
-    if (!g_fx.f) {
+    if (fixture_open(&g_fx) != 0) {
         fprintf(stderr, "cannot open fixture: %s\n", tlm_last_error());
         return -1;
     }
-    g_fx.cfg = (tlm_config){.vocab = 300, .dim = 64, .layers = 2, .heads = 4, .hidden = 176, .context = 32,
-                            .norm_eps = 1e-5f, .rope_theta = 10000.0f};
-    float *in = fx_read("inputs", FB * FT), *tg = fx_read("targets", FB * FT);
-    g_fx.nvalid = 0;
-    for (int i = 0; i < FB * FT; i++) {
-        g_fx.inputs[i] = (int32_t)in[i];
-        g_fx.targets[i] = (int32_t)tg[i];
-        if (g_fx.targets[i] >= 0) g_fx.nvalid++;
-    }
-    free(in);
-    free(tg);
     return 0;
 }
 
 static int teardown_fixture(void **state) {
     (void)state;
-    safetensors_close(g_fx.f);
+    fixture_close(&g_fx);
     return 0;
 }
 
@@ -107,23 +81,6 @@ static void check_close(const char *what, const char *backend, const float *got,
 
 static size_t tensor_size(const tlm_tensor *t) { return (size_t)t->rows * (size_t)t->cols; }
 
-/* Set every parameter from the fixture tensor `prefix`+HF name, checking its shape. */
-static void load_params(tlm_model *m, const char *prefix) {
-    for (int i = 0; i < m->ntensors; i++) {
-        const tlm_tensor *t = &m->tensors[i];
-        char name[160];
-        snprintf(name, sizeof name, "%s%s", prefix, t->name);
-        int64_t shape[4];
-        int nd = safetensors_shape(g_fx.f, name, shape);
-        if (nd != t->ndim) fail_msg("fixture %s: ndim %d, model wants %d (%s)", name, nd, t->ndim, tlm_last_error());
-        assert_int_equal(shape[0], t->rows);
-        if (nd == 2) assert_int_equal(shape[1], t->cols);
-        float *buf = fx_read(name, tensor_size(t));
-        m->ops->copy_h2d(m->ops, m->params + t->offset, buf, tensor_size(t) * sizeof(float));
-        free(buf);
-    }
-}
-
 static float *dev_to_host(tlm_ops *o, const float *dev, size_t n) {
     float *h = malloc(n * sizeof(float));
     assert_non_null(h);
@@ -137,17 +94,11 @@ static tlm_ops *make_backend(int which) {
     return o;
 }
 
-static void new_fixture_model(tlm_model *m, tlm_ops *o) {
-    if (model_create(m, &g_fx.cfg, o) != 0) fail_msg("model_create: %s", tlm_last_error());
-    if (model_alloc_train(m, FB, FT) != 0) fail_msg("model_alloc_train: %s", tlm_last_error());
-    load_params(m, "");
-}
-
 /* ---- logits, loss and every gradient against the float64 reference ---- */
 static void run_forward_backward(int which) {
     tlm_ops *o = make_backend(which);
     tlm_model m;
-    new_fixture_model(&m, o);
+    fixture_model(&g_fx, &m, o);
     const size_t NV = (size_t)FB * FT * g_fx.cfg.vocab;
 
     float want_loss;
@@ -156,7 +107,7 @@ static void run_forward_backward(int which) {
     /* eval forward: m->logits keeps the logits */
     float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 0.0f, 0);
     float *logits = dev_to_host(o, m.logits, NV);
-    float *ref_logits = fx_read("logits", NV);
+    float *ref_logits = fixture_read(&g_fx, "logits", NV);
     check_close("logits", o->name, logits, ref_logits, NV, TOL);
     check_close("eval loss", o->name, &loss, &want_loss, 1, TOL);
     free(logits);
@@ -171,7 +122,7 @@ static void run_forward_backward(int which) {
         const tlm_tensor *t = &m.tensors[i];
         char name[160];
         snprintf(name, sizeof name, "grad.%s", t->name);
-        float *ref = fx_read(name, tensor_size(t));
+        float *ref = fixture_read(&g_fx, name, tensor_size(t));
         check_close(name, o->name, grads + t->offset, ref, tensor_size(t), TOL);
         free(ref);
     }
@@ -187,7 +138,7 @@ static void test_fwd_bwd_cpu(void **state) { (void)state; run_forward_backward(1
 static void run_adamw(int which) {
     tlm_ops *o = make_backend(which);
     tlm_model m;
-    new_fixture_model(&m, o);
+    fixture_model(&g_fx, &m, o);
     float *mom = o->alloc(o, m.nparams * sizeof(float));
     float *var = o->alloc(o, m.nparams * sizeof(float));
     float *gn = o->alloc(o, sizeof(float));
@@ -220,7 +171,7 @@ static void run_adamw(int which) {
         const tlm_tensor *t = &m.tensors[i];
         char name[160];
         snprintf(name, sizeof name, "adamw.%s", t->name);
-        float *ref = fx_read(name, tensor_size(t));
+        float *ref = fixture_read(&g_fx, name, tensor_size(t));
         /* Adam divides by sqrt(v): an element whose gradient is near zero
          * (so float32 rounding noise is a large fraction of it) moves by a
          * noise-dependent fraction of lr; even torch in float32 differs from
@@ -250,7 +201,7 @@ static void test_adamw_cpu(void **state) { (void)state; run_adamw(1); }
 static void run_accumulation(int which) {
     tlm_ops *o = make_backend(which);
     tlm_model m;
-    new_fixture_model(&m, o);
+    fixture_model(&g_fx, &m, o);
     const float scale = 1.0f / (float)(FB * FT);
     model_zero_grad(&m);
     float full = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, scale, 0);
@@ -297,7 +248,7 @@ static void test_accum_cpu(void **state) { (void)state; run_accumulation(1); }
 static void run_cached(int which) {
     tlm_ops *o = make_backend(which);
     tlm_model m;
-    new_fixture_model(&m, o);
+    fixture_model(&g_fx, &m, o);
     const int V = g_fx.cfg.vocab, D = g_fx.cfg.dim, L = g_fx.cfg.layers;
     model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 0.0f, 0);
     float *full = dev_to_host(o, m.logits, (size_t)FB * FT * V); /* [B,T,V] */

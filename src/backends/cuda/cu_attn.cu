@@ -18,16 +18,17 @@
  *    from the saved log-sum-exp: p = exp(s - lse).
  *
  * Generation (attn_cached): one warp per (sequence, head, query row) over
- * the cached keys 0..pos0+t. Lanes score 32 keys at a time (one each), the
- * warp keeps a running max and sum, and the 32 probabilities are broadcast
- * by shuffles while every lane accumulates its own head dimensions of the
- * values (coalesced rows). Decoding has one query row per sequence, so
- * spreading the keys over lanes is what keeps the GPU busy.
+ * the cached keys 0..pos0+t, with the loop that attn_decode (cu_infer.cu)
+ * shares: see cu_attn_warp.cuh. Lanes score 32 keys at a time (one each),
+ * the warp keeps a running max and sum, and the 32 probabilities are
+ * broadcast by shuffles while every lane accumulates its own head
+ * dimensions of the values (coalesced rows).
  *
  * Head sizes up to 128 (TPR <= 4); any T. Grids are (sequence x head, row
  * tile): blocks start in index order, so the tiles with the most work
  * (the last queries for dq, the first keys for dk/dv) get y = 0.
  */
+#include "backends/cuda/cu_attn_warp.cuh"
 #include "backends/cuda/cu_internal.h"
 
 #define ATT_THREADS 128
@@ -289,56 +290,25 @@ static __global__ void __launch_bounds__(ATT_THREADS)
 
 /* ---- cached attention (generation) ------------------------------------------ */
 
+/* One warp per (sequence, head, query row), the loop of cu_attn_warp.cuh;
+ * key j of sequence b, head h is row j of the cache [B,Tmax,D] at column
+ * h * hd, so rows are D apart. */
 #define DEC_WARPS 4
 template <int NCH>
 static __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_cached(float *out, const float *qkv, const float *kc, const float *vc, int B, int T, int Tmax, int H,
                   int hd, int pos0, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
     if (task >= B * H * T) return; /* a whole warp; no block barrier below */
     const int t = task % T, bh = task / T, h = bh % H, b = bh / H;
     const int D = H * hd;
-    const float *qrow = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
-    for (int d = lane; d < 32 * NCH; d += 32) sq[w][d] = d < hd ? qrow[d] : 0.f;
-    __syncwarp();
-    const float *kb = kc + (size_t)b * Tmax * D + (size_t)h * hd;
-    const float *vb = vc + (size_t)b * Tmax * D + (size_t)h * hd;
-    const int nk = pos0 + t + 1;
-    float mrun = -INFINITY, lsum = 0.f, o[NCH];
-    for (int cix = 0; cix < NCH; cix++) o[cix] = 0.f;
-    for (int j0 = 0; j0 < nk; j0 += 32) {
-        const int jj = j0 + lane;
-        float s = -INFINITY;
-        if (jj < nk) {
-            const float *kr = kb + (size_t)jj * D;
-            float acc = 0.f;
-            for (int d = 0; d < hd; d++) acc += sq[w][d] * kr[d];
-            s = acc * scale_log2;
-        }
-        const float mnew = fmaxf(mrun, cu_warp_max(s));
-        const float corr = exp2f(mrun - mnew);
-        const float p = jj < nk ? exp2f(s - mnew) : 0.f;
-        lsum = lsum * corr + p;
-        for (int cix = 0; cix < NCH; cix++) o[cix] *= corr;
-        mrun = mnew;
-        const int cnt = cu_imin(32, nk - j0);
-        for (int i = 0; i < cnt; i++) {
-            const float pi = __shfl_sync(CU_FULL, p, i);
-            const float *vr = vb + (size_t)(j0 + i) * D;
-            for (int cix = 0; cix < NCH; cix++) {
-                int d = lane + 32 * cix;
-                if (d < hd) o[cix] += pi * vr[d];
-            }
-        }
-    }
-    const float L = cu_warp_sum(lsum);
-    float *orow = out + ((size_t)b * T + t) * D + (size_t)h * hd;
-    for (int cix = 0; cix < NCH; cix++) {
-        int d = lane + 32 * cix;
-        if (d < hd) orow[d] = o[cix] / L;
-    }
+    const size_t at = (size_t)b * Tmax * D + (size_t)h * hd;
+    const cu_kv_rows<float> rows = {kc + at, vc + at, (size_t)D};
+    cu_attn_warp_query<float, NCH>(out + ((size_t)b * T + t) * D + (size_t)h * hd,
+                                   qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd, sq[w], rows, pos0 + t + 1, hd,
+                                   scale_log2);
 }
 
 /* ---- host side ---------------------------------------------------------------- */

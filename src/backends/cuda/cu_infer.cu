@@ -19,6 +19,7 @@
  * With bf16 weights the inputs are rounded to bf16 too, so every product is
  * exact in fp32 and only the sums round, as the CPU backends do.
  */
+#include "backends/cuda/cu_attn_warp.cuh"
 #include "backends/cuda/cu_internal.h"
 
 #include <stdio.h>
@@ -52,20 +53,12 @@ static __device__ __forceinline__ uint16_t cu_f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
-static __device__ __forceinline__ float cu_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) return __uint_as_float(sign) + (sign ? -1.0f : 1.0f) * (float)m * 5.9604644775390625e-8f;
-    if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
-    return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
-}
-
+/* Stores into the caches; reads go through cu_kv_get (cu_attn_warp.cuh). */
 template <class T> struct kv_io;
 template <> struct kv_io<float> {
-    static __device__ __forceinline__ float get(const float *p, size_t i) { return p[i]; }
     static __device__ __forceinline__ void put(float *p, size_t i, float v) { p[i] = v; }
 };
 template <> struct kv_io<uint16_t> {
-    static __device__ __forceinline__ float get(const uint16_t *p, size_t i) { return cu_f16_to_f32(p[i]); }
     static __device__ __forceinline__ void put(uint16_t *p, size_t i, float v) { p[i] = cu_f32_to_f16(v); }
 };
 
@@ -295,61 +288,26 @@ static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, in
     }
 }
 
-/* As k_attn_cached (cu_attn.cu): one warp per (sequence, head, query),
- * lanes score 32 keys at a time, then own head dimensions for the values;
- * here over head-major caches, whose rows of one head are contiguous. */
+/* As k_attn_cached (cu_attn.cu), the loop of cu_attn_warp.cuh: one warp
+ * per (sequence, head, query); here over head-major caches, whose rows of
+ * one head are contiguous (stride hd), with key j < P being row j of the
+ * shared prefix [H,P,hd] and the others the sequence's own row j - P. */
 #define DEC_WARPS 4
 template <class KV, int NCH>
 static __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, const KV *kp, const KV *vp, int P, int B,
                   int T, int Tmax, int H, int hd, int pos0, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
     if (task >= B * H * T) return; /* a whole warp; no block barrier below */
     const int h = task % H, bt = task / H, t = bt % T, b = bt / T;
     const int D = H * hd;
-    const float *qrow = qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd;
-    for (int d = lane; d < 32 * NCH; d += 32) sq[w][d] = d < hd ? qrow[d] : 0.f;
-    __syncwarp();
-    /* key j < P: row j of the shared prefix [H,P,hd]; else own row j - P */
-    const KV *kh = kc + ((size_t)b * H + h) * Tmax * hd, *vh = vc + ((size_t)b * H + h) * Tmax * hd;
-    const KV *kph = kp + (size_t)h * P * hd, *vph = vp + (size_t)h * P * hd;
-    const int nk = pos0 + t + 1;
-    float mrun = -INFINITY, lsum = 0.f, o[NCH];
-    for (int cix = 0; cix < NCH; cix++) o[cix] = 0.f;
-    for (int j0 = 0; j0 < nk; j0 += 32) {
-        const int jj = j0 + lane;
-        float s = -INFINITY;
-        if (jj < nk) {
-            const KV *kr = jj < P ? kph + (size_t)jj * hd : kh + (size_t)(jj - P) * hd;
-            float acc = 0.f;
-            for (int d = 0; d < hd; d++) acc += sq[w][d] * kv_io<KV>::get(kr, d);
-            s = acc * scale_log2;
-        }
-        const float mnew = fmaxf(mrun, cu_warp_max(s));
-        const float corr = exp2f(mrun - mnew);
-        const float p = jj < nk ? exp2f(s - mnew) : 0.f;
-        lsum = lsum * corr + p;
-        for (int cix = 0; cix < NCH; cix++) o[cix] *= corr;
-        mrun = mnew;
-        const int cnt = cu_imin(32, nk - j0);
-        for (int i = 0; i < cnt; i++) {
-            const float pi = __shfl_sync(CU_FULL, p, i);
-            const int jv = j0 + i;
-            const KV *vr = jv < P ? vph + (size_t)jv * hd : vh + (size_t)(jv - P) * hd;
-            for (int cix = 0; cix < NCH; cix++) {
-                int d = lane + 32 * cix;
-                if (d < hd) o[cix] += pi * kv_io<KV>::get(vr, d);
-            }
-        }
-    }
-    const float L = cu_warp_sum(lsum);
-    float *orow = out + ((size_t)b * T + t) * D + (size_t)h * hd;
-    for (int cix = 0; cix < NCH; cix++) {
-        int d = lane + 32 * cix;
-        if (d < hd) orow[d] = o[cix] / L;
-    }
+    const size_t own = ((size_t)b * H + h) * Tmax * hd, pre = (size_t)h * P * hd;
+    const cu_kv_rows_prefixed<KV> rows = {kp + pre, vp + pre, kc + own, vc + own, P, (size_t)hd};
+    cu_attn_warp_query<KV, NCH>(out + ((size_t)b * T + t) * D + (size_t)h * hd,
+                                qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd, sq[w], rows, pos0 + t + 1, hd,
+                                scale_log2);
 }
 
 template <class KV>
