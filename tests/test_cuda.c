@@ -1502,6 +1502,43 @@ static void test_trainer_host_waits(void **state) {
     free(root);
 }
 
+/* (Included here, with the test that needs it.) */
+#include "infer/infer.h"
+
+/* Generation stops at a device error with the device's message, instead
+ * of sampling from the NaN logits a failed backend hands back. */
+static void test_generate_status(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_fn cr = g_mod ? (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create") : NULL;
+    if (!cr) skip();
+    char note[512];
+    tlm_ops *o = cr(0, note, sizeof note); /* its own instance: failure is sticky */
+    assert_non_null(o);
+    /* head size 256: the CUDA attention refuses it */
+    tlm_config c = {.vocab = 300, .dim = 256, .layers = 1, .heads = 1, .hidden = 32, .context = 16,
+                    .norm_eps = 1e-5f, .rope_theta = 10000.0f};
+    tlm_model m;
+    if (model_create(&m, &c, o)) fail_msg("model_create: %s", tlm_last_error());
+    model_init_random(&m, 3);
+    tlm_gen_params p;
+    memset(&p, 0, sizeof p);
+    p.samples = 2;
+    p.max_tokens = 4;
+    p.sampling.temperature = 1.0f;
+    p.sampling.top_p = 1.0f;
+    const int32_t prompt[3] = {1, 2, 3};
+    int32_t out[2 * 4];
+    int len[2] = {-1, -1};
+    tlm_errorf("unrelated");
+    assert_int_equal(generate_run(&m, prompt, 3, -1, &p, NULL, NULL, out, len, NULL), -1);
+    const char *e = tlm_last_error();
+    if (!strstr(e, "head size 256") || strchr(e, '\n')) fail_msg("generation on a failed device: %s", e);
+    assert_true(len[0] == -1 && len[1] == -1); /* nothing was reported as generated */
+    model_destroy(&m);
+    o->destroy(o);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
@@ -1512,7 +1549,7 @@ int main(void) {
         cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
         cmocka_unit_test(test_bf16),
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
-        cmocka_unit_test(test_trainer_host_waits),
+        cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     if (g_fx) safetensors_close(g_fx);
