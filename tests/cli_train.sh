@@ -51,7 +51,7 @@ T=(--batch 8 --eval-every 50 --eval-batches 2 --threads 1 --log-every 1)
 missing=""
 for f in --data --out --preset --dim --layers --heads --hidden --context --batch --accum --lr --min-lr --warmup \
          --weight-decay --clip --max-steps --max-time --eval-every --eval-batches --save-every --log-every \
-         --workers --prefetch --seed --threads --device --resume; do
+         --workers --prefetch --seed --threads --device --dtype --resume; do
   grep -q -- "$f " "$tmp/help" || missing="$missing $f"
 done
 [ -z "$missing" ] && ok "--help documents every flag" || bad "--help lacks:$missing"
@@ -103,6 +103,11 @@ expect_error "--max-time 5x"         "--max-time"       "$bin" train --data "$tm
 expect_error "--min-lr above --lr"   "--min-lr"         "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --lr 1e-3 --min-lr 1e-2
 expect_error "unknown --preset"      "--preset"         "$bin" train --data "$tmp/data" --out "$tmp/x" --preset huge
 expect_error "unknown --device"      "device|cuda|cpu"  "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --device tpu
+expect_error "unknown --dtype"       "--dtype fp16.*fp32, bf16 or auto" "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --dtype fp16
+expect_error "--dtype bf16 on the CPU" "--dtype bf16.*fp32" "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --device cpu --dtype bf16
+if "$bin" train --data "$tmp/data" --out "$tmp/fp32" "${M[@]}" "${T[@]}" --max-steps 3 --device cpu --dtype fp32 >"$tmp/outf" 2>&1 \
+   && grep -Eq '"dtype":[[:space:]]*"fp32"' "$tmp/fp32/trainer_state.json"; then ok "--dtype fp32 on the CPU trains and is saved with the run"
+else bad "--dtype fp32: $(tail -2 "$tmp/outf")"; fi
 expect_error "unknown flag"          "--frobnicate"     "$bin" train --data "$tmp/data" --out "$tmp/x" --frobnicate
 expect_error "flag without a value"  "--lr"             "$bin" train --data "$tmp/data" --out "$tmp/x" --lr
 expect_error "unwritable --out"      "plainfile"        bash -c "touch '$tmp/plainfile'; '$bin' train --data '$tmp/data' --out '$tmp/plainfile/run' ${M[*]} --max-steps 2"

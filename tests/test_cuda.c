@@ -1141,6 +1141,376 @@ static void test_bf16(void **state) {
     o->destroy(o);
 }
 
+/* ---- status, the batch loss, staged steps, the trainer's host waits ------------------------ */
+
+/* (Included here, with the tests that need them, to keep the file's top as it is.) */
+#include "io/fileio.h"
+#include "text/tokenizer.h"
+
+typedef void (*wait_counts_fn)(tlm_ops *o, long *stream_syncs, long *event_waits);
+
+/* A device error surfaces through status(): -1 with one line naming the op
+ * and what to do, and it stays failed. The CPU backends have no status:
+ * they cannot fail after creation. */
+static void test_status(void **state) {
+    (void)state;
+    assert_null(g_ref->status);
+    assert_int_equal(ops_status(g_ref), 0);
+    NEED_GPU();
+    create_fn cr = g_mod ? (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create") : NULL;
+    if (!cr) skip();
+    char note[512];
+    tlm_ops *o = cr(0, note, sizeof note); /* its own instance: failure is sticky */
+    assert_non_null(o);
+    assert_non_null(o->status);
+    const int H = 1, hd = 256, Tmax = 4;
+    float *qkv = up(o, NULL, 3 * (size_t)hd * 4), *out = up(o, NULL, (size_t)hd * 4);
+    float *kc = up(o, NULL, (size_t)Tmax * hd * 4), *vc = up(o, NULL, (size_t)Tmax * hd * 4);
+    assert_int_equal(o->status(o), 0);
+    /* head size 256 > 128: attn_decode refuses it and marks the backend failed */
+    o->attn_decode(o, out, qkv, kc, vc, TLM_KV_F32, NULL, NULL, 0, 1, 1, Tmax, H, hd, 0, 10000.0f);
+    tlm_errorf("unrelated"); /* the message checked below must come from status */
+    assert_int_equal(o->status(o), -1);
+    const char *e = tlm_last_error();
+    if (!strstr(e, "attn_decode") || !strstr(e, "head size 256") || !strstr(e, "--device cpu") || strchr(e, '\n'))
+        fail_msg("status message: %s", e);
+    /* sticky: later ops change nothing, status keeps the first message */
+    o->zero(o, out, 4);
+    tlm_errorf("unrelated");
+    assert_int_equal(ops_status(o), -1);
+    assert_non_null(strstr(tlm_last_error(), "attn_decode"));
+    float h = 0;
+    o->copy_d2h(o, &h, out, sizeof h);
+    assert_true(isnan(h));
+    o->free(o, qkv), o->free(o, out), o->free(o, kc), o->free(o, vc);
+    o->destroy(o);
+}
+
+/* loss_mean: the mean over non-ignored rows, against cpu-ref (which sums as
+ * the host once did); no valid row gives 0. */
+static void test_loss_mean(void **state) {
+    (void)state;
+    NEED_GPU();
+    const int Ns[] = {1, 7, 300, 5000};
+    for (size_t s = 0; s < sizeof Ns / sizeof Ns[0]; s++) {
+        const int N = Ns[s];
+        float *l = hrand((size_t)N, 2.0f);
+        int32_t *tg = malloc((size_t)N * sizeof *tg);
+        assert_non_null(tg);
+        for (int i = 0; i < N; i++) {
+            l[i] = fabsf(l[i]) + 1.0f;
+            tg[i] = (i % 5 == 3) ? -1 : i % 11;
+        }
+        float res[2][2];
+        tlm_ops *be[2] = {g_gpu, g_ref};
+        for (int k = 0; k < 2; k++) {
+            tlm_ops *o = be[k];
+            float seven = 7.0f;
+            float *dl = up(o, l, (size_t)N * 4), *out = up(o, &seven, 4);
+            int32_t *dt = up(o, tg, (size_t)N * 4);
+            o->loss_mean(o, out, dl, dt, N);
+            o->copy_d2h(o, &res[k][0], out, 4);
+            for (int i = 0; i < N; i++) tg[i] = -1 - i % 3; /* every row ignored */
+            o->copy_h2d(o, dt, tg, (size_t)N * 4);
+            o->loss_mean(o, out, dl, dt, N);
+            o->copy_d2h(o, &res[k][1], out, 4);
+            for (int i = 0; i < N; i++) tg[i] = (i % 5 == 3) ? -1 : i % 11;
+            o->free(o, dl), o->free(o, out), o->free(o, dt);
+        }
+        char what[64];
+        snprintf(what, sizeof what, "loss_mean N=%d", N);
+        check_close(what, &res[0][0], &res[1][0], 1, 1e-6, 0);
+        if (N == 1 && res[0][0] != l[0]) fail_msg("loss_mean of one row: %g, want %g", res[0][0], l[0]);
+        if (res[0][1] != 0.0f || res[1][1] != 0.0f)
+            fail_msg("loss_mean with every target ignored: %g (reference %g), want 0", res[0][1], res[1][1]);
+        free(l);
+        free(tg);
+    }
+}
+
+/* The trainer's path through the model: model_stage (uploads on the copy
+ * queue ordered by events, into alternating buffers) and model_step (the
+ * loss left on the device) compute exactly what model_forward_backward
+ * does, for batches staged back to back through both buffers; and the
+ * event ops behave as ops.h says. */
+static void test_staged_step(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    if (!o->event_create || !o->event_destroy || !o->event_record || !o->copy_h2d_async || !o->event_done)
+        fail_msg("the CUDA backend lacks part of the upload block");
+
+    /* the event ops on their own */
+    tlm_event *after = o->event_create(o), *done = o->event_create(o);
+    assert_non_null(after);
+    assert_non_null(done);
+    assert_int_equal(o->event_done(o, done, 0), 1); /* never recorded: passed */
+    int pinned = 0;
+    const size_t n = 4096;
+    float *ph = o->host_alloc(o, n * sizeof(float), &pinned);
+    assert_non_null(ph);
+    for (size_t i = 0; i < n; i++) ph[i] = (float)i - 100.0f;
+    float *d = up(o, NULL, n * sizeof(float)), *y = up(o, NULL, n * sizeof(float));
+    o->add_inplace(o, y, d, n); /* reads d before the copy: y stays 0 */
+    o->event_record(o, after);
+    o->copy_h2d_async(o, d, ph, n * sizeof(float), after, done);
+    assert_int_equal(o->event_done(o, done, 1), 1);
+    o->add_inplace(o, y, d, n); /* after the copy: y = ph */
+    float *h = down(o, y, n);
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != ph[i]) fail_msg("copy_h2d_async ordering: y[%zu] = %g, want %g", i, h[i], ph[i]);
+    free(h);
+    o->free(o, d), o->free(o, y);
+    o->host_free(o, ph, pinned);
+    o->event_destroy(o, after);
+    o->event_destroy(o, done);
+
+    tlm_model m;
+    fx_model(&m, o);
+    const size_t bn = (size_t)FB * FT;
+    /* three different batches in page-locked memory, as the loader's */
+    int32_t *hb = o->host_alloc(o, 3 * 2 * bn * sizeof(int32_t), &pinned);
+    assert_non_null(hb);
+    for (int k = 0; k < 3; k++)
+        for (size_t i = 0; i < bn; i++) {
+            hb[(2 * k) * bn + i] = (g_in[i] + 37 * k) % g_cfg.vocab;
+            hb[(2 * k + 1) * bn + i] = g_tg[i] < 0 ? -1 : (g_tg[i] + 11 * k) % g_cfg.vocab;
+        }
+    float want[3], got[3];
+    for (int k = 0; k < 3; k++)
+        want[k] = model_forward_backward(&m, hb + 2 * k * bn, hb + (2 * k + 1) * bn, FB, FT, 0.0f, 0);
+    assert_true(want[0] != want[1] && want[1] != want[2]); /* the batches differ */
+    float *ld = up(o, NULL, 3 * sizeof(float));
+    int64_t tk[3];
+    for (int k = 0; k < 3; k++) {
+        tk[k] = model_stage(&m, hb + 2 * k * bn, hb + (2 * k + 1) * bn, FB, FT);
+        assert_true(tk[k] >= 1);
+        if (k) assert_true(tk[k] == tk[k - 1] + 1);
+        assert_int_equal(model_step(&m, 0.0f, ld + k), 0);
+    }
+    assert_true(m.cur != (int)((tk[1] - 1) % 2) && m.cur == (int)((tk[2] - 1) % 2)); /* buffers alternate */
+    o->copy_d2h(o, got, ld, sizeof got);
+    for (int k = 0; k < 3; k++) {
+        assert_int_equal(model_stage_done(&m, tk[k], 1), 1);
+        if (memcmp(&got[k], &want[k], sizeof got[k]))
+            fail_msg("staged batch %d: loss %.9g, model_forward_backward %.9g", k, got[k], want[k]);
+    }
+    /* a batch larger than the buffers is refused with the error */
+    tlm_errorf("unrelated");
+    assert_true(model_stage(&m, hb, hb + bn, FB + 1, FT) < 0);
+    assert_non_null(strstr(tlm_last_error(), "does not fit"));
+    o->free(o, ld);
+    o->host_free(o, hb, pinned);
+    model_destroy(&m);
+}
+
+/* A tiny data folder for the trainer: a tokenizer trained on a few words
+ * and token files of a learnable sequence (next = 7 * prev + 3 mod V). */
+static void make_train_data(const char *dir) {
+    static const char *words[] = {"the", "cat", "sat", "on", "mat", "and", "dog", "ran", "to", "a", "red", "ball"};
+    tlm_rng r;
+    tlm_rng_seed(&r, 99);
+    size_t cap = 12000, len = 0;
+    char *text = malloc(cap);
+    assert_non_null(text);
+    while (len + 16 < cap)
+        len += (size_t)snprintf(text + len, cap - len, "%s%s", words[tlm_rng_below(&r, 12)],
+                                tlm_rng_below(&r, 8) == 0 ? ".\n" : " ");
+    const char *docs[1] = {text};
+    size_t lens[1] = {len};
+    tlm_tokenizer *tok = tokenizer_train(docs, lens, 1, 280, NULL, NULL);
+    free(text);
+    if (!tok) fail_msg("tokenizer_train: %s", tlm_last_error());
+    assert_int_equal(dir_create(dir), 0);
+    char p[1200];
+    assert_int_equal(tokenizer_save(tok, path_join(p, sizeof p, dir, "tokenizer.json")), 0);
+    const int V = tokenizer_vocab_size(tok);
+    tokenizer_free(tok);
+    const uint64_t ntrain = 1500, nval = 400;
+    int32_t *t = malloc((ntrain + nval) * sizeof *t);
+    assert_non_null(t);
+    t[0] = 1;
+    for (uint64_t i = 1; i < ntrain + nval; i++)
+        t[i] = tlm_rng_below(&r, 10) == 0 ? (int32_t)tlm_rng_below(&r, (uint64_t)V) : (int32_t)((7 * t[i - 1] + 3) % V);
+    assert_int_equal(tokfile_write(path_join(p, sizeof p, dir, "train.bin"), t, ntrain, V, 1), 0);
+    assert_int_equal(tokfile_write(path_join(p, sizeof p, dir, "val.bin"), t + ntrain, nval, V, 1), 0);
+    free(t);
+}
+
+static void train_opts_tiny(tlm_train_opts *o, const char *data, const char *out) {
+    train_opts_default(o);
+    assert_true(strlen(data) < sizeof o->data && strlen(out) < sizeof o->out);
+    memcpy(o->data, data, strlen(data) + 1);
+    memcpy(o->out, out, strlen(out) + 1);
+    o->cfg = (tlm_config){.dim = 32, .layers = 2, .heads = 2, .hidden = 64, .context = 16, .norm_eps = 1e-5f,
+                          .rope_theta = 10000.0f};
+    o->batch = 4;
+    o->accum = 2;
+    o->lr = 1e-2;
+    o->warmup = 2;
+    o->max_steps = 9;
+    o->eval_every = 9;
+    o->save_every = 9;
+    o->eval_batches = 2;
+    o->log_every = 4;
+    o->workers = 2;
+    o->prefetch = 4;
+    o->threads = 1;
+    o->seed = 5;
+}
+
+typedef struct {
+    wait_counts_fn counts;
+    tlm_ops *o;
+    long syncs[16];
+    int64_t loss_step[16];
+    double loss[16], gnorm[16];
+} waits_rec;
+
+static int waits_cb(void *user, const tlm_train_progress *p) {
+    waits_rec *r = user;
+    if (p->event != TLM_TRAIN_STEP || p->step >= 16) return 0;
+    if (r->counts) r->counts(r->o, &r->syncs[p->step], NULL);
+    r->loss_step[p->step] = p->loss_step;
+    r->loss[p->step] = p->loss;
+    r->gnorm[p->step] = p->grad_norm;
+    return 0;
+}
+
+/* tinylm train's loop on this backend: a step waits for the device (a
+ * stream sync) only when it reads its loss, every --log-every steps, once;
+ * the steps in between report the latest reading; and the losses it reads
+ * are those of the same run on the CPU. A device error ends the run with
+ * the device's message, not "diverged". */
+static void test_trainer_host_waits(void **state) {
+    (void)state;
+    NEED_GPU();
+    wait_counts_fn counts = g_mod ? (wait_counts_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_wait_counts") : NULL;
+    if (!counts) fail_msg("the CUDA module exports no tlm_cuda_wait_counts");
+    char *root = test_tmpdir();
+    char data[1100], out_gpu[1100], out_cpu[1100], out_bad[1100];
+    path_join(data, sizeof data, root, "data");
+    path_join(out_gpu, sizeof out_gpu, root, "run_gpu");
+    path_join(out_cpu, sizeof out_cpu, root, "run_cpu");
+    path_join(out_bad, sizeof out_bad, root, "run_bad");
+    make_train_data(data);
+
+    tlm_train_opts opt;
+    train_opts_tiny(&opt, data, out_gpu);
+    opt.ops = g_gpu;
+    waits_rec rg, rc;
+    memset(&rg, 0, sizeof rg);
+    memset(&rc, 0, sizeof rc);
+    rg.counts = counts;
+    rg.o = g_gpu;
+    tlm_trainer t;
+    if (trainer_open(&t, &opt)) fail_msg("trainer_open on the CUDA backend: %s", tlm_last_error());
+    assert_true(t.ops == g_gpu);
+    if (trainer_run(&t, waits_cb, &rg, NULL) != 0) fail_msg("trainer_run: %s", tlm_last_error());
+    const double val_gpu = t.last_val;
+    trainer_close(&t);
+    assert_int_equal(ops_status(g_gpu), 0); /* still usable: the trainer did not destroy it */
+
+    /* Step 1 also grows scratch memory; from step 2 on a step waits exactly
+     * once when it reads (steps 4 and 8, and 9, the last) and never else. */
+    for (int s = 2; s <= 9; s++) {
+        const int reads = s % 4 == 0 || s == 9;
+        if (rg.syncs[s] - rg.syncs[s - 1] != reads)
+            fail_msg("step %d waited for the device %ld times, want %d", s, rg.syncs[s] - rg.syncs[s - 1], reads);
+        const int64_t want_ls = reads ? s : s < 4 ? 1 : 4 * (s / 4);
+        if (rg.loss_step[s] != want_ls)
+            fail_msg("step %d reports the loss of step %lld, want %lld", s, (long long)rg.loss_step[s],
+                     (long long)want_ls);
+        if (!reads && (rg.loss[s] != rg.loss[want_ls] || rg.gnorm[s] != rg.gnorm[want_ls]))
+            fail_msg("step %d does not repeat the reading of step %lld", s, (long long)want_ls);
+    }
+
+    /* the same run on the CPU reads the same losses */
+    memcpy(opt.out, out_cpu, strlen(out_cpu) + 1);
+    opt.ops = NULL;
+    snprintf(opt.device, sizeof opt.device, "cpu");
+    if (trainer_open(&t, &opt)) fail_msg("trainer_open on the CPU: %s", tlm_last_error());
+    if (trainer_run(&t, waits_cb, &rc, NULL) != 0) fail_msg("trainer_run on the CPU: %s", tlm_last_error());
+    const double val_cpu = t.last_val;
+    trainer_close(&t);
+    const int reads[] = {1, 4, 8, 9};
+    for (int i = 0; i < 4; i++) {
+        const int s = reads[i];
+        assert_true(rc.loss_step[s] == s);
+        float a = (float)rg.loss[s], b = (float)rc.loss[s], ga = (float)rg.gnorm[s], gb = (float)rc.gnorm[s];
+        char what[64];
+        snprintf(what, sizeof what, "trainer step %d loss", s);
+        check_close(what, &a, &b, 1, TOL, 0);
+        snprintf(what, sizeof what, "trainer step %d grad norm", s);
+        check_close(what, &ga, &gb, 1, TOL, 0);
+    }
+    float va = (float)val_gpu, vb = (float)val_cpu;
+    check_close("trainer validation loss", &va, &vb, 1, TOL, 0);
+
+    /* head size 256: the CUDA attention refuses it, the device fails, and
+     * the run stops with that message after the first step */
+    create_fn cr = (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create");
+    assert_non_null(cr);
+    char note[512];
+    tlm_ops *bad = cr(0, note, sizeof note);
+    assert_non_null(bad);
+    train_opts_tiny(&opt, data, out_bad);
+    opt.cfg.dim = 256;
+    opt.cfg.heads = 1;
+    opt.ops = bad;
+    if (trainer_open(&t, &opt)) fail_msg("trainer_open: %s", tlm_last_error());
+    memset(&rg, 0, sizeof rg);
+    assert_int_equal(trainer_run(&t, waits_cb, &rg, NULL), -1);
+    const char *e = tlm_last_error();
+    if (!strstr(e, "head size 256") || strstr(e, "diverged") || strchr(e, '\n')) fail_msg("device failure: %s", e);
+    assert_int_equal(rg.loss_step[1], 0); /* no step was reported */
+    assert_int_equal(t.saved_step, -1);
+    trainer_close(&t);
+    bad->destroy(bad);
+    char p[1200];
+    assert_false(path_exists(path_join(p, sizeof p, out_bad, "model.safetensors")));
+
+    test_rmtree(root);
+    free(root);
+}
+
+/* (Included here, with the test that needs it.) */
+#include "infer/infer.h"
+
+/* Generation stops at a device error with the device's message, instead
+ * of sampling from the NaN logits a failed backend hands back. */
+static void test_generate_status(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_fn cr = g_mod ? (create_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create") : NULL;
+    if (!cr) skip();
+    char note[512];
+    tlm_ops *o = cr(0, note, sizeof note); /* its own instance: failure is sticky */
+    assert_non_null(o);
+    /* head size 256: the CUDA attention refuses it */
+    tlm_config c = {.vocab = 300, .dim = 256, .layers = 1, .heads = 1, .hidden = 32, .context = 16,
+                    .norm_eps = 1e-5f, .rope_theta = 10000.0f};
+    tlm_model m;
+    if (model_create(&m, &c, o)) fail_msg("model_create: %s", tlm_last_error());
+    model_init_random(&m, 3);
+    tlm_gen_params p;
+    memset(&p, 0, sizeof p);
+    p.samples = 2;
+    p.max_tokens = 4;
+    p.sampling.temperature = 1.0f;
+    p.sampling.top_p = 1.0f;
+    const int32_t prompt[3] = {1, 2, 3};
+    int32_t out[2 * 4];
+    int len[2] = {-1, -1};
+    tlm_errorf("unrelated");
+    assert_int_equal(generate_run(&m, prompt, 3, -1, &p, NULL, NULL, out, len, NULL), -1);
+    const char *e = tlm_last_error();
+    if (!strstr(e, "head size 256") || strchr(e, '\n')) fail_msg("generation on a failed device: %s", e);
+    assert_true(len[0] == -1 && len[1] == -1); /* nothing was reported as generated */
+    model_destroy(&m);
+    o->destroy(o);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
@@ -1150,6 +1520,8 @@ int main(void) {
         cmocka_unit_test(test_model_fixture), cmocka_unit_test(test_model_cached), cmocka_unit_test(test_train_steps),
         cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
         cmocka_unit_test(test_bf16),
+        cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
+        cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     fixture_close(&g_fx);

@@ -1015,6 +1015,45 @@ static void test_thread_invariance(void **state) {
     ops_destroy(f1);
 }
 
+/* loss_mean is the host's old loss loop moved behind the op table: on the
+ * CPU it must give that loop's float bit for bit (resumed runs and loss
+ * curves compare exactly). The CPU backends run synchronously and cannot
+ * fail, so they leave the upload block and status unset. */
+static void test_loss_mean(void **state) {
+    (void)state;
+    const int N = 1001;
+    float *l = hrand((size_t)N, 3);
+    int32_t *tg = malloc((size_t)N * sizeof *tg);
+    assert_non_null(tg);
+    for (int i = 0; i < N; i++) {
+        l[i] = fabsf(l[i]) + 0.5f;
+        tg[i] = i % 7 == 2 ? -1 : i % 13;
+    }
+    double sum = 0;
+    long count = 0;
+    for (int i = 0; i < N; i++)
+        if (tg[i] >= 0) sum += l[i], count++;
+    const float want = (float)(sum / (double)count);
+    for (int bi = 0; bi < NBE; bi++) {
+        tlm_ops *o = g_be[bi];
+        assert_null(o->status);
+        assert_true(!o->event_create && !o->event_destroy && !o->event_record && !o->copy_h2d_async && !o->event_done);
+        float *dl = upf(o, l, (size_t)N), *out = upf(o, NULL, 1);
+        int32_t *dt = up(o, tg, (size_t)N * sizeof *tg);
+        o->loss_mean(o, out, dl, dt, N);
+        float *got = down(o, out, 1);
+        if (memcmp(got, &want, sizeof want)) fail_msg("%s loss_mean %.9g, the host loop %.9g", o->name, *got, want);
+        free(got);
+        o->loss_mean(o, out, dl, dt, 0); /* no rows */
+        got = down(o, out, 1);
+        assert_true(got[0] == 0.0f);
+        free(got);
+        o->free(o, dl), o->free(o, out), o->free(o, dt);
+    }
+    free(l);
+    free(tg);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),
@@ -1034,6 +1073,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_blocked),
         cmocka_unit_test(test_attention_blocked),
         cmocka_unit_test(test_thread_invariance),
+        cmocka_unit_test(test_loss_mean),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -108,6 +108,41 @@ static void test_cpu_info(void **state) {
     assert_string_equal(cpu_info_simd(&fake, tiny, sizeof tiny), "AVX2");
 }
 
+/* --dtype: fp32 and auto run on the CPU, bf16 is refused there with one
+ * line naming --dtype, and an unknown precision is refused everywhere. */
+static void test_dtype(void **state) {
+    (void)state;
+    const char *ok[] = {"fp32", "auto", NULL};
+    for (int i = 0; i < 3; i++) {
+        tlm_ops *o = ops_create_ex("cpu", 1, ok[i], NULL, 0);
+        if (!o) fail_msg("--device cpu --dtype %s: %s", ok[i] ? ok[i] : "(default)", tlm_last_error());
+        ops_destroy(o);
+    }
+    const char *cpus[] = {"cpu", "cpu-ref"};
+    for (int i = 0; i < 2; i++) {
+        assert_null(ops_create_ex(cpus[i], 1, "bf16", NULL, 0));
+        const char *e = tlm_last_error();
+        if (!strstr(e, "--dtype bf16") || !strstr(e, "fp32") || strchr(e, '\n')) fail_msg("bf16 on %s: %s", cpus[i], e);
+    }
+    const char *bad[] = {"fp16", "BF16", "", "float"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(ops_check_dtype(bad[i]), -1);
+        assert_null(ops_create_ex("auto", 1, bad[i], NULL, 0));
+        const char *e = tlm_last_error();
+        if (!strstr(e, "--dtype") || !strstr(e, "fp32, bf16 or auto")) fail_msg("--dtype '%s': %s", bad[i], e);
+    }
+    /* auto + bf16 needs CUDA: either it runs there, or it is refused */
+    char note[256];
+    tlm_ops *o = ops_create_ex("auto", 1, "bf16", note, sizeof note);
+    if (o) {
+        assert_string_equal(o->name, "cuda");
+        assert_non_null(strstr(note, "bf16"));
+        ops_destroy(o);
+    } else {
+        assert_non_null(strstr(tlm_last_error(), "--dtype bf16"));
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cpu_specs),
@@ -115,6 +150,7 @@ int main(void) {
         cmocka_unit_test(test_bad_specs),
         cmocka_unit_test(test_cuda_request),
         cmocka_unit_test(test_cpu_info),
+        cmocka_unit_test(test_dtype),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -703,6 +703,128 @@ static void test_unwritable(void **state) {
     trainer_close(&t);
 }
 
+/* ---- reading the loss only when it is recorded ---------------------------------------- */
+
+typedef struct {
+    float loss[32];
+    double gnorm[32];
+    int64_t loss_step[32];
+} reading_rec;
+
+static int on_reading(void *user, const tlm_train_progress *p) {
+    reading_rec *r = user;
+    if (p->event == TLM_TRAIN_STEP && p->step < 32) {
+        r->loss[p->step] = (float)p->loss;
+        r->gnorm[p->step] = p->grad_norm;
+        r->loss_step[p->step] = p->loss_step;
+    }
+    return 0;
+}
+
+static void run_reading(const tlm_train_opts *o, reading_rec *r, float **params, size_t *nparams) {
+    tlm_trainer t;
+    if (trainer_open(&t, o)) fail_msg("trainer_open: %s", tlm_last_error());
+    memset(r, 0, sizeof *r);
+    if (trainer_run(&t, on_reading, r, NULL) != 0) fail_msg("trainer_run: %s", tlm_last_error());
+    *params = host_params(&t);
+    *nparams = t.model.nparams;
+    trainer_close(&t);
+}
+
+/* A step reads its loss (waits for the device) only on steps it records;
+ * the others report the latest reading. Reading less often changes no
+ * parameter and no recorded value. */
+static void test_loss_readings(void **state) {
+    fixture *f = *state;
+    char outa[1200], outb[1200], p[1300];
+    path_join(outa, sizeof outa, f->root, "read_every");
+    path_join(outb, sizeof outb, f->root, "read_5");
+    tlm_train_opts o;
+    tiny_opts(&o, f->data, outa);
+    o.accum = 2;
+    o.max_steps = 12;
+    o.eval_every = 12;
+    o.save_every = 12;
+    o.log_every = 1;
+    reading_rec ra, rb;
+    float *pa, *pb;
+    size_t P, Pb;
+    run_reading(&o, &ra, &pa, &P);
+    set_str(o.out, sizeof o.out, outb);
+    o.log_every = 5;
+    run_reading(&o, &rb, &pb, &Pb);
+    assert_true(P == Pb);
+    assert_memory_equal(pa, pb, P * sizeof(float));
+    for (int s = 1; s <= 12; s++) {
+        assert_true(ra.loss_step[s] == s);
+        /* read: the first, every 5th and the last step */
+        const int read = s == 1 || s % 5 == 0 || s == 12;
+        const int64_t want = read ? s : s < 5 ? 1 : 5 * (s / 5);
+        if (rb.loss_step[s] != want)
+            fail_msg("step %d reported the loss of step %lld, want %lld", s, (long long)rb.loss_step[s],
+                     (long long)want);
+        if (memcmp(&rb.loss[s], &ra.loss[want], sizeof rb.loss[s]) || rb.gnorm[s] != ra.gnorm[want])
+            fail_msg("step %d: loss %.9g / norm %.9g, the reading of step %lld was %.9g / %.9g", s, rb.loss[s],
+                     rb.gnorm[s], (long long)want, ra.loss[want], ra.gnorm[want]);
+    }
+    /* metrics.jsonl holds the read steps only, with the same values */
+    char *txt = test_read_file(path_join(p, sizeof p, outb, "metrics.jsonl"), NULL);
+    assert_non_null(txt);
+    const char *x = txt;
+    const int steps[] = {1, 5, 10, 12};
+    for (int i = 0; i < 4; i++) {
+        char key[64];
+        snprintf(key, sizeof key, "\"step\": %d,", steps[i]);
+        x = strstr(x, key);
+        if (!x) fail_msg("metrics.jsonl has no record of step %d", steps[i]);
+        const char *l = strstr(x, "\"loss\": ");
+        assert_non_null(l);
+        assert_true((float)strtod(l + 8, NULL) == ra.loss[steps[i]]);
+    }
+    int lines = 0;
+    for (const char *c = txt; *c; c++) lines += *c == '\n';
+    assert_int_equal(lines, 4);
+    free(txt);
+    free(pa);
+    free(pb);
+}
+
+/* --dtype: refused on the CPU for bf16 and everywhere for an unknown one,
+ * saved with the run; runs saved before it existed resume in fp32. */
+static void test_dtype_option(void **state) {
+    fixture *f = *state;
+    char out[1200], p[1300];
+    path_join(out, sizeof out, f->root, "run_dtype");
+    tlm_train_opts o;
+    tiny_opts(&o, f->data, out);
+    set_str(o.dtype, sizeof o.dtype, "bf16");
+    expect_open_error(&o, "--dtype bf16", "fp32");
+    set_str(o.dtype, sizeof o.dtype, "fp16");
+    expect_open_error(&o, "--dtype fp16", NULL);
+    assert_false(path_exists(out));
+
+    set_str(o.dtype, sizeof o.dtype, "auto"); /* fp32 on the CPU */
+    o.max_steps = 2;
+    recorder r;
+    train_expect(&o, &r, 0, NULL);
+    tlm_train_opts got;
+    assert_int_equal(train_opts_load(&got, out), 0);
+    assert_string_equal(got.dtype, "auto");
+    assert_null(got.ops);
+
+    /* an older trainer_state.json without "dtype" */
+    size_t len;
+    char *js = test_read_file(path_join(p, sizeof p, out, "trainer_state.json"), &len);
+    assert_non_null(js);
+    char *k = strstr(js, "\"dtype\"");
+    assert_non_null(k);
+    memcpy(k + 1, "dtypX", 5);
+    write_file(p, js, len);
+    free(js);
+    assert_int_equal(train_opts_load(&got, out), 0);
+    assert_string_equal(got.dtype, "fp32");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedule),
@@ -715,6 +837,8 @@ int main(void) {
         cmocka_unit_test(test_refuse_overwrite),
         cmocka_unit_test(test_bad_data),
         cmocka_unit_test(test_unwritable),
+        cmocka_unit_test(test_loss_readings),
+        cmocka_unit_test(test_dtype_option),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

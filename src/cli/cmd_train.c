@@ -57,6 +57,9 @@ static void train_usage(FILE *f) {
             "                        is not a terminal (default 10)\n"
             "runtime\n"
             "  --device D            auto, cpu, cpu-ref or cuda[:N] (default auto)\n"
+            "  --dtype T             matrix products in fp32, or bf16 (CUDA tensor cores; weights,\n"
+            "                        gradients and optimizer state stay fp32), or auto: bf16 on CUDA,\n"
+            "                        fp32 on the CPU (default auto; fp32 for exact comparison)\n"
             "  --threads N           compute threads (default: all cores)\n"
             "  --workers N           data loader threads, 0 = load on the training thread (default 2)\n"
             "  --prefetch N          batches the loader prepares ahead (default 4)\n"
@@ -164,7 +167,7 @@ static int on_progress(void *user, const tlm_train_progress *p) {
 /* Flags are parsed first into this struct, with a has_ bit for each option,
  * so that on --resume only the flags the user typed replace the saved ones. */
 typedef struct {
-    const char *data, *out, *device;
+    const char *data, *out, *device, *dtype;
     cli_model_flags model;
     long batch, accum, warmup, max_steps, eval_every, eval_batches, save_every, log_every;
     long workers, prefetch, seed, threads;
@@ -174,6 +177,17 @@ typedef struct {
         has_clip, has_max_time;
     int resume;
 } train_flags;
+
+/* --dtype is checked while parsing, so a typo fails before any data is read. */
+static int parse_dtype(const char *cmd, const char *flag, const char *val, void *dest) {
+    (void)flag; /* the library's message names --dtype */
+    if (ops_check_dtype(val)) {
+        cli_fail(cmd, tlm_last_error());
+        return -1;
+    }
+    *(const char **)dest = val;
+    return 0;
+}
 
 static int parse_flags(int argc, char **argv, train_flags *g) {
     memset(g, 0, sizeof *g);
@@ -196,6 +210,7 @@ static int parse_flags(int argc, char **argv, train_flags *g) {
         CLI_FLAG_LONG("--save-every", &g->save_every, &g->has_save_every, 1, 1000000000000L),
         CLI_FLAG_LONG("--log-every", &g->log_every, &g->has_log_every, 1, 1000000000000L),
         CLI_FLAG_STRING("--device", &g->device, NULL),
+        CLI_FLAG_CUSTOM("--dtype", parse_dtype, &g->dtype, NULL),
         CLI_FLAG_LONG("--threads", &g->threads, &g->has_threads, 0, 4096),
         CLI_FLAG_LONG("--workers", &g->workers, &g->has_workers, 0, 256),
         CLI_FLAG_LONG("--prefetch", &g->prefetch, &g->has_prefetch, 1, 1024),
@@ -209,6 +224,7 @@ static void apply_flags(const train_flags *g, tlm_train_opts *o) {
     if (g->data) snprintf(o->data, sizeof o->data, "%s", g->data);
     if (g->out) snprintf(o->out, sizeof o->out, "%s", g->out);
     if (g->device) snprintf(o->device, sizeof o->device, "%s", g->device);
+    if (g->dtype) snprintf(o->dtype, sizeof o->dtype, "%s", g->dtype);
     cli_model_apply(&g->model, &o->cfg);
     if (g->has_batch) o->batch = (int)g->batch;
     if (g->has_accum) o->accum = (int)g->accum;

@@ -143,6 +143,8 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     }
     if (!shared && B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
     ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
+    /* a failed device hands back NaN logits: stop with its message */
+    if (ops_status(ops)) goto out;
     double t1 = tlm_now();
     st.prompt_seconds = t1 - t0;
 
@@ -176,6 +178,7 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
                                  logits_dev))
             goto out;
         ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
+        if (ops_status(ops)) goto out;
         st.steps++;
     }
     st.gen_seconds = tlm_now() - t1;

@@ -105,17 +105,22 @@ static void free_train(tlm_model *m) {
     }
     model_free_dev(m, m->grads);
     model_free_dev(m, m->xfinal); model_free_dev(m, m->xf); model_free_dev(m, m->rstdf); model_free_dev(m, m->logits);
-    model_free_dev(m, m->losses); model_free_dev(m, m->tokens_dev); model_free_dev(m, m->targets_dev);
+    model_free_dev(m, m->losses); model_free_dev(m, m->loss_dev);
+    for (int j = 0; j < 2; j++) {
+        model_free_dev(m, m->tokens_dev[j]);
+        model_free_dev(m, m->targets_dev[j]);
+        if (m->buf_free[j]) m->ops->event_destroy(m->ops, m->buf_free[j]);
+        if (m->buf_copied[j]) m->ops->event_destroy(m->ops, m->buf_copied[j]);
+        m->tokens_dev[j] = m->targets_dev[j] = NULL;
+        m->buf_free[j] = m->buf_copied[j] = NULL;
+    }
+    m->nstaged = 0;
+    m->cur = m->staged_B = m->staged_T = 0;
     /* dqkv and datt share the buffers of dgu and dact (model_alloc_train) */
     model_free_dev(m, m->dx); model_free_dev(m, m->dtmp);
     model_free_dev(m, m->dgu); model_free_dev(m, m->dact); model_free_dev(m, m->dxn);
-    m->grads = m->xfinal = m->xf = m->rstdf = m->logits = m->losses = NULL;
-    m->tokens_dev = m->targets_dev = NULL;
+    m->grads = m->xfinal = m->xf = m->rstdf = m->logits = m->losses = m->loss_dev = NULL;
     m->dx = m->dtmp = m->dqkv = m->datt = m->dgu = m->dact = m->dxn = NULL;
-    tlm_free(m->host_losses);
-    tlm_free(m->host_targets);
-    m->host_losses = NULL;
-    m->host_targets = NULL;
     m->Bmax = m->Tmax = 0;
 }
 
@@ -198,8 +203,15 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
     DEV(m->rstdf, N * f);
     DEV(m->logits, N * V * f);
     DEV(m->losses, N * f);
-    DEV(m->tokens_dev, N * sizeof(int32_t));
-    DEV(m->targets_dev, N * sizeof(int32_t));
+    DEV(m->loss_dev, f);
+    for (int j = 0; j < 2; j++) {
+        DEV(m->tokens_dev[j], N * sizeof(int32_t));
+        DEV(m->targets_dev[j], N * sizeof(int32_t));
+        /* the upload block is all or nothing (ops.h) */
+        if (ok && o->event_create) {
+            if (!(m->buf_free[j] = o->event_create(o)) || !(m->buf_copied[j] = o->event_create(o))) ok = 0;
+        }
+    }
     DEV(m->dx, N * D * f);
     DEV(m->dtmp, N * D * f);
     /* Backward of a layer is MLP first, then attention: dgu and dact are
@@ -210,11 +222,6 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
 #undef DEV
     m->dqkv = m->dgu;
     m->datt = m->dact;
-    if (ok) {
-        m->host_losses = tlm_alloc(N * f);
-        m->host_targets = tlm_alloc(N * sizeof(int32_t));
-        if (!m->host_losses || !m->host_targets) ok = 0;
-    }
     if (!ok) {
         char inner[1024];
         snprintf(inner, sizeof inner, "%s", tlm_last_error());
@@ -238,23 +245,14 @@ static void linear_bwd(tlm_ops *o, float *dx, float *dw, const float *dy, const 
     o->matmul(o, 1, 0, out, in, N, 1.0f, dy, out, x, in, 1.0f, dw, in);
 }
 
-float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
-                             float grad_scale, int on_device) {
+/* Forward, and backward when grad_scale > 0, on device tokens tok[B,T] and
+ * targets tgt[B,T] (shape already checked); the mean loss to *loss_dev. */
+static void forward_backward(tlm_model *m, const int32_t *tok, const int32_t *tgt, int B, int T, float grad_scale,
+                             float *loss_dev) {
     const tlm_config *c = &m->cfg;
     tlm_ops *o = m->ops;
-    if (!m->acts || B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax) {
-        tlm_errorf("batch %d x %d does not fit the buffers allocated for %d x %d", B, T, m->Bmax, m->Tmax);
-        return NAN;
-    }
     const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
-    const int32_t *tok = inputs, *tgt = targets;
-    if (!on_device) {
-        o->copy_h2d(o, m->tokens_dev, inputs, (size_t)N * sizeof(int32_t));
-        o->copy_h2d(o, m->targets_dev, targets, (size_t)N * sizeof(int32_t));
-        tok = m->tokens_dev;
-        tgt = m->targets_dev;
-    }
 
     /* ---- forward ---- */
     o->embed_fwd(o, m->acts[0].x, tok, m->wte, N, D);
@@ -280,6 +278,7 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
     model_linear(o, m->logits, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
     int want_grad = grad_scale > 0.0f && m->grads != NULL;
     o->xent(o, m->logits, m->losses, tgt, N, V, grad_scale, want_grad);
+    o->loss_mean(o, loss_dev, m->losses, tgt, N); /* stays on the device */
 
     /* ---- backward (logits now hold dlogits) ---- */
     if (want_grad) {
@@ -312,22 +311,63 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
         }
         o->embed_bwd(o, m->gwte, tok, m->dx, N, D);
     }
+}
 
-    /* ---- mean loss over non-ignored targets ---- */
-    o->copy_d2h(o, m->host_losses, m->losses, (size_t)N * sizeof(float));
-    const int32_t *htgt = targets;
+static int check_fit(const tlm_model *m, int B, int T) {
+    if (!m->acts || B <= 0 || T <= 0 || B > m->Bmax || T > m->Tmax)
+        return tlm_errorf("batch %d x %d does not fit the buffers allocated for %d x %d", B, T, m->Bmax, m->Tmax);
+    return 0;
+}
+
+int64_t model_stage(tlm_model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
+    if (check_fit(m, B, T)) return -1;
+    tlm_ops *o = m->ops;
+    const size_t bytes = (size_t)B * T * sizeof(int32_t);
+    /* buffers alternate, so a ticket names its buffer */
+    const int j = (int)(m->nstaged % 2);
+    if (m->buf_copied[j]) {
+        /* waits (on the device) for the step that last read buffer j, not
+         * for the step in flight on the other one */
+        o->copy_h2d_async(o, m->tokens_dev[j], inputs, bytes, m->buf_free[j], NULL);
+        o->copy_h2d_async(o, m->targets_dev[j], targets, bytes, m->buf_free[j], m->buf_copied[j]);
+    } else {
+        o->copy_h2d(o, m->tokens_dev[j], inputs, bytes);
+        o->copy_h2d(o, m->targets_dev[j], targets, bytes);
+    }
+    m->cur = j;
+    m->staged_B = B;
+    m->staged_T = T;
+    return ++m->nstaged;
+}
+
+int model_stage_done(tlm_model *m, int64_t ticket, int wait) {
+    if (ticket < 1 || ticket > m->nstaged) return 1;
+    tlm_event *e = m->buf_copied[(ticket - 1) % 2];
+    return e ? m->ops->event_done(m->ops, e, wait) : 1;
+}
+
+int model_step(tlm_model *m, float grad_scale, float *loss_dev) {
+    if (!m->staged_B || !m->acts) return tlm_errorf("model_step: no batch staged: call model_stage first");
+    const int j = m->cur;
+    forward_backward(m, m->tokens_dev[j], m->targets_dev[j], m->staged_B, m->staged_T, grad_scale, loss_dev);
+    if (m->buf_free[j]) m->ops->event_record(m->ops, m->buf_free[j]);
+    return 0;
+}
+
+float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                             float grad_scale, int on_device) {
+    tlm_ops *o = m->ops;
+    if (check_fit(m, B, T)) return NAN;
     if (on_device) {
-        o->copy_d2h(o, m->host_targets, targets, (size_t)N * sizeof(int32_t));
-        htgt = m->host_targets;
+        forward_backward(m, inputs, targets, B, T, grad_scale, m->loss_dev);
+    } else {
+        if (model_stage(m, inputs, targets, B, T) < 0 || model_step(m, grad_scale, m->loss_dev)) return NAN;
     }
-    double sum = 0.0;
-    long count = 0;
-    for (int i = 0; i < N; i++) {
-        if (htgt[i] < 0) continue;
-        sum += m->host_losses[i];
-        count++;
-    }
-    return count ? (float)(sum / (double)count) : 0.0f;
+    /* waits for the step, and with it for the copies out of inputs/targets
+     * (the compute stream waited for them), so they are free on return */
+    float loss = NAN;
+    o->copy_d2h(o, &loss, m->loss_dev, sizeof loss);
+    return loss;
 }
 
 /* ---- generation ---------------------------------------------------------- */

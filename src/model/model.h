@@ -84,12 +84,21 @@ typedef struct tlm_model {
     float *rstdf;            /* [N] */
     float *logits;           /* [N,V] (becomes dlogits when training) */
     float *losses;           /* [N] */
-    int32_t *tokens_dev;     /* [N] inputs staged on the device */
-    int32_t *targets_dev;    /* [N] */
+    float *loss_dev;         /* [1] model_forward_backward's mean loss */
     /* scratch for backward */
     float *dx, *dtmp, *dqkv, *datt, *dgu, *dact, *dxn;
-    float *host_losses;      /* host [N] for reading the loss */
-    int32_t *host_targets;   /* host [N]: targets read back when they came on the device */
+
+    /* The batch on the device, double-buffered (model_stage): while a step
+     * computes from one buffer, the next batch is copied into the other. */
+    int32_t *tokens_dev[2];  /* [N] inputs */
+    int32_t *targets_dev[2]; /* [N] */
+    /* With asynchronous uploads (ops->copy_h2d_async; NULL otherwise):
+     * buf_free[j] is recorded after the last op of a step that read buffer
+     * j, buf_copied[j] after the copy into it. */
+    tlm_event *buf_free[2], *buf_copied[2];
+    int64_t nstaged;         /* stagings so far; ticket k went to buffer (k-1) % 2 */
+    int cur;                 /* buffer of the latest staging */
+    int staged_B, staged_T;  /* its shape (0: nothing staged) */
 } tlm_model;
 
 /* Allocate parameters (zeroed) for cfg on ops. */
@@ -115,6 +124,39 @@ float model_forward_backward(tlm_model *m, const int32_t *inputs, const int32_t 
 
 /* Zero all gradients. */
 void model_zero_grad(tlm_model *m);
+
+/* ---- training steps without host round trips ------------------------------
+ * model_forward_backward waits for its loss; a training loop that reads the
+ * loss only when it prints it uses these instead:
+ *
+ *   ticket = model_stage(m, inputs, targets, B, T);  // batch -> device
+ *   model_step(m, grad_scale, loss_dev);             // enqueue the step
+ *   ... model_stage_done(m, ticket, wait) before reusing inputs/targets
+ *
+ * Where the backend has asynchronous uploads (ops.h: copy_h2d_async), the
+ * copy into the next of two device buffers waits only for the step that
+ * last read that buffer (the one before the current), so it overlaps the
+ * compute of the current step. Otherwise (the CPU) it is a plain copy,
+ * complete on return. */
+
+/* Copy host inputs[B,T] and targets[B,T] into the next device buffer; the
+ * next model_step uses them. With asynchronous uploads the host arrays must
+ * stay unchanged until model_stage_done(ticket) says so, and should come
+ * from ops->host_alloc (the loader's ring) for the copy to be truly
+ * asynchronous. Returns the ticket (>= 1), or -1 with an error when the
+ * batch does not fit model_alloc_train's buffers. */
+int64_t model_stage(tlm_model *m, const int32_t *inputs, const int32_t *targets, int B, int T);
+/* 1 if the copy of `ticket` has finished reading its host arrays, else 0;
+ * with wait, blocks until it has (that copy only, not the device's compute).
+ * A ticket whose buffer was staged again since is answered for the newer
+ * copy (which comes after it): later than needed, never too early. */
+int model_stage_done(tlm_model *m, int64_t ticket, int wait);
+/* Enqueue forward, and backward when grad_scale > 0 (accumulating into
+ * m->grads as model_forward_backward does), on the batch of the latest
+ * model_stage. The mean loss over its non-ignored targets goes to the
+ * device float *loss_dev; nothing waits for the device. 0, or -1 with an
+ * error when nothing was staged. */
+int model_step(tlm_model *m, float grad_scale, float *loss_dev);
 
 /* Cached forward for generation: tokens[B,T] (host) at positions
  * pos0..pos0+T-1 for every sequence; kc[l], vc[l] are the layer-l caches

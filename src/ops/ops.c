@@ -20,10 +20,13 @@
 
 #define OPS_CUDA_MODULE "libtinylm-cuda.so"
 #define OPS_CUDA_ENTRY "tlm_cuda_ops_create"
+#define OPS_CUDA_ENTRY_EX "tlm_cuda_ops_create_ex"
 
 /* Entry point every CUDA module exports: device index, a buffer for one line
  * (a banner on success, the reason on failure). NULL when it cannot start. */
 typedef tlm_ops *(*ops_cuda_create_fn)(int device, char *note, size_t n);
+/* The same with the precision of matrix products ("fp32" or "bf16"). */
+typedef tlm_ops *(*ops_cuda_create_ex_fn)(int device, const char *dtype, char *note, size_t n);
 
 /* snprintf that truncates quietly: paths and loader messages can be long,
  * and a cut-off one-line note is fine. */
@@ -67,19 +70,23 @@ static void *ops_cuda_open(char *why, size_t n) {
     return NULL;
 }
 
-/* Try to start CUDA device `dev`. Returns the op table, or NULL with `why`
- * holding the reason ("" when the module is simply not installed). */
-static tlm_ops *ops_cuda_try(int dev, char *banner, size_t bn, char *why, size_t wn) {
+/* Try to start CUDA device `dev` with matrix products in cuda_dtype ("fp32",
+ * "bf16", or NULL for the module's default). Returns the op table, or NULL
+ * with `why` holding the reason ("" when the module is simply not
+ * installed). */
+static tlm_ops *ops_cuda_try(int dev, const char *cuda_dtype, char *banner, size_t bn, char *why, size_t wn) {
     void *h = ops_cuda_open(why, wn);
     if (!h) return NULL;
-    ops_cuda_create_fn create = (ops_cuda_create_fn)(uintptr_t)dlsym(h, OPS_CUDA_ENTRY);
-    if (!create) {
-        ops_fmt(why, wn, "%s has no %s entry point (mismatched build)", OPS_CUDA_MODULE, OPS_CUDA_ENTRY);
+    const char *entry = cuda_dtype ? OPS_CUDA_ENTRY_EX : OPS_CUDA_ENTRY;
+    void *sym = dlsym(h, entry);
+    if (!sym) {
+        ops_fmt(why, wn, "%s has no %s entry point (mismatched build)", OPS_CUDA_MODULE, entry);
         dlclose(h);
         return NULL;
     }
     char mnote[256] = "";
-    tlm_ops *o = create(dev, mnote, sizeof mnote);
+    tlm_ops *o = cuda_dtype ? ((ops_cuda_create_ex_fn)(uintptr_t)sym)(dev, cuda_dtype, mnote, sizeof mnote)
+                            : ((ops_cuda_create_fn)(uintptr_t)sym)(dev, mnote, sizeof mnote);
     if (!o) {
         ops_fmt(why, wn, "%s", mnote[0] ? mnote : "the CUDA backend could not start (no usable GPU?)");
         dlclose(h);
@@ -102,28 +109,51 @@ static int ops_parse_cuda(const char *spec) {
     return (int)v;
 }
 
-tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len) {
+int ops_check_dtype(const char *dtype) {
+    if (!dtype || !strcmp(dtype, "auto") || !strcmp(dtype, "fp32") || !strcmp(dtype, "bf16")) return 0;
+    return tlm_errorf("--dtype %s: unknown precision, expected fp32, bf16 or auto", dtype);
+}
+
+/* A CPU backend for dtype: the CPU trains in fp32 only, so bf16 is refused
+ * (`why`, when not empty, says why CUDA was not used). */
+static tlm_ops *ops_cpu_for(const char *dtype, int ref, int threads, const char *why) {
+    if (dtype && !strcmp(dtype, "bf16")) {
+        if (why && why[0])
+            tlm_errorf("--dtype bf16 needs the CUDA backend, which is unavailable (%s): use --dtype fp32 or auto",
+                       why);
+        else
+            tlm_errorf("--dtype bf16 needs the CUDA backend: the CPU trains in fp32 only; use --dtype fp32 or auto, "
+                       "or --device cuda");
+        return NULL;
+    }
+    return ref ? cpu_ref_ops_create() : cpu_ops_create(threads);
+}
+
+tlm_ops *ops_create_ex(const char *spec, int threads, const char *dtype, char *note, size_t note_len) {
     if (note && note_len) note[0] = 0;
     if (!spec || !*spec) spec = "auto";
+    if (ops_check_dtype(dtype)) return NULL;
+    /* what the CUDA module is asked for: auto means the tensor cores */
+    const char *cuda_dtype = !dtype ? NULL : !strcmp(dtype, "auto") ? "bf16" : dtype;
     tlm_ops *o = NULL;
     if (strcmp(spec, "cpu") == 0) {
-        o = cpu_ops_create(threads);
+        o = ops_cpu_for(dtype, 0, threads, NULL);
         if (o) ops_fmt(note, note_len, "%s", "cpu");
         return o;
     }
     if (strcmp(spec, "cpu-ref") == 0) {
-        o = cpu_ref_ops_create();
+        o = ops_cpu_for(dtype, 1, threads, NULL);
         if (o) ops_fmt(note, note_len, "%s", "cpu-ref (reference loops, single thread)");
         return o;
     }
     char banner[256] = "", why[512] = "";
     if (strcmp(spec, "auto") == 0) {
-        o = ops_cuda_try(0, banner, sizeof banner, why, sizeof why);
+        o = ops_cuda_try(0, cuda_dtype, banner, sizeof banner, why, sizeof why);
         if (o) {
             ops_fmt(note, note_len, "%s", banner);
             return o;
         }
-        o = cpu_ops_create(threads);
+        o = ops_cpu_for(dtype, 0, threads, why[0] ? why : "no CUDA backend module found");
         if (!o) return NULL;
         if (why[0]) {
             ops_fmt(note, note_len, "cpu (CUDA unavailable: %s)", why);
@@ -139,7 +169,7 @@ tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len) 
                        spec);
             return NULL;
         }
-        o = ops_cuda_try(dev, banner, sizeof banner, why, sizeof why);
+        o = ops_cuda_try(dev, cuda_dtype, banner, sizeof banner, why, sizeof why);
         if (o) {
             ops_fmt(note, note_len, "%s", banner);
             return o;
@@ -154,6 +184,12 @@ tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len) 
     tlm_errorf("--device %s: unknown device, expected one of auto, cpu, cpu-ref, cuda, cuda:N", spec);
     return NULL;
 }
+
+tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len) {
+    return ops_create_ex(spec, threads, NULL, note, note_len);
+}
+
+int ops_status(tlm_ops *o) { return o && o->status ? o->status(o) : 0; }
 
 void ops_destroy(tlm_ops *o) {
     if (o && o->destroy) o->destroy(o);

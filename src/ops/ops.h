@@ -20,7 +20,12 @@
  *    (+=), so gradient accumulation across micro-batches is free; gradients
  *    of activations are OVERWRITTEN unless said otherwise.
  *  - Ops may run asynchronously on a device; ops->sync waits for all of them.
- *    Reads of results on the host go through copy_d2h (which syncs).
+ *    Reads of results on the host go through copy_d2h (which syncs). A
+ *    training step therefore keeps what it produces (losses, the gradient
+ *    norm) on the device and reads it with one copy_d2h when it is printed.
+ *  - Ops have no error return. A device error makes a backend "failed":
+ *    later ops do nothing and reads return NaN; ops->status (optional)
+ *    turns that into a one-line error for the caller.
  */
 #ifndef TLM_OPS_OPS_H
 #define TLM_OPS_OPS_H
@@ -35,6 +40,9 @@ typedef struct tlm_packed tlm_packed; /* opaque, owned by the backend that packe
 enum { TLM_PACK_F32 = 1, TLM_PACK_BF16 = 2 };     /* storage of packed weights */
 enum { TLM_PACK_LINEAR = 0, TLM_PACK_SWIGLU = 1 }; /* what matmul_packed computes */
 enum { TLM_KV_F32 = 1, TLM_KV_F16 = 2 };           /* elements of attn_decode's caches */
+
+/* A point in a backend's stream of ops (see the upload block of tlm_ops). */
+typedef struct tlm_event tlm_event; /* opaque, owned by the backend that made it */
 
 struct tlm_ops {
     const char *name;        /* "cpu", "cpu-ref", "cuda" */
@@ -119,6 +127,12 @@ struct tlm_ops {
      * If want_grad, logits are overwritten by dscale * (softmax - onehot). */
     void (*xent)(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
                  int want_grad);
+    /* out[0] = the mean of losses[N] over the rows whose targets[N] >= 0
+     * (0 when there are none), summed in double: xent's per-row losses
+     * reduced to the batch loss. A device scalar, so a step never waits for
+     * its loss; the host reads the losses of a whole step with one
+     * copy_d2h, and only when it records them. */
+    void (*loss_mean)(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N);
 
     /* ---- optimizer ------------------------------------------------------
      * out[0] (+)= sum(x[i]^2) over n elements; accumulate=0 overwrites. Kept
@@ -201,6 +215,42 @@ struct tlm_ops {
     void (*host_for)(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg);
     /* ==== end of the generation block ==================================== */
 
+    /* ==== asynchronous uploads (OPTIONAL: all five set, or all NULL) ======
+     * For double-buffered batches: the copy of batch k+1 into one device
+     * buffer runs on the device's copy engine while step k computes from
+     * the other. Without this block (the CPU) callers use copy_h2d, which
+     * is complete when it returns.
+     *
+     * An event marks a point in the stream of ops. It "passes" once every
+     * op enqueued before it has finished; one never recorded has passed. */
+    tlm_event *(*event_create)(tlm_ops *o); /* NULL + error on failure */
+    void (*event_destroy)(tlm_ops *o, tlm_event *e);
+    /* Record e after every op enqueued so far (re-recording moves it). */
+    void (*event_record)(tlm_ops *o, tlm_event *e);
+    /* Copy bytes from host src to device dst on a separate copy queue.
+     * The copy waits only for `after` (may be NULL), typically recorded
+     * after the last op that read dst, and NOT for every earlier op, so it
+     * overlaps them; every op enqueued after this call waits for the copy.
+     * `done` (may be NULL) is recorded after the copy: src must stay
+     * unchanged until it has passed. src should come from host_alloc (the
+     * loader's ring does): from ordinary memory the copy is still correct
+     * but the host may wait for it. */
+    void (*copy_h2d_async)(tlm_ops *o, void *dst, const void *src, size_t bytes, tlm_event *after,
+                           tlm_event *done);
+    /* 1 if e has passed, else 0. With wait, blocks the host until it has
+     * (waiting for that point only, not for the whole device) and returns 1. */
+    int (*event_done)(tlm_ops *o, tlm_event *e, int wait);
+    /* ==== end of the upload block ======================================== */
+
+    /* OPTIONAL (NULL: the backend cannot fail after creation, the CPU).
+     * 0, or -1 with tlm_errorf set to a one-line message naming the op that
+     * failed and what to do, when the device has recorded an error since the
+     * backend was created. Sticky: once failed, always -1. Cheap and
+     * non-blocking, so callers check it once per step; ops after a failure
+     * do nothing and reads give NaN, so a caller that checks it after
+     * reading a result never reports garbage as a result. */
+    int (*status)(tlm_ops *o);
+
     void (*destroy)(tlm_ops *o);
 };
 
@@ -209,7 +259,18 @@ struct tlm_ops {
  * CPU used when it is not present; *note receives one banner line saying
  * what happened (may be NULL). Returns NULL + error on failure. */
 tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len);
+/* The same with the precision of training's matrix products: dtype "fp32"
+ * (exact comparison with the CPU), "bf16" (CUDA tensor cores, fp32 master
+ * weights; an error on the CPU, which trains in fp32 only), "auto" (bf16
+ * on CUDA, fp32 on the CPU), or NULL (the backend's default: fp32, or the
+ * CUDA module's TLM_CUDA_DTYPE). Errors name --dtype. */
+tlm_ops *ops_create_ex(const char *spec, int threads, const char *dtype, char *note, size_t note_len);
 void ops_destroy(tlm_ops *o);
+/* o->status where the backend has it, else 0. */
+int ops_status(tlm_ops *o);
+/* Is dtype one ops_create_ex accepts ("auto", "fp32", "bf16", or NULL)?
+ * 0, or -1 with an error naming --dtype. */
+int ops_check_dtype(const char *dtype);
 
 /* Backend constructors (src/backends/...). */
 tlm_ops *cpu_ops_create(int threads);     /* fast: CBLAS + OpenMP + SIMD */

@@ -74,6 +74,7 @@ static cJSON *opts_to_json(const tlm_train_opts *o) {
     cJSON_AddStringToObject(j, "seed", dec);
     cJSON_AddNumberToObject(j, "threads", o->threads);
     cJSON_AddStringToObject(j, "device", o->device);
+    cJSON_AddStringToObject(j, "dtype", o->dtype[0] ? o->dtype : "auto");
     return j;
 }
 
@@ -137,6 +138,12 @@ static int opts_from_json(tlm_train_opts *o, const cJSON *j, const char *path) {
     if (get_i64(j, "threads", path, &i)) return -1;
     o->threads = (int)i;
     if (get_str(j, "device", path, o->device, sizeof o->device)) return -1;
+    /* Runs saved before --dtype existed trained in fp32 (the CUDA module's
+     * default then), so that is what resuming them keeps. */
+    if (!cJSON_GetObjectItemCaseSensitive(j, "dtype"))
+        snprintf(o->dtype, sizeof o->dtype, "fp32");
+    else if (get_str(j, "dtype", path, o->dtype, sizeof o->dtype))
+        return -1;
     return 0;
 }
 
@@ -311,6 +318,8 @@ int trainer_save(tlm_trainer *t) {
     o->copy_d2h(o, hp, m->params, P * sizeof(float));
     o->copy_d2h(o, hm, t->adam.m, P * sizeof(float));
     o->copy_d2h(o, hv, t->adam.v, P * sizeof(float));
+    /* a failed device hands back NaN: say why instead of "diverged" */
+    if (ops_status(o)) goto done;
     /* Never replace a good checkpoint with a diverged one. */
     if (!all_finite(hp, P) || !all_finite(hm, P) || !all_finite(hv, P)) {
         tlm_errorf("the parameters became NaN/Inf by step %lld (training diverged), so they were not saved; the "

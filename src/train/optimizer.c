@@ -22,11 +22,17 @@ void adamw_destroy(tlm_adamw *a, tlm_ops *ops) {
     a->m = a->v = a->gnorm_sq = NULL;
 }
 
-double adamw_grad_norm(tlm_adamw *a, tlm_model *m) {
+void adamw_grad_norm_async(tlm_adamw *a, tlm_model *m, float *copy_to) {
     tlm_ops *o = m->ops;
     /* The gradients are one flat buffer, so one reduction covers them all;
      * the result stays on the device where adamw reads it for clipping. */
     o->sumsq(o, a->gnorm_sq, m->grads, m->nparams, 0);
+    if (copy_to) o->copy_d2d(o, copy_to, a->gnorm_sq, sizeof(float));
+}
+
+double adamw_grad_norm(tlm_adamw *a, tlm_model *m) {
+    tlm_ops *o = m->ops;
+    adamw_grad_norm_async(a, m, NULL);
     float sq = 0;
     o->copy_d2h(o, &sq, a->gnorm_sq, sizeof sq);
     return sqrt((double)sq);

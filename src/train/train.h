@@ -48,7 +48,14 @@ typedef struct {
     uint64_t seed;          /* --seed */
     int threads;            /* --threads: compute threads, 0 = all cores */
     char device[32];        /* --device: auto, cpu, cpu-ref, cuda[:N] */
+    char dtype[8];          /* --dtype: matrix products in fp32, bf16 (CUDA only) or auto (bf16 on CUDA,
+                               fp32 on the CPU); "" = auto */
     int resume;             /* --resume */
+    /* Not a flag and not saved: run on this op table instead of creating
+     * one from device and dtype (borrowed: the caller destroys it after
+     * trainer_close). NULL normally; tests use it to train on the CUDA
+     * emulator. */
+    tlm_ops *ops;
 } tlm_train_opts;
 
 /* Defaults of every flag (model shape left zero: the caller picks a preset). */
@@ -82,8 +89,12 @@ typedef struct {
 int adamw_create(tlm_adamw *a, tlm_ops *ops, size_t nparams);
 void adamw_destroy(tlm_adamw *a, tlm_ops *ops);
 /* Global gradient norm of model->grads (also left on the device for
- * clipping by the next adamw_update). */
+ * clipping by the next adamw_update). Waits for the device. */
 double adamw_grad_norm(tlm_adamw *a, tlm_model *m);
+/* The same without waiting: the squared norm stays in a->gnorm_sq for
+ * adamw_update and, when copy_to is given, is copied there too (a device
+ * float), so the caller can read it with its losses in one copy. */
+void adamw_grad_norm_async(tlm_adamw *a, tlm_model *m, float *copy_to);
 /* One AdamW step (t is 1-based) on every tensor of the model, decoupled
  * weight decay only where tensor.decay is set, gradients scaled so their
  * global norm is at most clip (clip <= 0: no clipping). Call
@@ -101,9 +112,16 @@ typedef struct {
 
 /* ---- the trainer -------------------------------------------------------- */
 
+/* A loader batch whose upload (model_stage ticket) may still be reading it. */
+typedef struct {
+    tlm_batch b;
+    int64_t ticket;
+} tlm_held_batch;
+
 typedef struct tlm_trainer {
     tlm_train_opts opt;      /* resolved: min_lr, warmup, save_every filled in */
     tlm_ops *ops;
+    int own_ops;             /* ops came from ops_create (not opt.ops): trainer_close destroys it */
     char device_note[256];   /* ops_create's banner line */
     tlm_tokfile train, val;
     int train_ok, val_ok;
@@ -114,7 +132,23 @@ typedef struct tlm_trainer {
     tlm_loader *loader;
     tlm_adamw adam;
     int adam_ok;
-    int32_t *eval_in, *eval_tg; /* host [B,T] */
+    /* What a step leaves on the device, read with one copy when it is
+     * logged: [0] the squared gradient norm, [1 + a] the mean loss of
+     * micro-batch a. */
+    float *stats_dev;        /* device [1 + accum] */
+    float *stats_host;       /* host [1 + accum] */
+    tlm_held_batch held[2];  /* loader batches still being uploaded, oldest first */
+    int nheld;
+    /* Evaluation: batches alternate between two host buffers (inputs then
+     * targets, [2,B,T] each, from host_alloc) so one uploads while the
+     * next is filled; their losses gather on the device and are read in
+     * chunks. */
+    int32_t *eval_buf[2];
+    int eval_pinned[2];
+    int64_t eval_ticket[2];  /* model_stage ticket of each buffer's last upload */
+    float *eval_dev;         /* device [eval_chunk] */
+    float *eval_host;        /* host [eval_chunk] */
+    int eval_chunk;
     int eval_B;              /* rows per eval batch (B, or fewer when val is small) */
     int64_t eval_nb;         /* eval batches actually used */
     uint64_t loader_seed;
@@ -148,6 +182,12 @@ typedef struct {
     double val_loss;         /* last evaluation (NAN if none yet) */
     double best_val_loss;
     double lr, grad_norm;
+    /* The step loss and grad_norm were measured at. A step reads them from
+     * the device only when they are recorded (every --log-every steps, the
+     * first and last step, evaluations, saves, stops), so the host never
+     * waits for the device otherwise; other steps report the latest
+     * reading, and loss_step < step says so. */
+    int64_t loss_step;
     double tokens_per_s;     /* recent training throughput */
     double elapsed_s;        /* over all invocations of this run */
     double eta_s;            /* to max_steps or max_time, whichever is sooner */
@@ -159,11 +199,18 @@ typedef int (*tlm_train_cb)(void *user, const tlm_train_progress *p);
 
 /* Train until max_steps or max_time (then evaluate, save, return 0), or
  * until the callback or *stop (set from a signal handler; may be NULL) asks
- * to stop (save, return 1). A non-finite loss or gradient returns -1 at
- * once without saving, leaving the last good checkpoint as it was. */
+ * to stop (save, return 1). A non-finite loss or gradient returns -1 when
+ * it is read (see loss_step; always before a save) without saving, leaving
+ * the last good checkpoint as it was; so does a device error
+ * (ops_status), with the device's message.
+ * Host waits: a step waits for the device only to read its loss (one copy
+ * of the losses and the gradient norm together), and to reuse a loader
+ * slot whose upload is still running (which waits for that copy, not for
+ * the compute). */
 int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop);
 
-/* Mean validation loss over the first eval_batches batches of val.bin. */
+/* Mean validation loss over the first eval_batches batches of val.bin.
+ * NaN, with the device's error set, when the device failed. */
 double trainer_eval(tlm_trainer *t);
 
 /* Write the checkpoint for the current step into opt.out (see checkpoint.c

@@ -8,6 +8,9 @@
 #include "text/tokenizer.h"
 #include "train/train.h"
 
+/* Evaluation losses read back per this many batches. */
+#define TRAIN_EVAL_CHUNK 256
+
 void train_opts_default(tlm_train_opts *o) {
     memset(o, 0, sizeof *o);
     o->batch = 16;
@@ -28,6 +31,7 @@ void train_opts_default(tlm_train_opts *o) {
     o->seed = 1337;
     o->threads = 0;
     snprintf(o->device, sizeof o->device, "auto");
+    snprintf(o->dtype, sizeof o->dtype, "auto");
 }
 
 /* Check ranges (the CLI checks them too; tests call the library directly)
@@ -63,6 +67,8 @@ static int opts_resolve(tlm_train_opts *o) {
         return tlm_errorf("--prefetch %d is out of range: use 1 to 1024", o->prefetch);
     if (o->threads < 0) return tlm_errorf("--threads %d is out of range: use 0 (all cores) or more", o->threads);
     if (!o->device[0]) snprintf(o->device, sizeof o->device, "auto");
+    if (!o->dtype[0]) snprintf(o->dtype, sizeof o->dtype, "auto");
+    if (ops_check_dtype(o->dtype)) return -1;
     return 0;
 }
 
@@ -221,17 +227,30 @@ int trainer_open(tlm_trainer *t, const tlm_train_opts *opt) {
         t->eval_nb = (int64_t)(avail < (uint64_t)o->eval_batches ? avail : (uint64_t)o->eval_batches);
     }
 
-    if (!(t->ops = ops_create(o->device, o->threads, t->device_note, sizeof t->device_note))) goto fail;
+    if (o->ops) {
+        t->ops = o->ops;
+        snprintf(t->device_note, sizeof t->device_note, "%s (given by the caller)", o->ops->name);
+    } else {
+        if (!(t->ops = ops_create_ex(o->device, o->threads, o->dtype, t->device_note, sizeof t->device_note)))
+            goto fail;
+        t->own_ops = 1;
+    }
     if (model_create(&t->model, &cfg, t->ops)) goto fail;
     t->model_ok = 1;
     if (check_tensor_cover(&t->model)) goto fail;
     if (model_alloc_train(&t->model, B, T)) goto fail;
     if (adamw_create(&t->adam, t->ops, t->model.nparams)) goto fail;
     t->adam_ok = 1;
-    t->eval_in = malloc((size_t)B * T * sizeof(int32_t));
-    t->eval_tg = malloc((size_t)B * T * sizeof(int32_t));
-    if (!t->eval_in || !t->eval_tg) {
-        tlm_errorf("out of memory for evaluation batches: use a smaller --batch or --context");
+    t->stats_dev = t->ops->alloc(t->ops, (size_t)(1 + o->accum) * sizeof(float));
+    t->stats_host = malloc((size_t)(1 + o->accum) * sizeof(float));
+    t->eval_chunk = t->eval_nb < TRAIN_EVAL_CHUNK ? (int)t->eval_nb : TRAIN_EVAL_CHUNK;
+    t->eval_dev = t->ops->alloc(t->ops, (size_t)t->eval_chunk * sizeof(float));
+    t->eval_host = malloc((size_t)t->eval_chunk * sizeof(float));
+    for (int j = 0; j < 2; j++) t->eval_buf[j] = t->ops->host_alloc(t->ops, 2 * (size_t)B * T * sizeof(int32_t),
+                                                                    &t->eval_pinned[j]);
+    if (!t->stats_dev || !t->stats_host || !t->eval_dev || !t->eval_host || !t->eval_buf[0] || !t->eval_buf[1]) {
+        tlm_errorf("out of memory for the step's statistics or evaluation batches: use a smaller --batch, --context "
+                   "or --accum");
         goto fail;
     }
 
@@ -268,27 +287,63 @@ fail:;
     return tlm_errorf("%s", msg);
 }
 
+/* Hand back to the loader every held batch whose upload has finished, and,
+ * while more than `keep` are held, wait for the oldest one's (a wait for
+ * that copy, which the device starts as soon as the step before the
+ * previous one is done). */
+static void release_batches(tlm_trainer *t, int keep) {
+    while (t->nheld > 0) {
+        if (!model_stage_done(&t->model, t->held[0].ticket, t->nheld > keep)) break;
+        loader_release(t->loader, &t->held[0].b);
+        t->held[0] = t->held[1];
+        t->nheld--;
+    }
+}
+
 void trainer_close(tlm_trainer *t) {
+    if (t->model_ok) release_batches(t, 0); /* no copy may still read a slot that is freed */
     if (t->loader) loader_destroy(t->loader);
     if (t->adam_ok) adamw_destroy(&t->adam, t->ops);
     if (t->model_ok) model_destroy(&t->model);
-    if (t->ops) ops_destroy(t->ops);
+    if (t->ops) {
+        if (t->stats_dev) t->ops->free(t->ops, t->stats_dev);
+        if (t->eval_dev) t->ops->free(t->ops, t->eval_dev);
+        for (int j = 0; j < 2; j++)
+            if (t->eval_buf[j]) t->ops->host_free(t->ops, t->eval_buf[j], t->eval_pinned[j]);
+        if (t->own_ops) ops_destroy(t->ops);
+    }
     if (t->train_ok) tokfile_close(&t->train);
     if (t->val_ok) tokfile_close(&t->val);
     free(t->tok_json);
-    free(t->eval_in);
-    free(t->eval_tg);
+    free(t->stats_host);
+    free(t->eval_host);
     free(t->metrics);
     memset(t, 0, sizeof *t);
 }
 
 double trainer_eval(tlm_trainer *t) {
-    const int T = t->model.cfg.context;
+    tlm_model *m = &t->model;
+    tlm_ops *o = t->ops;
+    const int T = m->cfg.context, B = t->eval_B;
+    /* The same sum, in the same order, as adding up the batch losses one
+     * by one; but the host waits once per chunk instead of per batch. */
     double sum = 0;
-    for (int64_t k = 0; k < t->eval_nb; k++) {
-        loader_fill(&t->val, t->eval_B, T, 0, 0, (uint64_t)k, 0, t->eval_in, t->eval_tg);
-        sum += model_forward_backward(&t->model, t->eval_in, t->eval_tg, t->eval_B, T, 0.0f, 0);
+    for (int64_t k0 = 0; k0 < t->eval_nb; k0 += t->eval_chunk) {
+        int n = t->eval_nb - k0 < t->eval_chunk ? (int)(t->eval_nb - k0) : t->eval_chunk;
+        for (int i = 0; i < n; i++) {
+            const int64_t k = k0 + i;
+            const int j = (int)(k % 2);
+            int32_t *in = t->eval_buf[j], *tg = in + (size_t)B * T;
+            /* this buffer's previous upload (two batches ago) must be done */
+            model_stage_done(m, t->eval_ticket[j], 1);
+            loader_fill(&t->val, B, T, 0, 0, (uint64_t)k, 0, in, tg);
+            if ((t->eval_ticket[j] = model_stage(m, in, tg, B, T)) < 0 || model_step(m, 0.0f, t->eval_dev + i))
+                return NAN;
+        }
+        o->copy_d2h(o, t->eval_host, t->eval_dev, (size_t)n * sizeof(float));
+        for (int i = 0; i < n; i++) sum += t->eval_host[i];
     }
+    if (ops_status(o)) return NAN;
     return sum / (double)t->eval_nb;
 }
 
@@ -309,13 +364,35 @@ static int diverged(const tlm_trainer *t, const char *what, double v, int64_t st
                       what, val, (long long)step, t->opt.lr);
 }
 
-int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop) {
+/* Read what the step left on the device (one copy: the squared gradient
+ * norm and every micro-batch loss) into *loss and *gnorm; -1 on a device
+ * error or a non-finite value. */
+static int read_stats(tlm_trainer *t, int64_t step, float *loss, double *gnorm) {
+    const int accum = t->opt.accum;
+    tlm_ops *o = t->ops;
+    o->copy_d2h(o, t->stats_host, t->stats_dev, (size_t)(1 + accum) * sizeof(float));
+    if (ops_status(o)) return -1;
+    /* added up as when each micro-batch's loss came back on its own */
+    double lsum = 0;
+    for (int a = 0; a < accum; a++) lsum += t->stats_host[1 + a];
+    /* Kept as a float so metrics.jsonl (%.9g) reproduces it exactly. */
+    *loss = (float)(lsum / accum);
+    *gnorm = sqrt((double)t->stats_host[0]);
+    if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, step);
+    if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, step);
+    return 0;
+}
+
+static int run_steps(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop) {
     const tlm_train_opts *o = &t->opt;
     tlm_model *m = &t->model;
     const int B = o->batch, T = m->cfg.context;
     const uint64_t tokens_per_step = (uint64_t)B * (uint64_t)T * (uint64_t)o->accum;
     /* The mean over every token of the accumulated batch. */
     const float grad_scale = (float)(1.0 / (double)tokens_per_step);
+    /* Batches held while their upload runs: one (the loader must keep a
+     * slot to fill next), none with a single slot. */
+    const int keep = o->prefetch >= 2 ? 1 : 0;
     const double t0 = tlm_now(), base_elapsed = t->elapsed_s;
     double tps = 0;
     int64_t session_steps = 0;
@@ -323,6 +400,14 @@ int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic
     tlm_train_progress pr;
     memset(&pr, 0, sizeof pr);
     pr.max_steps = o->max_steps;
+    pr.loss = pr.grad_norm = NAN;
+    /* Throughput is measured from reading to reading: only a reading shows
+     * where the device is (between them the host may run ahead of it). The
+     * time counted is that of the steps themselves (from their start to
+     * their enqueueing or reading), so evaluations and saves do not count. */
+    double step_time = 0;
+    int64_t read_step = t->step;
+    int have_tps = 0;
 
     while (t->step < o->max_steps) {
         const int64_t step = t->step + 1;
@@ -330,56 +415,90 @@ int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic
         const double lr = schedule_lr(step, o->lr, o->min_lr, o->warmup, o->max_steps);
 
         model_zero_grad(m);
-        double lsum = 0;
         for (int a = 0; a < o->accum; a++) {
+            release_batches(t, keep);
             tlm_batch b;
             if (loader_next(t->loader, &b)) return -1;
-            lsum += model_forward_backward(m, b.inputs, b.targets, B, T, grad_scale, 0);
-            loader_release(t->loader, &b);
+            int64_t ticket = model_stage(m, b.inputs, b.targets, B, T);
+            if (ticket < 0) {
+                loader_release(t->loader, &b);
+                return -1;
+            }
+            t->held[t->nheld].b = b;
+            t->held[t->nheld].ticket = ticket;
+            t->nheld++;
+            if (model_step(m, grad_scale, t->stats_dev + 1 + a)) return -1;
         }
-        /* Kept as a float so metrics.jsonl (%.9g) reproduces it exactly. */
-        const float loss = (float)(lsum / o->accum);
-        if (!isfinite(loss)) return diverged(t, "the training loss", loss, step);
-        const double gnorm = adamw_grad_norm(&t->adam, m);
-        if (!isfinite(gnorm)) return diverged(t, "the gradient norm", gnorm, step);
+        adamw_grad_norm_async(&t->adam, m, t->stats_dev);
         adamw_update(&t->adam, m, lr, o->weight_decay, o->clip, step);
         t->step = step;
         t->tokens += tokens_per_step;
+        if (ops_status(t->ops)) return -1;
 
-        const double now = tlm_now(), dt = now - ts;
-        session_steps++;
-        const double inst = dt > 0 ? (double)tokens_per_step / dt : 0;
-        tps = session_steps == 1 ? inst : 0.9 * tps + 0.1 * inst;
-        t->elapsed_s = base_elapsed + (now - t0);
+        double now = tlm_now();
         const int timed_out = o->max_time > 0 && now - t0 >= o->max_time;
         const int finished = step >= o->max_steps || timed_out;
+        const int eval_due = step % o->eval_every == 0 || finished;
+        const int log_due = step % o->log_every == 0 || step == 1 || eval_due;
+        /* the one host wait of a step, on the steps that record the loss */
+        int fresh = 0;
+        if (log_due || step % o->save_every == 0 || (stop && *stop)) {
+            float loss;
+            double gnorm;
+            if (read_stats(t, step, &loss, &gnorm)) return -1;
+            fresh = 1;
+            now = tlm_now();
+            pr.loss = loss;
+            pr.grad_norm = gnorm;
+            pr.loss_step = step;
+        }
+        step_time += now - ts;
+        if (fresh) {
+            const int64_t n = step - read_step;
+            const double inst = step_time > 0 ? (double)tokens_per_step * (double)n / step_time : 0;
+            /* a moving average with weight 0.1 per step */
+            const double keep_w = pow(0.9, (double)n);
+            tps = have_tps ? keep_w * tps + (1 - keep_w) * inst : inst;
+            have_tps = 1;
+            step_time = 0;
+            read_step = step;
+        }
+        session_steps++;
+        t->elapsed_s = base_elapsed + (now - t0);
 
         double eta = (double)(o->max_steps - step) * (now - t0) / (double)session_steps;
         if (o->max_time > 0 && o->max_time - (now - t0) < eta) eta = o->max_time - (now - t0);
         if (eta < 0) eta = 0;
 
-        const int eval_due = step % o->eval_every == 0 || finished;
         pr.step = step;
         pr.tokens = t->tokens;
-        pr.loss = loss;
         pr.val_loss = t->last_val;
         pr.best_val_loss = t->best_val;
         pr.lr = lr;
-        pr.grad_norm = gnorm;
         pr.tokens_per_s = tps;
         pr.elapsed_s = t->elapsed_s;
         pr.eta_s = eta;
         if (notify(cb, user, &pr, TLM_TRAIN_STEP)) stop_req = 1;
         if (stop && *stop) stop_req = 1;
+        if (stop_req && !fresh) {
+            /* asked to stop on a step that did not read: it is recorded */
+            float loss;
+            double gnorm;
+            if (read_stats(t, step, &loss, &gnorm)) return -1;
+            pr.loss = loss;
+            pr.grad_norm = gnorm;
+            pr.loss_step = step;
+        }
         /* Recorded after the callback, so a step where it asked to stop
          * (the last one before a resume) is in the history too. */
-        if (step % o->log_every == 0 || step == 1 || eval_due || stop_req) {
-            tlm_metric r = {step, t->tokens, loss, NAN, lr, tps, t->elapsed_s, gnorm};
+        if (log_due || stop_req) {
+            tlm_metric r = {step, t->tokens, pr.loss, NAN, lr, tps, t->elapsed_s, pr.grad_norm};
             if (metrics_add(t, &r)) return -1;
         }
 
         if (eval_due) {
             const double val = trainer_eval(t);
+            if (ops_status(t->ops)) return -1;
             if (!isfinite(val)) return diverged(t, "the validation loss", val, step);
             t->last_val = val;
             if (!(val >= t->best_val)) t->best_val = val; /* also replaces NAN */
@@ -404,4 +523,11 @@ int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic
         if (timed_out) break;
     }
     return 0;
+}
+
+int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop) {
+    int rc = run_steps(t, cb, user, stop);
+    /* every batch back to the loader, its upload done (also on errors) */
+    release_batches(t, 0);
+    return rc;
 }

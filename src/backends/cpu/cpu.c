@@ -517,6 +517,20 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
     }
 }
 
+/* The batch loss: the sum in double, in row order, then one division, so
+ * it is the same number the host computed from copied-back losses. */
+static void cpu_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
+    (void)o;
+    double sum = 0.0;
+    long count = 0;
+    for (int i = 0; i < N; i++) {
+        if (targets[i] < 0) continue;
+        sum += losses[i];
+        count++;
+    }
+    out[0] = count ? (float)(sum / (double)count) : 0.0f;
+}
+
 /* ---- optimizer ---------------------------------------------------------- */
 
 /* Elements per partial sum: fixed, so the result does not depend on the
@@ -613,6 +627,7 @@ tlm_ops *cpu_ops_create(int threads) {
     o->swiglu_fwd = cpu_swiglu_fwd;
     o->swiglu_bwd = cpu_swiglu_bwd;
     o->xent = cpu_xent;
+    o->loss_mean = cpu_loss_mean;
     o->sumsq = cpu_sumsq;
     o->adamw = cpu_adamw;
     o->destroy = cpu_destroy;

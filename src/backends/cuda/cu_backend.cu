@@ -7,29 +7,37 @@
  * Streams and ordering
  *   Every op is enqueued on one non-blocking compute stream, so ops run in
  *   the order the model calls them and none waits for the host. The host
- *   waits only in copy_d2h (it must hand back data) and sync.
+ *   waits only in copy_d2h (it must hand back data), sync, event_done with
+ *   wait, and when scratch memory or the RoPE table must grow (the first
+ *   step of a shape).
  *   copy_h2d out of a buffer from host_alloc (page-locked, so the copy is
  *   a true DMA that does not block the host) goes on a second, copy
  *   stream: it first waits for an event recorded on the compute stream
  *   (earlier ops may still read the destination), and the compute stream
  *   then waits for an event recorded after the copy (later ops read it).
- *   Both waits happen on the GPU. With the destination double-buffered by
- *   the caller, the copy of batch k+1 overlaps the compute of batch k.
+ *   Both waits happen on the GPU, but the copy waits for EVERY earlier op.
  *   Contract for the caller: a page-locked source must not be rewritten
- *   until the next copy_d2h or sync (the loader's ring satisfies this: a
- *   slot is released after the step, which ends with copy_d2h of the
- *   losses). A copy out of ordinary memory goes on the compute stream; CUDA
- *   stages it before returning, so that buffer is free again at once.
+ *   until the next copy_d2h or sync. A copy out of ordinary memory goes on
+ *   the compute stream; CUDA stages it before returning, so that buffer is
+ *   free again at once.
+ *   copy_h2d_async is the overlapping form: the copy waits only for the
+ *   caller's `after` event (recorded after the last op that read the
+ *   destination), so with the destination double-buffered (src/model) the
+ *   copy of batch k+1 runs while batch k computes; its `done` event tells
+ *   the caller when the source may be rewritten (the trainer releases a
+ *   loader slot then).
  *
  * Errors
  *   Ops have no error return. A failed CUDA or cuBLAS call records one
  *   message (naming the call and the CUDA error) and the backend turns
  *   "failed": later ops do nothing, and copy_d2h fills its destination
- *   with all-ones bytes (NaN as floats, -1 as ints), so the caller sees
- *   non-finite losses and stops. The message goes to tlm_errorf when the
- *   host program exports it (the tinylm executable and the tests link with
- *   ENABLE_EXPORTS); the reference is weak, so the module also loads into
- *   a program that does not. Allocation failures are not sticky: alloc
+ *   with all-ones bytes (NaN as floats, -1 as ints). ops->status reports
+ *   it (and finds errors of kernels still queued, without waiting), so the
+ *   caller stops with this message instead of a NaN loss. Each message
+ *   names the op or call and ends with what to do. It goes to tlm_errorf
+ *   when the host program exports it (the tinylm executable and the tests
+ *   link with ENABLE_EXPORTS); the reference is weak, so the module also
+ *   loads into a program that does not. Allocation failures are not sticky: alloc
  *   returns NULL with the message, as the CPU backend does.
  *   TLM_CUDA_SYNC=1 synchronises after every op so an asynchronous fault
  *   is reported by the op that caused it (debugging only).
@@ -76,10 +84,18 @@ void cu_fail(cu_ctx *c, const char *fmt, ...) {
     cu_report(c->err);
 }
 
+/* What to do about an error CUDA reported: a kernel's fault surfaces at a
+ * later call unless every op is checked as it runs. */
+static const char *cu_fix(const cu_ctx *c) {
+    if (!c->started) return ""; /* ops.c's start-up message says what to do */
+    return c->sync_check ? ": use --device cpu, and report it if it persists"
+                         : ": rerun with TLM_CUDA_SYNC=1 to pin it on the op that caused it, or use --device cpu";
+}
+
 bool cu_ok_at(cu_ctx *c, cudaError_t e, const char *what, int line) {
     if (e == cudaSuccess) return true;
-    cu_fail(c, "CUDA error on cuda:%d in %s (cu_backend line %d): %s (%s)", c->device, what, line,
-            cudaGetErrorString(e), cudaGetErrorName(e));
+    cu_fail(c, "CUDA error on cuda:%d in %s (cu_backend line %d): %s (%s)%s", c->device, what, line,
+            cudaGetErrorString(e), cudaGetErrorName(e), cu_fix(c));
     return false;
 }
 
@@ -87,14 +103,19 @@ void cu_after(cu_ctx *c, const char *op) {
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess && c->sync_check) e = cudaStreamSynchronize(c->stream);
     if (e != cudaSuccess)
-        cu_fail(c, "CUDA error on cuda:%d in op %s: %s (%s)", c->device, op, cudaGetErrorString(e),
-                cudaGetErrorName(e));
+        cu_fail(c, "CUDA error on cuda:%d in op %s: %s (%s)%s", c->device, op, cudaGetErrorString(e),
+                cudaGetErrorName(e), cu_fix(c));
+}
+
+bool cu_host_wait(cu_ctx *c, cudaStream_t s, const char *what) {
+    c->host_syncs++;
+    return cu_ok_at(c, cudaStreamSynchronize(s), what, __LINE__);
 }
 
 static bool cu_blas_ok(cu_ctx *c, cublasStatus_t s, const char *what) {
     if (s == CUBLAS_STATUS_SUCCESS) return true;
-    cu_fail(c, "cuBLAS error on cuda:%d in %s: %s", c->device, what,
-            c->blas.status_string ? c->blas.status_string(s) : "unknown status");
+    cu_fail(c, "cuBLAS error on cuda:%d in %s: %s: use --device cpu, or --dtype fp32 if it happens with bf16",
+            c->device, what, c->blas.status_string ? c->blas.status_string(s) : "unknown status");
     return false;
 }
 
@@ -103,7 +124,7 @@ void *cu_scratch(cu_ctx *c, size_t bytes) {
     size_t want = bytes + bytes / 2;
     /* kernels queued earlier may still use the old block */
     if (c->scratch) {
-        if (!CU_OK(c, cudaStreamSynchronize(c->stream))) return NULL;
+        if (!cu_host_wait(c, c->stream, "cudaStreamSynchronize (growing scratch)")) return NULL;
         CU_OK(c, cudaFree(c->scratch));
         c->scratch = NULL;
         c->scratch_bytes = 0;
@@ -264,7 +285,7 @@ static void cu_copy_d2h(tlm_ops *o, void *dst, const void *src, size_t bytes) {
     cu_ctx *c = cu_of(o);
     if (bytes == 0) return;
     if (!c->failed && CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream)) &&
-        CU_OK(c, cudaStreamSynchronize(c->stream)))
+        cu_host_wait(c, c->stream, "cudaStreamSynchronize (copy_d2h)"))
         return;
     memset(dst, 0xff, bytes); /* NaN floats, -1 ints: the caller stops */
     cu_report(c->err);
@@ -285,7 +306,98 @@ static void cu_zero(tlm_ops *o, void *p, size_t bytes) {
 static void cu_sync(tlm_ops *o) {
     cu_ctx *c = cu_of(o);
     if (c->failed) return;
-    CU_OK(c, cudaStreamSynchronize(c->copy)) && CU_OK(c, cudaStreamSynchronize(c->stream));
+    cu_host_wait(c, c->copy, "cudaStreamSynchronize (sync, copy stream)") &&
+        cu_host_wait(c, c->stream, "cudaStreamSynchronize (sync)");
+}
+
+/* ---- asynchronous uploads ordered by events -------------------------------------- */
+
+struct tlm_event {
+    cudaEvent_t ev;
+    int recorded; /* an event never recorded has passed */
+};
+
+static tlm_event *cu_event_create(tlm_ops *o) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) {
+        cu_report(c->err);
+        return NULL;
+    }
+    tlm_event *e = (tlm_event *)calloc(1, sizeof *e);
+    if (!e) {
+        cu_report("out of host memory creating a CUDA event");
+        return NULL;
+    }
+    if (!CU_OK(c, cudaEventCreateWithFlags(&e->ev, cudaEventDisableTiming))) {
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+static void cu_event_destroy(tlm_ops *o, tlm_event *e) {
+    (void)o;
+    if (!e) return;
+    cudaEventDestroy(e->ev);
+    free(e);
+}
+
+static void cu_event_record(tlm_ops *o, tlm_event *e) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || !e) return;
+    if (CU_OK(c, cudaEventRecord(e->ev, c->stream))) e->recorded = 1;
+}
+
+/* copy stream: [wait after] [copy] [record ev_copied, done]; compute stream:
+ * [wait ev_copied]. The compute stream's wait is enqueued now, so it sits
+ * between the ops enqueued before this call and those after it: earlier
+ * compute keeps running while the copy proceeds. */
+static void cu_copy_h2d_async(tlm_ops *o, void *dst, const void *src, size_t bytes, tlm_event *after,
+                              tlm_event *done) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) return;
+    bool ok = true;
+    if (after && after->recorded) ok = CU_OK(c, cudaStreamWaitEvent(c->copy, after->ev, 0));
+    if (ok && bytes) ok = CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->copy));
+    ok = ok && CU_OK(c, cudaEventRecord(c->ev_copied, c->copy)) &&
+         CU_OK(c, cudaStreamWaitEvent(c->stream, c->ev_copied, 0));
+    if (ok && done && CU_OK(c, cudaEventRecord(done->ev, c->copy))) done->recorded = 1;
+    if (c->sync_check && !c->failed) CU_OK(c, cudaStreamSynchronize(c->copy));
+}
+
+static int cu_event_done(tlm_ops *o, tlm_event *e, int wait) {
+    cu_ctx *c = cu_of(o);
+    if (!e || !e->recorded) return 1;
+    cudaError_t q = cudaEventQuery(e->ev);
+    if (q == cudaSuccess) return 1;
+    if (q == cudaErrorNotReady) {
+        if (!wait) return 0;
+        c->event_waits++;
+        q = cudaEventSynchronize(e->ev);
+        if (q == cudaSuccess) return 1;
+    }
+    /* A device error: after it nothing more runs, so the host has nothing
+     * to wait for; status() reports it. */
+    if (!c->failed) cu_ok_at(c, q, "cudaEventQuery (waiting for an upload)", __LINE__);
+    return 1;
+}
+
+/* ---- status -------------------------------------------------------------------- */
+
+static int cu_status(tlm_ops *o) {
+    cu_ctx *c = cu_of(o);
+    if (!c->failed) {
+        /* Not a wait: finds a fault of a kernel that already ran (CUDA
+         * reports those at some later call), and says "not ready" for
+         * work still queued. */
+        cudaError_t e = cudaStreamQuery(c->stream);
+        if (e != cudaSuccess && e != cudaErrorNotReady)
+            cu_fail(c, "CUDA error on cuda:%d while running queued ops: %s (%s)%s", c->device,
+                    cudaGetErrorString(e), cudaGetErrorName(e), cu_fix(c));
+    }
+    if (!c->failed) return 0;
+    cu_report(c->err);
+    return -1;
 }
 
 /* ---- matrix products ---------------------------------------------------------- */
@@ -541,11 +653,18 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     o->copy_d2d = cu_copy_d2d;
     o->zero = cu_zero;
     o->sync = cu_sync;
+    o->event_create = cu_event_create;
+    o->event_destroy = cu_event_destroy;
+    o->event_record = cu_event_record;
+    o->copy_h2d_async = cu_copy_h2d_async;
+    o->event_done = cu_event_done;
+    o->status = cu_status;
     o->matmul = cu_matmul;
     cu_kernels_install(o);
     cu_attn_install(o);
     cu_infer_install(o);
     o->destroy = cu_destroy;
+    c->started = 1;
     return o;
 
 fail:
@@ -575,6 +694,17 @@ CU_EXPORT tlm_ops *tlm_cuda_ops_create_ex(int device, const char *dtype, char *n
         return NULL;
     }
     return cu_create(device, dt, note, n);
+}
+
+/* How often the host has waited for the device since o (an op table of this
+ * module) was created: *stream_syncs for the compute stream (copy_d2h, sync,
+ * growing scratch), *event_waits for an upload not yet done. For tests and
+ * profiling: a training step's budget is one stream sync, when it reads its
+ * loss. Either pointer may be NULL. */
+CU_EXPORT void tlm_cuda_wait_counts(tlm_ops *o, long *stream_syncs, long *event_waits) {
+    cu_ctx *c = cu_of(o);
+    if (stream_syncs) *stream_syncs = c->host_syncs;
+    if (event_waits) *event_waits = c->event_waits;
 }
 
 /* One line per GPU ("cuda:0 NAME, 79.2 GiB, compute 9.0, 132 SMs\n") into

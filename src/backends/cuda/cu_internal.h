@@ -73,6 +73,12 @@ struct cu_ctx {
     cudaStream_t stream;   /* every op runs here, in order */
     cudaStream_t copy;     /* host-to-device copies out of pinned buffers */
     cudaEvent_t ev_compute, ev_copied;
+    /* How often the host waited: for the compute stream (copy_d2h, sync,
+     * growing scratch or the RoPE table), and for an upload's event
+     * (event_done with wait, when it had not passed). Diagnostics: tests
+     * hold a training step to its budget of host waits with them
+     * (tlm_cuda_wait_counts). */
+    long host_syncs, event_waits;
 
     void *blas_lib;
     cu_blas_api blas;
@@ -90,6 +96,7 @@ struct cu_ctx {
     cu_pin *pins;
     int npins, cap_pins;
 
+    int started;           /* start-up is over (error messages then say what to do) */
     int failed;            /* sticky: after a device error every op is a no-op */
     char err[512];
 };
@@ -105,6 +112,9 @@ bool cu_ok_at(cu_ctx *c, cudaError_t e, const char *what, int line);
 /* After a kernel launch: launch errors (bad configuration) and, with
  * TLM_CUDA_SYNC=1, execution errors of this very op. */
 void cu_after(cu_ctx *c, const char *op);
+/* Block the host until stream s has run everything enqueued on it,
+ * counted in c->host_syncs; false (and the backend failed) on an error. */
+bool cu_host_wait(cu_ctx *c, cudaStream_t s, const char *what);
 /* Scratch device memory of at least `bytes` for the op in progress
  * (valid until the next call). NULL and a recorded error on failure. */
 void *cu_scratch(cu_ctx *c, size_t bytes);

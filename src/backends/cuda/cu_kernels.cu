@@ -1,7 +1,8 @@
 /*
  * The CUDA backend's element-wise and row-wise ops: residual add, embedding
  * (gather and a deterministic scatter), RMSNorm, RoPE, SwiGLU, softmax +
- * cross-entropy, the global squared norm and AdamW, and the KV-cache store.
+ * cross-entropy and the batch's mean loss, the global squared norm and
+ * AdamW, and the KV-cache store.
  *
  * Determinism: no op here uses floating-point atomics. Every reduction
  * (RMSNorm's weight gradient, sumsq, the embedding gradient) adds in an
@@ -257,7 +258,7 @@ static int cu_rope_prepare(cu_ctx *c, int hd, float theta, int npos) {
     while (len < npos) len *= 2;
     int half = hd / 2;
     if (c->rope_tab) {
-        CU_OK(c, cudaStreamSynchronize(c->stream));
+        cu_host_wait(c, c->stream, "cudaStreamSynchronize (growing the RoPE table)");
         CU_OK(c, cudaFree(c->rope_tab));
         c->rope_tab = NULL;
     }
@@ -394,6 +395,30 @@ static void cu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *tar
     cu_after(c, "xent");
 }
 
+/* One block: the batch is B*T rows, a few thousand to a few hundred
+ * thousand, so a single pass of 256 threads costs microseconds. Sums in
+ * double in a fixed order (deterministic, and the count is exact). */
+static __global__ void __launch_bounds__(CU_THREADS) k_loss_mean(float *out, const float *losses,
+                                                                  const int32_t *targets, int N) {
+    __shared__ double red[32];
+    double s = 0, n = 0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x)
+        if (targets[i] >= 0) {
+            s += losses[i];
+            n += 1;
+        }
+    s = cu_block_sum(s, red);
+    n = cu_block_sum(n, red);
+    if (threadIdx.x == 0) out[0] = n > 0 ? (float)(s / n) : 0.0f;
+}
+
+static void cu_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) return;
+    CU_LAUNCH(k_loss_mean, 1, CU_THREADS, c->stream, out, losses, targets, N);
+    cu_after(c, "loss_mean");
+}
+
 /* ---- optimizer ------------------------------------------------------------ */
 
 /* Two passes with a fixed grid: per-block partial sums in double, then one
@@ -473,6 +498,7 @@ void cu_kernels_install(tlm_ops *o) {
     o->swiglu_fwd = cu_swiglu_fwd;
     o->swiglu_bwd = cu_swiglu_bwd;
     o->xent = cu_xent;
+    o->loss_mean = cu_loss_mean;
     o->sumsq = cu_sumsq;
     o->adamw = cu_adamw;
 }
