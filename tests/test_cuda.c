@@ -1273,8 +1273,8 @@ static void test_staged_step(void **state) {
     assert_non_null(hb);
     for (int k = 0; k < 3; k++)
         for (size_t i = 0; i < bn; i++) {
-            hb[(2 * k) * bn + i] = (g_in[i] + 37 * k) % g_cfg.vocab;
-            hb[(2 * k + 1) * bn + i] = g_tg[i] < 0 ? -1 : (g_tg[i] + 11 * k) % g_cfg.vocab;
+            hb[(2 * k) * bn + i] = (g_fx.inputs[i] + 37 * k) % g_fx.cfg.vocab;
+            hb[(2 * k + 1) * bn + i] = g_fx.targets[i] < 0 ? -1 : (g_fx.targets[i] + 11 * k) % g_fx.cfg.vocab;
         }
     float want[3], got[3];
     for (int k = 0; k < 3; k++)
