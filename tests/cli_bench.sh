@@ -42,7 +42,7 @@ params=$(( V*D + L*(4*D*D + 3*D*F + 2*D) + D ))
 if "$bin" bench "${small[@]}" >"$tmp/table" 2>"$tmp/err"; then ok "bench runs"; else bad "bench runs: $(cat "$tmp/err")"; fi
 for fig in "training tokens/s" "training model GFLOP/s" "fp32 sgemm peak GFLOP/s (64^3, best of 2)" \
            "training share of the sgemm peak" "prompt tokens/s (5-token prompt" \
-           "generation tokens/s, 1 stream (4 tokens)" "generation tokens/s, 3 streams (12 tokens)" \
+           "generation tokens/s, 1 stream (4 tokens, " "generation tokens/s, 3 streams (12 tokens, " \
            "tokenizer training s (vocab 280" "encoding MB/s, 1 thread" "encoding MB/s, all 2 threads" \
            "peak memory MB (max RSS, training alone)"; do
   if grep -qF -- "$fig" "$tmp/table"; then ok "table has: $fig"; else bad "table lacks: $fig"; fi
@@ -71,6 +71,7 @@ check("json rates are positive", all(j[k] > 0 for k in ("train_tokens_per_s", "s
 check("json generation streams 1 and 3", [e["streams"] for e in j["gen"]] == [1, 3])
 check("json every stream made all its tokens (end-of-text ignored)", [e["new_tokens"] for e in j["gen"]] == [$G, 3 * $G])
 check("json generation rates positive", all(e["tokens_per_s"] > 0 for e in j["gen"]))
+check("json generation names one resolved format", len({e["dtype"] for e in j["gen"]}) == 1 and j["gen"][0]["dtype"] in ("bf16", "fp32"))
 check("json generation context fits prompt + new tokens", j["gen_context"] == max($T, $P + $G))
 t = j["tokenizer"]
 check("json tokenizer read the whole corpus", t["bytes"] == $corpus_bytes and t["documents"] == 3)
@@ -99,6 +100,17 @@ else bad "--only gen,prompt: $(head -c 300 "$tmp/g.json") $(cat "$tmp/err")"; fi
   --batch 1 --steps 1 --warmup-steps 0 --threads 1 >"$tmp/n.json" 2>"$tmp/err"; rc=$?
 if [ $rc -ne 0 ] && grep -q -- "--corpus" "$tmp/err"; then ok "--only tokenizer needs --corpus"; else bad "--only tokenizer without --corpus (rc=$rc)"; fi
 
+# --gen-dtype: every format at every stream count, in order, named in the table and the JSON.
+if "$bin" bench --only gen --gen-dtype bf16,int8 "${small[@]}" >"$tmp/gd" 2>"$tmp/err" \
+   && grep -qF "generation tokens/s, 1 stream (4 tokens, bf16)" "$tmp/gd" && grep -qF "generation tokens/s, 3 streams (12 tokens, bf16)" "$tmp/gd" \
+   && grep -qF "generation tokens/s, 1 stream (4 tokens, int8)" "$tmp/gd" && grep -qF "generation tokens/s, 3 streams (12 tokens, int8)" "$tmp/gd"; then
+  ok "--gen-dtype bf16,int8: four rows"
+else bad "--gen-dtype bf16,int8: $(cat "$tmp/gd" "$tmp/err")"; fi
+"$bin" bench --only gen --json --gen-dtype int8,ref "${small[@]}" >"$tmp/gd.json" 2>"$tmp/err"
+if tr -d ' \n\t' <"$tmp/gd.json" | grep -qE '"streams":1,"dtype":"int8".*"streams":3,"dtype":"int8".*"streams":1,"dtype":"fp32-ref".*"streams":3,"dtype":"fp32-ref"'; then
+  ok "--gen-dtype int8,ref --json: dtype per entry"
+else bad "--gen-dtype int8,ref --json: $(head -c 600 "$tmp/gd.json") $(cat "$tmp/err")"; fi
+
 # ---- help and bad flags ----------------------------------------------------------------
 if "$bin" bench --help | grep -q "6 x P_matmul + 6 x L x D x (T + 1)"; then ok "--help documents the FLOP count"; else bad "--help documents the FLOP count"; fi
 if "$bin" --help | grep -q "bench"; then ok "tinylm --help lists bench"; else bad "tinylm --help lists bench"; fi
@@ -108,6 +120,8 @@ expect_error "--batch not a number" "--batch expects an integer" "$bin" bench --
 expect_error "--streams bad list" "--streams expects" "$bin" bench --streams 1,x
 expect_error "--streams zero" "--streams expects" "$bin" bench --streams 0
 expect_error "--only unknown part" "--only 'train,fast'.*'fast'" "$bin" bench --only train,fast
+expect_error "--gen-dtype unknown format" "--gen-dtype 'bf16,fp8'.*'fp8'" "$bin" bench --gen-dtype bf16,fp8
+expect_error "--gen-dtype empty item" "--gen-dtype 'int8,'" "$bin" bench --gen-dtype int8,
 expect_error "--heads not dividing --dim" "--dim 32 is not divisible by --heads 3" "$bin" bench --dim 32 --heads 3
 expect_error "--preset unknown" "unknown --preset 'huge'" "$bin" bench --preset huge
 expect_error "--corpus missing" "--corpus .*does not exist" "$bin" bench --only tokenizer --corpus "$tmp/nope"

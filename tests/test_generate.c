@@ -261,6 +261,63 @@ static void test_packed_bf16_close_to_full_forward(void **state) {
     assert_true(n >= 20);
 }
 
+static void test_packed_int8_close_to_full_forward(void **state) {
+    (void)state;
+    /* int8 rounds each weight and each product input to a step of its
+     * group's max / 127: a relative error of rms ~5e-3 for normal groups of
+     * 32 (max ~2.3 rms; step / sqrt(12)), 4 to 5 times bf16's 1.1e-3 (2^-9
+     * / sqrt(3)). The logits' error scales with it: bf16 gives ~6e-3 here
+     * (scale 5), int8 ~2e-2 (measured 1.8e-2 for B = 1, 2.2e-2 for B = 3;
+     * 8e-3 at scale 1); the bound is 4e-2, ~4.5 x bf16's 1e-2. Greedy
+     * choices must agree wherever the margin exceeds twice the error,
+     * which is still nearly every step. */
+    double worst;
+    int n = check_packed_against_full(TLM_GEN_I8, 5.0f, 1, 5, 30, 8, 1, 4e-2, &worst);
+    assert_true(n >= 20);
+    assert_true(worst > 3e-3); /* int8 did round: well above bf16's error */
+    n = check_packed_against_full(TLM_GEN_I8, 5.0f, 3, 19, 10, 4, 2, 4e-2, &worst);
+    assert_true(n >= 20);
+    /* with fewer, smaller steps (weights at 1x the training init x 15) */
+    n = check_packed_against_full(TLM_GEN_I8, 1.0f, 1, 5, 30, 8, 3, 4e-2, &worst);
+    assert_true(n >= 20);
+}
+
+/* int8 runs where pack takes TLM_PACK_I8 (ops->pack_dtypes): elsewhere,
+ * e.g. CUDA's table (pack_dtypes 0: F32 and BF16), a one-line error
+ * naming --dtype; auto stays the backend's fastest (bf16 here). */
+static void test_int8_dtype_resolution(void **state) {
+    (void)state;
+    tlm_config c = tiny_config(300);
+    tlm_model m;
+    make_model(&m, &c, 9);
+    assert_int_equal(model_infer_resolve_dtype(&m, TLM_GEN_I8), TLM_GEN_I8);
+    assert_int_equal(model_infer_resolve_dtype(&m, TLM_GEN_AUTO), g_ops->pack_dtype_fast);
+    assert_true(model_infer_resolve_dtype(&m, TLM_GEN_AUTO) != TLM_GEN_I8);
+    int dt = -1;
+    assert_int_equal(model_infer_parse_dtype("int8", &dt), 0);
+    assert_int_equal(dt, TLM_GEN_I8);
+    assert_int_equal(model_infer_parse_dtype("i8", &dt), 0);
+    assert_int_equal(dt, TLM_GEN_I8);
+    assert_string_equal(model_infer_dtype_name(TLM_GEN_I8), "int8");
+    tlm_infer_weights w;
+    assert_int_equal(model_infer_pack(&m, &w, TLM_GEN_I8), 0);
+    assert_int_equal(w.dtype, TLM_GEN_I8);
+    assert_int_equal(model_infer_kv_dtype(&w), TLM_KV_F16);
+    model_infer_unpack(&m, &w);
+    const unsigned saved = g_ops->pack_dtypes;
+    const unsigned without[2] = {0u, 1u << TLM_PACK_F32 | 1u << TLM_PACK_BF16};
+    for (int i = 0; i < 2; i++) {
+        g_ops->pack_dtypes = without[i];
+        assert_int_equal(model_infer_resolve_dtype(&m, TLM_GEN_I8), -1);
+        assert_non_null(strstr(tlm_last_error(), "--dtype int8"));
+        assert_null(strchr(tlm_last_error(), '\n'));
+        assert_int_equal(model_infer_pack(&m, &w, TLM_GEN_I8), -1);
+        assert_int_equal(model_infer_resolve_dtype(&m, TLM_GEN_BF16), TLM_GEN_BF16);
+    }
+    g_ops->pack_dtypes = saved;
+    model_destroy(&m);
+}
+
 static tlm_gen_params greedy_params(int samples, int max_tokens) {
     /* the unpacked fp32 path: it must reproduce the full forward exactly */
     tlm_gen_params p = {.samples = samples, .max_tokens = max_tokens,
@@ -328,10 +385,13 @@ static void test_batched_sampling_matches_alone(void **state) {
     tlm_gen_params p = {.samples = B, .max_tokens = MAXT,
                         .sampling = {.temperature = 1.0f, .top_k = 50, .top_p = 0.9f}, .seed = 1234};
     /* top-k then top-p, and top-p over the whole vocabulary (another path
-     * of the sampler), each on the reference and the packed bf16 path */
-    for (int variant = 0; variant < 4; variant++) {
+     * of the sampler), each on the reference and the packed bf16 and int8
+     * paths (whose products promise each row the same bits whatever the
+     * batch) */
+    const int dtypes[3] = {TLM_GEN_REF, TLM_GEN_BF16, TLM_GEN_I8};
+    for (int variant = 0; variant < 6; variant++) {
         p.sampling.top_k = variant & 1 ? 0 : 50;
-        p.dtype = variant & 2 ? TLM_GEN_BF16 : TLM_GEN_REF;
+        p.dtype = dtypes[variant / 2];
         assert_int_equal(generate_run(&m, prompt, NP, c.vocab - 1, &p, NULL, NULL, batch, blen, NULL), 0);
         for (int b = 0; b < B; b++) {
             tlm_gen_params q = p;
@@ -541,10 +601,15 @@ static void test_cli_generate(void **state) {
     assert_int_equal(rc, 0);
     assert_string_equal(got, want);
 
-    /* --dtype fp32 is the library's packed fp32 continuation */
-    {
+    /* --dtype fp32 and int8 are the library's packed fp32 and int8
+     * continuations */
+    const struct {
+        int dtype;
+        const char *flag;
+    } dts[2] = {{TLM_GEN_F32, "fp32"}, {TLM_GEN_I8, "int8"}};
+    for (int i = 0; i < 2; i++) {
         tlm_gen_params pf = greedy_params(1, 12);
-        pf.dtype = TLM_GEN_F32;
+        pf.dtype = dts[i].dtype;
         int32_t of[12];
         int lf;
         assert_int_equal(generate_run(&m, ids, (int)np, tokenizer_eot_id(tok), &pf, NULL, NULL, of, &lf, NULL), 0);
@@ -554,8 +619,8 @@ static void test_cli_generate(void **state) {
         free(tf);
         assert_int_equal(test_run(got, sizeof got,
                                   "'%s' generate --model %s --prompt '%s' --max-tokens 12 --temperature 0 --device cpu "
-                                  "--threads 2 --dtype fp32 2>/dev/null",
-                                  TLM_CLI_PATH, good, prompt),
+                                  "--threads 2 --dtype %s 2>/dev/null",
+                                  TLM_CLI_PATH, good, prompt, dts[i].flag),
                          0);
         assert_string_equal(got, wf);
     }
@@ -598,6 +663,10 @@ static void test_cli_generate(void **state) {
                   TLM_CLI_PATH, good);
     assert_int_equal(rc, 0);
     assert_non_null(strstr(got, "weights fp32-ref"));
+    rc = test_run(got, sizeof got, "'%s' generate --model %s --max-tokens 5 --seed 3 --threads 2 --dtype int8 >/dev/null",
+                  TLM_CLI_PATH, good);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(got, "weights int8"));
 
     /* --samples 3: three headed samples; sample 2 is what sample index 1
      * gives alone, and a rerun with the same seed prints the same text */
@@ -695,6 +764,8 @@ int main(void) {
         cmocka_unit_test(test_prompt_in_several_chunks),
         cmocka_unit_test(test_packed_fp32_matches_full_forward),
         cmocka_unit_test(test_packed_bf16_close_to_full_forward),
+        cmocka_unit_test(test_packed_int8_close_to_full_forward),
+        cmocka_unit_test(test_int8_dtype_resolution),
         cmocka_unit_test(test_generate_run_greedy_equals_full_forward),
         cmocka_unit_test(test_batched_sampling_matches_alone),
         cmocka_unit_test(test_callback_eot_and_limits),

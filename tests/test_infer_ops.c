@@ -1,9 +1,13 @@
 /*
  * The generation ops of ops.h (pack, matmul_packed, attn_decode): the fast
  * CPU backend against the reference loops and against hand-computed bf16
- * rounding; the promise that a row's result depends on nothing but that
- * row (not the batch size, not the thread count), checked bit for bit; and
- * attn_decode against the three ops it fuses.
+ * rounding and int8 quantisation; int8 products against an independent
+ * double-precision computation of the same quantised maths and against
+ * the fp32 product; the fast backend's portable path (built here without
+ * SIMD, tests/infer_portable.c) against its SIMD path; the promise that a
+ * row's result depends on nothing but that row (not the batch size, not
+ * the thread count), checked bit for bit; and attn_decode against the
+ * three ops it fuses.
  */
 #include "testutil.h"
 
@@ -16,6 +20,9 @@
 #include "util/common.h"
 
 static tlm_ops *g_fast, *g_fast1, *g_ref;
+/* "cpu" with the generation block of cpu_infer.c compiled without SIMD */
+static tlm_ops *g_port;
+void cpu_infer_install_portable(tlm_ops *o); /* tests/infer_portable.c */
 
 static void fill_normal(float *x, size_t n, uint64_t seed, float scale) {
     tlm_rng r;
@@ -167,8 +174,10 @@ static void test_rows_independent_of_batch_and_threads(void **state) {
     fill_normal(x, (size_t)M * K, 6, 1.0f);
     fill_normal(nw, K, 7, 1.0f);
     fill_normal(y0, (size_t)M * N, 8, 1.0f);
-    for (int dtype = TLM_PACK_F32; dtype <= TLM_PACK_BF16; dtype++)
+    const int dtypes[3] = {TLM_PACK_F32, TLM_PACK_BF16, TLM_PACK_I8};
+    for (int di = 0; di < 3; di++)
         for (int kind = 0; kind < 2; kind++) {
+            const int dtype = dtypes[di];
             int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N, acc = kind == TLM_PACK_LINEAR;
             tlm_packed *p = g_fast->pack(g_fast, w, N, K, dtype, kind);
             tlm_packed *p1 = g_fast1->pack(g_fast1, w, N, K, dtype, kind);
@@ -184,6 +193,14 @@ static void test_rows_independent_of_batch_and_threads(void **state) {
                     fail_msg("dtype %d kind %d: row %d alone differs from the same row in a batch of %d", dtype,
                              kind, m, M);
             }
+            if (dtype == TLM_PACK_I8) {
+                /* the portable path: the same batch, the same bits */
+                tlm_packed *pp = g_port->pack(g_port, w, N, K, dtype, kind);
+                memcpy(yt, y0, (size_t)M * nout * sizeof *yt);
+                g_port->matmul_packed(g_port, yt, x, M, pp, nw, 1e-5f, acc);
+                if (kind == TLM_PACK_LINEAR) assert_memory_equal(yb, yt, (size_t)M * nout * sizeof *yb);
+                g_port->pack_free(g_port, pp);
+            }
             g_fast->pack_free(g_fast, p);
             g_fast1->pack_free(g_fast1, p1);
         }
@@ -193,6 +210,302 @@ static void test_rows_independent_of_batch_and_threads(void **state) {
     free(y1);
     free(yt);
     free(y0);
+}
+
+/* ---- int8 ------------------------------------------------------------------- */
+
+/* ops.h's int8 of one group v[0..n), n <= 32, written from the definition:
+ * scale = max|v| / 127 in fp32, q = v / scale rounded to nearest even (rint
+ * in the default rounding mode) and kept within +-127; q = 0 past n and
+ * for a zero scale. Returns the scale. */
+static float q8_group(const float *v, int n, int *q) {
+    float mx = 0.0f;
+    for (int i = 0; i < n; i++) mx = fmaxf(mx, fabsf(v[i]));
+    const float s = mx / 127.0f;
+    for (int i = 0; i < 32; i++) {
+        double t = i < n && s > 0.0f ? rint((double)(v[i] / s)) : 0.0;
+        q[i] = (int)fmax(-127.0, fmin(127.0, t));
+    }
+    return s;
+}
+
+/* R rows of K values quantised group by group: q [R][G*32], s [R][G]. */
+typedef struct {
+    int R, K, G;
+    int *q;
+    float *s;
+} q8mat;
+
+static q8mat q8_quantise(const float *a, int R, int K) {
+    q8mat m = {.R = R, .K = K, .G = (K + 31) / 32};
+    m.q = malloc((size_t)R * m.G * 32 * sizeof *m.q);
+    m.s = malloc((size_t)R * m.G * sizeof *m.s);
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < m.G; g++) {
+            int n = K - 32 * g < 32 ? K - 32 * g : 32;
+            m.s[(size_t)r * m.G + g] = q8_group(a + (size_t)r * K + 32 * g, n, m.q + ((size_t)r * m.G + g) * 32);
+        }
+    return m;
+}
+
+static void q8_free(q8mat *m) {
+    free(m->q);
+    free(m->s);
+}
+
+/* Row a of X times row b of W by the quantised maths, in double: *y the
+ * value, *A = sum over groups of |sx sw d|, the size of the terms that
+ * the fp32 chain adds (its rounding errors are relative to it). */
+static void q8_dot(const q8mat *X, int a, const q8mat *W, int b, double *y, double *A) {
+    double v = 0, abs_sum = 0;
+    for (int g = 0; g < X->G; g++) {
+        long d = 0;
+        for (int k = 0; k < 32; k++) d += (long)X->q[((size_t)a * X->G + g) * 32 + k] * W->q[((size_t)b * W->G + g) * 32 + k];
+        double t = (double)X->s[(size_t)a * X->G + g] * W->s[(size_t)b * W->G + g] * (double)d;
+        v += t;
+        abs_sum += fabs(t);
+    }
+    *y = v;
+    *A = abs_sum;
+}
+
+static float max_scale(const q8mat *m, int r) {
+    float mx = 0;
+    for (int g = 0; g < m->G; g++) mx = fmaxf(mx, m->s[(size_t)r * m->G + g]);
+    return mx;
+}
+
+static void test_int8_by_hand(void **state) {
+    (void)state;
+    /* One row x of K = 36: group 0 holds 4 values (28 zeros after them),
+     * group 1 holds 4 (the rest padding). Scales are powers of two, so
+     * every result is exact in fp32:
+     *   group 0: max 254 -> sx 2; x / 2 = 127, 1.5, -2.5, 0.5
+     *            -> q 127, 2, -2, 0 (ties to even)
+     *   group 1: max 508 -> sx 4; x / 4 = 127, 1.5, -2.5, 0.5 -> the same q
+     * Weights:
+     *   row 0, group 0: max 127 -> s 1; 127, -63.5, 32, 1 -> q 127, -64, 32, 1
+     *          group 1: 63.5 (rest 0) -> s 0.5, q 127
+     *   row 1, group 0: max 15.875 -> s 1/8; -15.875, 0.0625, 0.1875, -0.3125
+     *                   -> q -127, 0, 2, -2 (0.5 -> 0, 1.5 -> 2, -2.5 -> -2)
+     *          group 1: zero -> s 0, q 0
+     *   row 2: zero
+     * y0 = 2 * 1 * (127*127 - 2*64 - 2*32 + 0) + 4 * 0.5 * 127*127
+     *    = 2 * 15937 + 2 * 16129 = 64132
+     * y1 = 2 * (1/8) * (-127*127 + 0 - 4 + 0) = -16133 / 4 = -4033.25
+     * The sum of xq of a group is 127, not 0: an offset of the u8 operand
+     * left uncorrected (128 per unit) would show by thousands. */
+    enum { K = 36, N = 3 };
+    float x[K] = {0}, w[N * K] = {0};
+    const float x0[4] = {254.0f, 3.0f, -5.0f, 1.0f}, x1[4] = {508.0f, 6.0f, -10.0f, 2.0f};
+    const float w00[4] = {127.0f, -63.5f, 32.0f, 1.0f}, w10[4] = {-15.875f, 0.0625f, 0.1875f, -0.3125f};
+    for (int i = 0; i < 4; i++) {
+        x[i] = x0[i];
+        x[32 + i] = x1[i];
+        w[i] = w00[i];
+        w[K + i] = w10[i];
+    }
+    w[32] = 63.5f;
+    /* the test's own quantisation agrees with the hand */
+    int q[32];
+    assert_true(q8_group(x0, 4, q) == 2.0f);
+    assert_true(q[0] == 127 && q[1] == 2 && q[2] == -2 && q[3] == 0 && q[4] == 0);
+    assert_true(q8_group(w10, 4, q) == 0.125f);
+    assert_true(q[0] == -127 && q[1] == 0 && q[2] == 2 && q[3] == -2);
+    const float want[N] = {64132.0f, -4033.25f, 0.0f};
+    tlm_ops *ops[4] = {g_fast, g_fast1, g_ref, g_port};
+    float y[N], zero[N] = {0}, y0[N] = {0.5f, -1.0f, 3.0f};
+    for (int i = 0; i < 4; i++) {
+        run_packed(ops[i], y, zero, x, 1, w, N, K, TLM_PACK_I8, TLM_PACK_LINEAR, NULL, 0);
+        if (memcmp(y, want, sizeof y))
+            fail_msg("%s: int8 by hand: %.9g %.9g %.9g, want %.9g %.9g %.9g", ops[i]->name, y[0], y[1], y[2],
+                     want[0], want[1], want[2]);
+        run_packed(ops[i], y, y0, x, 1, w, N, K, TLM_PACK_I8, TLM_PACK_LINEAR, NULL, 1);
+        for (int n = 0; n < N; n++) assert_true(y[n] == y0[n] + want[n]);
+    }
+}
+
+/* int8 products through every backend against q8_dot (the same quantised
+ * maths in double, from the definition) and against the fp32 product.
+ *
+ * Against q8_dot. Without a norm both sides quantise the very same floats,
+ * so the integer parts are identical and exact; what differs is the fp32
+ * scaling: s = sx * sw rounds once (relative u = 2^-24) and each of the G
+ * fused multiply-adds rounds the running sum once (at most u times the
+ * sum, itself at most A = sum |s d|), so |y - exact| <= (G + 1) u A, plus
+ * u |y| for the final addition of accumulate. The reference sums in double
+ * and rounds once. With a fused norm the fast path computes 1/rms in
+ * float, the reference and q8_dot in double: xn may differ by an ulp,
+ * which moves sx by an ulp (4 u A more) and, rarely, turns a value at a
+ * rounding tie the other way: such a flip moves the output by
+ * sx sw |wq| <= 127 sx sw; two per row are allowed.
+ * SWIGLU applies silu(g) * u to two such sums: the errors propagate with
+ * |silu'| <= 1.1, plus the fast kernel's exp (~1e-7 relative). */
+static void check_int8_exact(tlm_ops *o, int M, int N, int K, int kind, int use_norm, int accumulate,
+                             const float *w, const float *x, const float *nw, const float *y0, const float *y) {
+    const double u = 0x1p-24;
+    const int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    /* the normalised input as ops.h defines it (1/rms in double) */
+    float *xn = malloc((size_t)M * K * sizeof *xn);
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        double ss = 0;
+        for (int k = 0; k < K; k++) ss += (double)xr[k] * xr[k];
+        double r = use_norm ? 1.0 / sqrt(ss / K + 1e-5f) : 1.0;
+        for (int k = 0; k < K; k++) xn[(size_t)m * K + k] = use_norm ? (float)(xr[k] * r * nw[k]) : xr[k];
+    }
+    q8mat X = q8_quantise(xn, M, K), W = q8_quantise(w, N, K);
+    const int G = X.G;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < nout; n++) {
+            double want, tol, e;
+            if (kind == TLM_PACK_SWIGLU) {
+                double g, ag, v, av;
+                q8_dot(&X, m, &W, n, &g, &ag);
+                q8_dot(&X, m, &W, nout + n, &v, &av);
+                double eg = (G + 1) * u * ag, ev = (G + 1) * u * av;
+                if (use_norm) {
+                    eg += 4 * u * ag + 2 * 127.0 * max_scale(&X, m) * max_scale(&W, n);
+                    ev += 4 * u * av + 2 * 127.0 * max_scale(&X, m) * max_scale(&W, nout + n);
+                }
+                double sg = g / (1.0 + exp(-g));
+                want = sg * v;
+                tol = 1.1 * eg * fabs(v) + fabs(sg) * ev + 1e-6 * fabs(want) + 1e-30;
+            } else {
+                double a;
+                q8_dot(&X, m, &W, n, &want, &a);
+                tol = (G + 1) * u * a + 1e-30;
+                if (use_norm) tol += 4 * u * a + 2 * 127.0 * max_scale(&X, m) * max_scale(&W, n);
+                if (accumulate) {
+                    want += y0[(size_t)m * nout + n];
+                    tol += u * fabs(want);
+                }
+            }
+            e = fabs((double)y[(size_t)m * nout + n] - want);
+            if (!(e <= tol))
+                fail_msg("%s int8 kind %d norm %d acc %d M=%d N=%d K=%d: y[%d,%d] = %.9g, the quantised maths "
+                         "%.9g (error %g > %g)",
+                         o->name, kind, use_norm, accumulate, M, N, K, m, n, y[(size_t)m * nout + n], want, e, tol);
+        }
+    q8_free(&X);
+    q8_free(&W);
+    free(xn);
+}
+
+/* int8 against the exact fp32 product. A quantised value is off by its
+ * rounding error, uniform within +-step/2 (step = the group's scale), of
+ * variance step^2 / 12; independent over k, so an output of a LINEAR
+ * product is off by sum_k (w_k dx_k + xn_k dw_k), of variance
+ *   V = sum_k (w_k^2 step_x^2 + xn_k^2 step_w^2) / 12.
+ * (Relative to a factor's rms, step / sqrt(12) is max / (127 sqrt(12)):
+ * ~5e-3 for normal groups of 32, whose max is ~2.1-2.5 rms; the "1/254"
+ * of a value at the maximum.) SWIGLU's silu(g) u moves by
+ * silu'(g) u dg + silu(g) du (+ dg du): V = (silu'(g) u)^2 Vg +
+ * silu(g)^2 Vu + Vg Vu. Checked: the rms error over the outputs within
+ * 0.6..1.4 of the predicted sqrt(mean V) where there are enough of them
+ * (>= 1000 outputs, K >= 32: at K = 1 the single value IS the maximum and
+ * rounds exactly), and no output off by more than 6 sqrt(V). */
+static double q8_var(const q8mat *X, const float *xn, int m, const q8mat *W, const float *w, int n, int K) {
+    double V = 0;
+    for (int k = 0; k < K; k++) {
+        double sx = X->s[(size_t)m * X->G + k / 32], sw = W->s[(size_t)n * W->G + k / 32];
+        double wk = w[(size_t)n * K + k], xk = xn[(size_t)m * K + k];
+        V += (wk * wk * sx * sx + xk * xk * sw * sw) / 12.0;
+    }
+    return V;
+}
+
+static double dot_d(const float *a, const float *b, int K) {
+    double s = 0;
+    for (int k = 0; k < K; k++) s += (double)a[k] * b[k];
+    return s;
+}
+
+static void check_int8_vs_fp32(int M, int N, int K, int kind, int use_norm, int accumulate, const float *w,
+                               const float *x, const float *nw, const float *y0, const float *y) {
+    const int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    float *y32 = malloc((size_t)M * nout * sizeof *y32);
+    run_packed(g_ref, y32, y0, x, M, w, N, K, TLM_PACK_F32, kind, use_norm ? nw : NULL, accumulate);
+    const size_t nres = (size_t)M * nout;
+    float *xn = malloc((size_t)M * K * sizeof *xn);
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        double r = use_norm ? 1.0 / sqrt(dot_d(xr, xr, K) / K + 1e-5f) : 1.0;
+        for (int k = 0; k < K; k++) xn[(size_t)m * K + k] = use_norm ? (float)(xr[k] * r * nw[k]) : xr[k];
+    }
+    q8mat X = q8_quantise(xn, M, K), W = q8_quantise(w, N, K);
+    double se = 0, sv = 0, worst = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < nout; n++) {
+            double V = q8_var(&X, xn, m, &W, w, n, K);
+            if (kind == TLM_PACK_SWIGLU) {
+                const float *xr = xn + (size_t)m * K;
+                double g = dot_d(xr, w + (size_t)n * K, K), u = dot_d(xr, w + (size_t)(nout + n) * K, K);
+                double sig = 1.0 / (1.0 + exp(-g)), dsilu = sig * (1.0 + g * (1.0 - sig));
+                double Vu = q8_var(&X, xn, m, &W, w, nout + n, K);
+                V = dsilu * dsilu * u * u * V + g * sig * g * sig * Vu + V * Vu;
+            }
+            double d = (double)y[(size_t)m * nout + n] - y32[(size_t)m * nout + n];
+            se += d * d;
+            sv += V;
+            double z = fabs(d) / sqrt(V > 0 ? V : 1e-300);
+            worst = z > worst ? z : worst;
+        }
+    double ratio = sqrt(se / sv);
+    if (!(worst <= 6.0 && (nres < 1000 || K < 32 || (ratio >= 0.6 && ratio <= 1.4))))
+        fail_msg("int8 kind %d M=%d N=%d K=%d norm %d acc %d: vs fp32 the rms error is %g of the predicted, the "
+                 "worst %g predicted sd",
+                 kind, M, N, K, use_norm, accumulate, ratio, worst);
+    q8_free(&X);
+    q8_free(&W);
+    free(xn);
+    free(y32);
+}
+
+static void test_matmul_packed_int8(void **state) {
+    (void)state;
+    /* M = 1 (four panels a tile), 2, 3 (two), 5, 7, 13 and 64 (tiles of up
+     * to 6 rows, panel by panel); N and K multiples of 32 and not (K = 17:
+     * one padded group, 33: one value in the last group) */
+    const shape shapes[] = {{1, 768, 256}, {1, 100, 96}, {2, 96, 40}, {3, 40, 17}, {13, 64, 33},
+                            {5, 90, 704},  {7, 64, 32},  {64, 200, 64}, {2, 2, 1}};
+    tlm_ops *ops[4] = {g_fast, g_fast1, g_ref, g_port};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int use_norm = 0; use_norm < 2; use_norm++)
+                for (int accumulate = 0; accumulate < 2; accumulate++) {
+                    if (kind == TLM_PACK_SWIGLU && accumulate) continue; /* not defined */
+                    const int M = shapes[si].M, N = shapes[si].N, K = shapes[si].K;
+                    const int nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
+                    float *w = malloc((size_t)N * K * sizeof *w), *x = malloc((size_t)M * K * sizeof *x);
+                    float *nw = malloc((size_t)K * sizeof *nw), *y0 = malloc((size_t)M * nout * sizeof *y0);
+                    float *y[4];
+                    uint64_t seed = 5000 + 100 * si + 4 * (uint64_t)kind + 2 * (uint64_t)use_norm + (uint64_t)accumulate;
+                    fill_normal(w, (size_t)N * K, seed, 1.0f / sqrtf((float)K));
+                    fill_normal(x, (size_t)M * K, seed + 1, 3.0f);
+                    fill_normal(nw, (size_t)K, seed + 2, 0.3f);
+                    for (int k = 0; k < K; k++) nw[k] += 1.0f;
+                    fill_normal(y0, (size_t)M * nout, seed + 3, 1.0f);
+                    const float *norm = use_norm ? nw : NULL;
+                    for (int i = 0; i < 4; i++) {
+                        y[i] = malloc((size_t)M * nout * sizeof *y[i]);
+                        run_packed(ops[i], y[i], y0, x, M, w, N, K, TLM_PACK_I8, kind, norm, accumulate);
+                        check_int8_exact(ops[i], M, N, K, kind, use_norm, accumulate, w, x, nw, y0, y[i]);
+                    }
+                    /* the thread count and the portable path change no bit
+                     * (SWIGLU: the portable path's silu uses expf, the SIMD
+                     * one a polynomial: the sums are the same, the last bits
+                     * of silu may not be) */
+                    assert_memory_equal(y[0], y[1], (size_t)M * nout * sizeof *y[0]);
+                    if (kind == TLM_PACK_LINEAR) assert_memory_equal(y[0], y[3], (size_t)M * nout * sizeof *y[0]);
+                    else assert_true(test_max_rel_err(y[3], y[0], (size_t)M * nout, 1e-3) < 1e-6);
+                    check_int8_vs_fp32(M, N, K, kind, use_norm, accumulate, w, x, nw, y0, y[0]);
+                    for (int i = 0; i < 4; i++) free(y[i]);
+                    free(w);
+                    free(x);
+                    free(nw);
+                    free(y0);
+                }
 }
 
 /* ---- attn_decode ------------------------------------------------------------- */
@@ -540,6 +853,9 @@ static void test_pack_rejects_bad_shapes(void **state) {
         assert_null(ops[i]->pack(ops[i], w, 3, 2, TLM_PACK_BF16, TLM_PACK_SWIGLU)); /* odd gate|up rows */
         assert_non_null(strstr(tlm_last_error(), "3 x 2"));
         assert_null(ops[i]->pack(ops[i], w, 2, 3, 7, TLM_PACK_LINEAR));
+        assert_null(ops[i]->pack(ops[i], w, 2, 3, 3, TLM_PACK_LINEAR)); /* 3 is TLM_GEN_REF, no storage */
+        assert_null(ops[i]->pack(ops[i], w, 3, 2, TLM_PACK_I8, TLM_PACK_SWIGLU));
+        assert_true(ops[i]->pack_dtypes & 1u << TLM_PACK_I8);
         assert_null(ops[i]->pack(ops[i], w, 0, 3, TLM_PACK_F32, TLM_PACK_LINEAR));
     }
 }
@@ -548,7 +864,12 @@ int main(void) {
     g_fast = ops_create("cpu", 2, NULL, 0);
     g_fast1 = ops_create("cpu", 1, NULL, 0);
     g_ref = ops_create("cpu-ref", 1, NULL, 0);
-    if (!g_fast || !g_fast1 || !g_ref || !g_fast->pack || !g_ref->pack) {
+    g_port = ops_create("cpu", 2, NULL, 0);
+    if (g_port) {
+        cpu_infer_install_portable(g_port);
+        g_port->name = "cpu-portable";
+    }
+    if (!g_fast || !g_fast1 || !g_ref || !g_port || !g_fast->pack || !g_ref->pack) {
         fprintf(stderr, "cannot create cpu ops with the generation block: %s\n", tlm_last_error());
         return 1;
     }
@@ -556,6 +877,8 @@ int main(void) {
         cmocka_unit_test(test_bf16_rounding_by_hand),
         cmocka_unit_test(test_matmul_packed_f32_vs_ref),
         cmocka_unit_test(test_matmul_packed_bf16_vs_ref),
+        cmocka_unit_test(test_int8_by_hand),
+        cmocka_unit_test(test_matmul_packed_int8),
         cmocka_unit_test(test_rows_independent_of_batch_and_threads),
         cmocka_unit_test(test_attn_decode_is_the_ops_it_fuses),
         cmocka_unit_test(test_attn_decode_vs_reference),
@@ -568,5 +891,6 @@ int main(void) {
     ops_destroy(g_fast);
     ops_destroy(g_fast1);
     ops_destroy(g_ref);
+    ops_destroy(g_port);
     return rc;
 }

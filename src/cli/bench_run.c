@@ -167,13 +167,15 @@ int bench_prompt(tlm_model *m, const int32_t *prompt, int nprompt, int reps, dou
 }
 
 int bench_generate(tlm_model *m, const int32_t *prompt, int nprompt, int streams, int max_tokens, uint64_t seed,
-                   bench_gen_result *r) {
+                   int dtype, bench_gen_result *r) {
     memset(r, 0, sizeof *r);
     r->streams = streams;
     tlm_gen_params p = gen_params(streams, max_tokens, seed);
+    p.dtype = dtype;
     tlm_gen_stats st;
     /* eot = -1: sequences never stop early, so every stream makes max_tokens. */
     if (generate_run(m, prompt, nprompt, -1, &p, NULL, NULL, NULL, NULL, &st)) return -1;
+    r->dtype = st.dtype;
     r->new_tokens = st.new_tokens;
     r->seconds = st.gen_seconds;
     r->tokens_per_s = st.gen_seconds > 0 ? (double)st.new_tokens / st.gen_seconds : 0;

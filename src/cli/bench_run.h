@@ -66,6 +66,7 @@ int bench_sgemm(tlm_ops *ops, int n, int reps, double *gflops);
 
 typedef struct {
     int streams;
+    int dtype;            /* the weight format that ran (TLM_GEN_*, AUTO resolved) */
     long new_tokens;      /* tokens actually sampled over all streams */
     double seconds;       /* sampling + stepping (the prompt excluded) */
     double tokens_per_s;  /* new_tokens / seconds */
@@ -84,9 +85,10 @@ void bench_random_tokens(int32_t *out, int n, int V, uint64_t seed);
 int bench_prompt(tlm_model *m, const int32_t *prompt, int nprompt, int reps, double *tokens_per_s);
 
 /* One generate_run of `streams` sequences x max_tokens new tokens after the
- * prompt, never stopping at end-of-text (eot = -1). */
+ * prompt, never stopping at end-of-text (eot = -1), with weights packed as
+ * dtype (TLM_GEN_*; packing is not timed). */
 int bench_generate(tlm_model *m, const int32_t *prompt, int nprompt, int streams, int max_tokens, uint64_t seed,
-                   bench_gen_result *r);
+                   int dtype, bench_gen_result *r);
 
 /* ---- tokenizer ----------------------------------------------------------------- */
 

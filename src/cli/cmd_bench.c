@@ -24,11 +24,13 @@
 #include "cli/cli.h"
 #include "model/config.h"
 #include "model/model.h"
+#include "model/model_infer.h"
 #include "ops/ops.h"
 #include "util/common.h"
 
 #define CMD "bench"
 #define MAX_STREAMS 16
+#define MAX_GEN_DTYPES 4
 #define PROMPT_REPS 3
 
 enum { S_TRAIN = 1, S_SGEMM = 2, S_PROMPT = 4, S_GEN = 8, S_TOK = 16, S_MEM = 32 };
@@ -59,6 +61,9 @@ static void bench_usage(FILE *f) {
             "                        prompt phases (default 128)\n"
             "  --gen-tokens N        new tokens per stream (default 256); end-of-text is ignored\n"
             "  --streams LIST        comma-separated stream counts (default 1,64)\n"
+            "  --gen-dtype LIST      comma-separated weight formats to generate with, each at every\n"
+            "                        --streams count: auto, bf16, int8, fp32, ref (as generate\n"
+            "                        --dtype; default auto, the backend's fastest); e.g. bf16,int8\n"
             "tokenizer\n"
             "  --corpus PATH         a text file or folder of .txt files (e.g. data/sotu); without it\n"
             "                        the tokenizer is not measured\n"
@@ -84,7 +89,8 @@ static void bench_usage(FILE *f) {
             "    that. Recomputation in attention backward is not counted.\n"
             "  share of peak = model FLOPs/s of training / best sgemm FLOPs/s (2 n^3 per product).\n"
             "  generation tokens/s = tokens sampled over all streams / time after the prompt (the\n"
-            "    prompt is computed once and shared), temperature 0.8, top-p 0.95. When prompt +\n"
+            "    prompt is computed once and shared; weights packed beforehand, in the format the\n"
+            "    row names), temperature 0.8, top-p 0.95. When prompt +\n"
             "    new tokens exceed --context, the generation model's context is raised to fit\n"
             "    (RoPE has no learned positions: the same weights, the true cost of those positions).\n"
             "  peak memory = maximum resident set size of a process that runs only the training\n"
@@ -100,6 +106,7 @@ typedef struct {
     long batch, steps, warmup, gemm_size, gemm_reps;
     long prompt_tokens, gen_tokens, vocab_train, threads, seed;
     int streams[MAX_STREAMS], nstreams;
+    int gen_dtypes[MAX_GEN_DTYPES], ngen_dtypes; /* TLM_GEN_* */
     unsigned sections;
     int only_given, json;
 } bench_flags;
@@ -125,6 +132,34 @@ static int parse_streams(const char *cmd, const char *flag, const char *v, void 
         g->streams[g->nstreams++] = (int)s;
         if (*end == '\0') return 0;
         p = end + 1;
+    }
+}
+
+static int parse_gen_dtypes(const char *cmd, const char *flag, const char *v, void *dest) {
+    bench_flags *g = dest;
+    g->ngen_dtypes = 0;
+    const char *p = v;
+    for (;;) {
+        size_t n = strcspn(p, ",");
+        char name[16];
+        int dt = -1;
+        if (n > 0 && n < sizeof name) {
+            memcpy(name, p, n);
+            name[n] = 0;
+            if (model_infer_parse_dtype(name, &dt)) dt = -1;
+        }
+        if (dt < 0) {
+            fprintf(stderr, "tinylm %s: error: %s '%s' names an unknown format '%.*s': use auto, bf16, int8, fp32 or ref\n",
+                    cmd, flag, v, (int)n, p);
+            return -1;
+        }
+        if (g->ngen_dtypes == MAX_GEN_DTYPES) {
+            fprintf(stderr, "tinylm %s: error: %s lists more than %d formats: give fewer\n", cmd, flag, MAX_GEN_DTYPES);
+            return -1;
+        }
+        g->gen_dtypes[g->ngen_dtypes++] = dt;
+        if (p[n] == '\0') return 0;
+        p += n + 1;
     }
 }
 
@@ -167,6 +202,8 @@ static int parse_flags(int argc, char **argv, bench_flags *g) {
     g->streams[0] = 1;
     g->streams[1] = 64;
     g->nstreams = 2;
+    g->gen_dtypes[0] = TLM_GEN_AUTO;
+    g->ngen_dtypes = 1;
     g->sections = S_ALL;
     const cli_flag flags[] = {
         CLI_MODEL_FLAGS(&g->model),
@@ -179,6 +216,7 @@ static int parse_flags(int argc, char **argv, bench_flags *g) {
         CLI_FLAG_LONG("--prompt-tokens", &g->prompt_tokens, NULL, 1, 1L << 20),
         CLI_FLAG_LONG("--gen-tokens", &g->gen_tokens, NULL, 1, 1L << 20),
         CLI_FLAG_CUSTOM("--streams", parse_streams, g, NULL),
+        CLI_FLAG_CUSTOM("--gen-dtype", parse_gen_dtypes, g, NULL),
         CLI_FLAG_STRING("--corpus", &g->corpus, NULL),
         CLI_FLAG_LONG("--vocab-train", &g->vocab_train, NULL, 257, 1 << 24),
         CLI_FLAG_LONG("--threads", &g->threads, NULL, 0, 4096),
@@ -322,7 +360,7 @@ typedef struct {
     int have_train, have_sgemm, have_prompt, have_tok, have_mem, ngen;
     bench_train_result train;
     double sgemm_gflops, prompt_tps;
-    bench_gen_result gen[MAX_STREAMS];
+    bench_gen_result gen[MAX_GEN_DTYPES * MAX_STREAMS]; /* dtype by dtype, streams within */
     bench_tok_result tok;
     long long peak_rss;
     int gen_context;
@@ -379,6 +417,7 @@ static void print_json(const bench_flags *g, const tlm_config *c, int threads, c
         for (int k = 0; k < R->ngen; k++) {
             cJSON *e = cJSON_CreateObject();
             cJSON_AddNumberToObject(e, "streams", R->gen[k].streams);
+            cJSON_AddStringToObject(e, "dtype", model_infer_dtype_name(R->gen[k].dtype));
             cJSON_AddNumberToObject(e, "new_tokens", (double)R->gen[k].new_tokens);
             cJSON_AddNumberToObject(e, "seconds", R->gen[k].seconds);
             cJSON_AddNumberToObject(e, "tokens_per_s", R->gen[k].tokens_per_s);
@@ -440,8 +479,9 @@ static void print_table(const bench_flags *g, const tlm_config *c, int threads, 
         row(lab, fmt_value(R->prompt_tps, a, sizeof a));
     }
     for (int k = 0; k < R->ngen; k++) {
-        snprintf(lab, sizeof lab, "generation tokens/s, %d stream%s (%s tokens)", R->gen[k].streams,
-                 R->gen[k].streams == 1 ? "" : "s", fmt_thousands((double)R->gen[k].new_tokens, b, sizeof b));
+        snprintf(lab, sizeof lab, "generation tokens/s, %d stream%s (%s tokens, %s)", R->gen[k].streams,
+                 R->gen[k].streams == 1 ? "" : "s", fmt_thousands((double)R->gen[k].new_tokens, b, sizeof b),
+                 model_infer_dtype_name(R->gen[k].dtype));
         row(lab, fmt_value(R->gen[k].tokens_per_s, a, sizeof a));
     }
     if (R->have_tok) {
@@ -569,21 +609,34 @@ int cmd_bench(int argc, char **argv) {
         }
         bench_random_tokens(prompt, (int)g.prompt_tokens, gc.vocab, (uint64_t)g.seed + 1);
     }
+    if (g.sections & S_GEN)
+        for (int d = 0; d < g.ngen_dtypes; d++)
+            if (model_infer_resolve_dtype(&gm, g.gen_dtypes[d]) < 0) {
+                /* the library's line names --dtype, generate's flag */
+                char msg[512];
+                snprintf(msg, sizeof msg, "--gen-dtype: %s", tlm_last_error());
+                tlm_errorf("%s", msg);
+                goto fail;
+            }
     if (g.sections & S_PROMPT) {
         progress("prompt processing");
         if (bench_prompt(&gm, prompt, (int)g.prompt_tokens, PROMPT_REPS, &R.prompt_tps)) goto fail;
         R.have_prompt = 1;
     }
     if (g.sections & S_GEN) {
-        for (int k = 0; k < g.nstreams; k++) {
-            char what[64];
-            snprintf(what, sizeof what, "generation, %d stream%s", g.streams[k], g.streams[k] == 1 ? "" : "s");
-            progress(what);
-            if (bench_generate(&gm, prompt, (int)g.prompt_tokens, g.streams[k], (int)g.gen_tokens, (uint64_t)g.seed,
-                               &R.gen[k]))
-                goto fail;
-            R.ngen = k + 1;
-        }
+        /* every format at every stream count, one after the other in this
+         * process: side by side on the same machine state */
+        for (int d = 0; d < g.ngen_dtypes; d++)
+            for (int k = 0; k < g.nstreams; k++) {
+                char what[96];
+                snprintf(what, sizeof what, "generation, %d stream%s, %s", g.streams[k], g.streams[k] == 1 ? "" : "s",
+                         model_infer_dtype_name(model_infer_resolve_dtype(&gm, g.gen_dtypes[d])));
+                progress(what);
+                if (bench_generate(&gm, prompt, (int)g.prompt_tokens, g.streams[k], (int)g.gen_tokens,
+                                   (uint64_t)g.seed, g.gen_dtypes[d], &R.gen[R.ngen]))
+                    goto fail;
+                R.ngen++;
+            }
     }
     if (g.sections & S_TOK) {
         progress("tokenizer");

@@ -39,9 +39,11 @@ static void generate_usage(FILE *f) {
             "  --samples N         number of samples, generated as one batch (default 1)\n"
             "  --threads N         CPU threads (default: all cores)\n"
             "  --device D          auto, cpu (default auto)\n"
-            "  --dtype T           weight format for generation: bf16, fp32, ref (unpacked fp32,\n"
-            "                      op by op) or auto (default: bf16 where the CPU has bf16 dot\n"
-            "                      products or fast conversion, else fp32); the summary names it\n");
+            "  --dtype T           weight format for generation: bf16, int8 (CPU: 8-bit weights and\n"
+            "                      inputs per group of 32 with fp32 scales; about half bf16's bytes,\n"
+            "                      ~4x its rounding error), fp32, ref (unpacked fp32, op by op) or\n"
+            "                      auto (default: bf16 where the CPU has bf16 dot products or fast\n"
+            "                      conversion, else fp32); the summary names it\n");
 }
 
 typedef struct {

@@ -93,7 +93,7 @@ typedef struct {
     int chunk;                   /* prompt positions per forward; 0 = 128 */
     /* Number format (model_infer.h): TLM_GEN_AUTO (0, the backend's fastest:
      * packed bf16 on CPUs with AVX-512 BF16 / AVX2 / NEON), TLM_GEN_F32,
-     * TLM_GEN_BF16, or TLM_GEN_REF (the unpacked fp32 reference path). The
+     * TLM_GEN_BF16, TLM_GEN_I8, or TLM_GEN_REF (the unpacked fp32 reference path). The
      * weights are packed at the start of the call (a few ms) unless
      * `weights` already holds them, which then decides the format. */
     int dtype;
@@ -106,7 +106,7 @@ typedef struct {
     int steps;              /* batched forward steps after the prompt */
     double prompt_seconds;  /* prompt forward (+ cache broadcast) */
     double gen_seconds;     /* sampling + stepping, all sequences */
-    int dtype;              /* the number format used (TLM_GEN_F32, _BF16 or _REF) */
+    int dtype;              /* the number format used (TLM_GEN_F32, _BF16, _I8 or _REF) */
 } tlm_gen_stats;
 
 /* Called for every new token of sequence seq (0..B-1), in order; the EOT

@@ -105,10 +105,19 @@ int model_infer_resolve_dtype(const tlm_model *m, int dtype) {
         if (!model_has_packed_ops(o))
             return tlm_errorf("--dtype bf16 is not available on the %s device: use --dtype fp32", o->name);
         return TLM_GEN_BF16;
+    case TLM_GEN_I8: {
+        /* a table that does not say (0) predates int8: F32 and BF16 only */
+        const unsigned dts = o->pack_dtypes ? o->pack_dtypes : 1u << TLM_PACK_F32 | 1u << TLM_PACK_BF16;
+        if (!model_has_packed_ops(o) || !(dts & 1u << TLM_PACK_I8))
+            return tlm_errorf("--dtype int8 is not available on the %s device: use --dtype bf16 or fp32 (int8 "
+                              "runs on the CPU)",
+                              o->name);
+        return TLM_GEN_I8;
+    }
     case TLM_GEN_REF:
         return TLM_GEN_REF;
     default:
-        return tlm_errorf("generation dtype %d is unknown: use auto, fp32, bf16 or ref", dtype);
+        return tlm_errorf("generation dtype %d is unknown: use auto, fp32, bf16, int8 or ref", dtype);
     }
 }
 
@@ -117,6 +126,7 @@ const char *model_infer_dtype_name(int dtype) {
     case TLM_GEN_AUTO: return "auto";
     case TLM_GEN_F32: return "fp32";
     case TLM_GEN_BF16: return "bf16";
+    case TLM_GEN_I8: return "int8";
     case TLM_GEN_REF: return "fp32-ref";
     default: return "?";
     }
@@ -126,8 +136,9 @@ int model_infer_parse_dtype(const char *s, int *dtype) {
     if (!strcmp(s, "auto")) *dtype = TLM_GEN_AUTO;
     else if (!strcmp(s, "fp32") || !strcmp(s, "f32")) *dtype = TLM_GEN_F32;
     else if (!strcmp(s, "bf16")) *dtype = TLM_GEN_BF16;
+    else if (!strcmp(s, "int8") || !strcmp(s, "i8")) *dtype = TLM_GEN_I8;
     else if (!strcmp(s, "ref")) *dtype = TLM_GEN_REF;
-    else return tlm_errorf("--dtype %s is unknown: use auto, fp32, bf16 or ref", s);
+    else return tlm_errorf("--dtype %s is unknown: use auto, fp32, bf16, int8 or ref", s);
     return 0;
 }
 
@@ -183,7 +194,7 @@ fail:
 
 int model_infer_kv_dtype(const tlm_infer_weights *w) {
     if (!w || w->dtype == TLM_GEN_REF) return 0;
-    return w->dtype == TLM_GEN_BF16 ? TLM_KV_F16 : TLM_KV_F32;
+    return w->dtype == TLM_GEN_BF16 || w->dtype == TLM_GEN_I8 ? TLM_KV_F16 : TLM_KV_F32;
 }
 
 int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,

@@ -24,23 +24,26 @@ enum {
     TLM_GEN_F32 = TLM_PACK_F32,   /* packed fp32 weights */
     TLM_GEN_BF16 = TLM_PACK_BF16, /* packed bf16 weights (and bf16 inputs to each product), fp32 sums */
     TLM_GEN_REF = 3,             /* unpacked op-by-op fp32 (model_forward_cached): the exact reference */
+    TLM_GEN_I8 = TLM_PACK_I8,     /* int8 weights per group of 32 k with fp32 scales, inputs quantised
+                                  * the same way per row; exact integer sums, fp32 scaling (ops.h) */
 };
 
 /* Packed weights of a model for one dtype. */
 typedef struct {
-    int dtype;                              /* TLM_GEN_F32, TLM_GEN_BF16 or TLM_GEN_REF (never AUTO) */
+    int dtype;                              /* TLM_GEN_F32, _BF16, _I8 or _REF (never AUTO) */
     int L;
     tlm_packed **wqkv, **wo, **wgu, **wdown; /* [L]; wgu packed as TLM_PACK_SWIGLU */
     tlm_packed *head;                        /* wte [V,D] as the output projection */
 } tlm_infer_weights;
 
 /* The dtype that `dtype` means on m's backend (AUTO resolved). -1 + error
- * when the backend cannot run it (e.g. bf16 without packed ops). */
+ * naming --dtype when the backend cannot run it (e.g. bf16 without packed
+ * ops, int8 where pack does not take TLM_PACK_I8: ops->pack_dtypes). */
 int model_infer_resolve_dtype(const tlm_model *m, int dtype);
-/* "fp32", "bf16", "fp32-ref" (and "auto" for AUTO). */
+/* "fp32", "bf16", "int8", "fp32-ref" (and "auto" for AUTO). */
 const char *model_infer_dtype_name(int dtype);
-/* Parse a --dtype value: auto, fp32 (or f32), bf16, ref. -1 + error naming
- * --dtype otherwise. */
+/* Parse a --dtype value: auto, fp32 (or f32), bf16, int8 (or i8), ref. -1 +
+ * error naming --dtype otherwise. */
 int model_infer_parse_dtype(const char *s, int *dtype);
 
 /* Pack m's current parameters (re-pack after they change). TLM_GEN_REF
@@ -50,9 +53,9 @@ void model_infer_unpack(tlm_model *m, tlm_infer_weights *w);
 
 /* The KV cache that generation with w uses: 0 for the reference path (w
  * NULL or TLM_GEN_REF: kv_store's fp32 [B,Tmax,D]), else attn_decode's
- * head-major caches of TLM_KV_F16 with bf16 weights (half the bytes for
- * attention to stream; fp16 keeps 3 more mantissa bits than bf16 and the
- * values of k and v fit its range) or TLM_KV_F32 with fp32 weights. */
+ * head-major caches of TLM_KV_F16 with bf16 or int8 weights (half the bytes
+ * for attention to stream; fp16 keeps 3 more mantissa bits than bf16 and
+ * the values of k and v fit its range) or TLM_KV_F32 with fp32 weights. */
 int model_infer_kv_dtype(const tlm_infer_weights *w);
 
 /* model_forward_cached (same arguments and result) through packed weights;

@@ -37,7 +37,8 @@ typedef struct tlm_ops tlm_ops;
 
 /* ---- generation block: packed weight handles (see the end of tlm_ops) ---- */
 typedef struct tlm_packed tlm_packed; /* opaque, owned by the backend that packed it */
-enum { TLM_PACK_F32 = 1, TLM_PACK_BF16 = 2 };     /* storage of packed weights */
+/* storage of packed weights (TLM_PACK_I8 is 4: model_infer.h's TLM_GEN_REF is 3) */
+enum { TLM_PACK_F32 = 1, TLM_PACK_BF16 = 2, TLM_PACK_I8 = 4 };
 enum { TLM_PACK_LINEAR = 0, TLM_PACK_SWIGLU = 1 }; /* what matmul_packed computes */
 enum { TLM_KV_F32 = 1, TLM_KV_F16 = 2 };           /* elements of attn_decode's caches */
 
@@ -168,9 +169,15 @@ struct tlm_ops {
      * TLM_PACK_F32. 0 (with pack == NULL): no packed ops, use the
      * unpacked path (matmul, rmsnorm_fwd, ...). */
     int pack_dtype_fast;
+    /* The dtypes pack accepts, as bits 1u << TLM_PACK_*; 0 means F32 and
+     * BF16 (tables written before TLM_PACK_I8, e.g. CUDA's). */
+    unsigned pack_dtypes;
     /* Convert w[N,K] (a linear layer's [out,in] rows, device fp32) into a
-     * packed handle of dtype TLM_PACK_F32 or TLM_PACK_BF16 (round to nearest
-     * even). kind TLM_PACK_LINEAR: y = x W^T. kind TLM_PACK_SWIGLU: N = 2F
+     * packed handle of dtype TLM_PACK_F32, TLM_PACK_BF16 (round to nearest
+     * even) or TLM_PACK_I8: symmetric int8 per (row n, group of 32
+     * consecutive k; the last group zero padded), scale s = max|w| / 127 in
+     * fp32, q = w / s rounded to nearest even (all q = 0 when s = 0).
+     * kind TLM_PACK_LINEAR: y = x W^T. kind TLM_PACK_SWIGLU: N = 2F
      * rows, gate rows then up rows (as wgu), and the product yields
      * silu(x Wg^T) * (x Wu^T), [M,F]. NULL + error on failure. */
     tlm_packed *(*pack)(tlm_ops *o, const float *w, int N, int K, int dtype, int kind);
@@ -179,8 +186,12 @@ struct tlm_ops {
      * the residual connections), Nout = N (LINEAR) or N/2 (SWIGLU).
      * xn = rmsnorm(x, norm_w, eps) when norm_w is given (the norm is fused
      * into reading x), x itself otherwise. With TLM_PACK_BF16 xn is rounded
-     * to bf16 too: products are then exact and sums are fp32. y must not
-     * overlap x. */
+     * to bf16 too: products are then exact and sums are fp32. With
+     * TLM_PACK_I8 each row of xn is quantised like the weights (per group g
+     * of 32 k: sx = max|xn| / 127, xq = xn / sx rounded to nearest even) and
+     *   y[m,n] = sum over g in increasing order, from 0, in fp32 of
+     *            fmaf(sx[m,g] * sw[n,g], (float)(sum_k xq * wq), y)
+     * (the integer sums are exact). y must not overlap x. */
     void (*matmul_packed)(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *w, const float *norm_w,
                           float eps, int accumulate);
     /* rope_fwd + kv_store + attn_cached in one pass: rotates q and k of

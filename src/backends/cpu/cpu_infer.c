@@ -12,16 +12,39 @@
  *                        operand layout of the AVX-512 BF16 and Arm BF16 dot
  *                        products; Kp = K rounded up to even, zero padded)
  *   fp32: [K][32]
- * Columns past N are zero. A SWIGLU matrix (gate rows, then up rows) packs
- * 16 gate rows and the 16 matching up rows into each panel, so one tile
- * yields silu(gate) * up for 16 hidden units without storing gate or up.
+ *   int8: [G][1152 bytes] for G = ceil(K/32) groups of 32 k, each group
+ *         [8 quads of k][32 columns][4 k] as u8 (q + 128), 1024 bytes,
+ *         then [32] fp32 column scales, 128 bytes: 1.125 bytes a weight.
+ *         A quad of 16 columns is one 64-byte load, the u8 operand of the
+ *         AVX-512 VNNI dot product (vpdpbusd: u8 x s8 -> i32, 4 k a lane);
+ *         the scales follow their group's weights, so a panel is still
+ *         read front to back once.
+ * Columns past N are zero (int8: q 0, scale 0). A SWIGLU matrix (gate
+ * rows, then up rows) packs 16 gate rows and the 16 matching up rows into
+ * each panel, so one tile yields silu(gate) * up for 16 hidden units
+ * without storing gate or up.
  *
  * Every output element is one chain of multiply-adds over k in increasing
  * order, started from zero, whatever the tile shape or thread: results do
  * not depend on M or on the thread count (ops.h promises it).
  *
- * Instruction sets: AVX-512 BF16 (vdpbf16ps) and AVX-512F, Arm NEON (BF16
- * dot products where the compiler targets them), and a portable C path; the
+ * int8 (ops.h): activations are quantised per row and group of 32 k when
+ * staged, xq = round(xn / sx) in [-127, 127] kept SIGNED, and the weights
+ * are the u8 side of vpdpbusd (q + 128). So the dot product of a group is
+ * sum (wq + 128) xq = sum wq xq + 128 sum xq, and the correction 128 sum xq
+ * belongs to the (row, group): it is computed once when the row is staged,
+ * instead of a per-(column, group) term stored beside the weights (which
+ * would cost another 128 bytes a group of a panel to stream, 1.25 bytes a
+ * weight instead of 1.125). Per group the exact integer sum wq xq (at most
+ * 32 * 127 * 127 < 2^24, so exact in fp32 too) is scaled and added as
+ *   acc = fma(sx[g] * sw[n][g], (float)(dot - corr[g]), acc)
+ * (the SIMD kernel starts its i32 sums at -corr[g] instead of subtracting)
+ * over g in increasing order: the one chain of an output element, the same
+ * on every path (the portable one uses fmaf).
+ *
+ * Instruction sets: AVX-512 BF16 (vdpbf16ps), AVX-512 VNNI (vpdpbusd, int8)
+ * and AVX-512F, Arm NEON (BF16 dot products where the compiler targets
+ * them), and a portable C path (int8 everywhere without AVX-512 VNNI); the
  * choice is made at compile time (-march=native by default).
  */
 #include <math.h>
@@ -32,11 +55,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(CI_PORTABLE_ONLY)
+/* no SIMD path (tests build this file so, to hold the portable path to the
+ * SIMD one's numbers on the same machine) */
+#elif defined(__AVX512F__)
 #include <immintrin.h>
 #define CI_AVX512 1
 #if defined(__AVX512BF16__)
 #define CI_AVX512BF16 1
+#endif
+#if defined(__AVX512VNNI__)
+#define CI_AVX512VNNI 1
 #endif
 #elif defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -52,6 +81,14 @@
 
 #define CI_NR 32 /* output columns per panel */
 #define CI_MR 12 /* most rows per register tile */
+/* int8: a group is 32 k; its bytes in a panel: 8 quads x 32 columns x 4 k
+ * of u8 weights, then 32 fp32 scales */
+#define CI_I8_GK 32
+#define CI_I8_GB (8 * 128 + CI_NR * 4)
+/* most rows of an int8 tile of one panel: each row holds 2 i32 and 2 fp32
+ * accumulators, 6 rows 24 of the 32 zmm registers, plus 2 for the weights
+ * and one for the broadcast activations */
+#define CI_I8_MR 6
 /* Below this many multiply-adds an op runs on one thread: at one token the
  * fork and join of the team would cost more than the product. */
 #define CI_PAR_MIN 32768L
@@ -61,9 +98,10 @@
 struct tlm_packed {
     int N, K, dtype, kind;
     int Kp;             /* K rounded up to even (bf16 pairs) */
+    int G;              /* int8: groups of 32 k */
     int npanels;
     int Nout;           /* result columns: N (LINEAR) or N/2 (SWIGLU) */
-    size_t panel_elems; /* uint16 (bf16) or float (fp32) elements per panel */
+    size_t panel_elems; /* uint16 (bf16), float (fp32) or byte (int8) elements per panel */
     void *data;
 };
 
@@ -260,9 +298,44 @@ static inline int ci_panel_row(const tlm_packed *w, int p, int c) {
     return n < w->N ? n : -1;
 }
 
+/* Symmetric int8 of v[0..n) (n <= 32; the rest of the group is zero) into
+ * q[32]: scale max|v| / 127, q = v / scale rounded to nearest even (the
+ * current rounding mode, as vcvtps2dq), clamped (v / scale of the maximum
+ * may land an ulp past 127). A zero scale gives q = 0. Returns the scale.
+ * Weights at packing and activations on the portable path. */
+static float ci_quant32(const float *v, int n, int8_t q[CI_I8_GK]) {
+    float mx = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(v[i]);
+        mx = a > mx ? a : mx;
+    }
+    const float s = mx / 127.0f;
+    for (int i = 0; i < CI_I8_GK; i++) {
+        float t = i < n && s > 0.0f ? v[i] / s : 0.0f;
+        t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
+        q[i] = (int8_t)nearbyintf(t);
+    }
+    return s;
+}
+
+/* int8 panels (layout at the top): column c of every group of panel p. */
+static void ci_pack_i8_column(tlm_packed *w, const float *src, int p, int c) {
+    uint8_t *panel = (uint8_t *)w->data + (size_t)p * w->panel_elems;
+    for (int g = 0; g < w->G; g++) {
+        int8_t q[CI_I8_GK];
+        int n = w->K - g * CI_I8_GK < CI_I8_GK ? w->K - g * CI_I8_GK : CI_I8_GK;
+        float s = src ? ci_quant32(src + (size_t)g * CI_I8_GK, n, q) : 0.0f;
+        if (!src) memset(q, 0, sizeof q);
+        uint8_t *grp = panel + (size_t)g * CI_I8_GB;
+        for (int k = 0; k < CI_I8_GK; k++)
+            grp[(k / 4) * 128 + (c / 16) * 64 + (c % 16) * 4 + (k % 4)] = (uint8_t)(q[k] + 128);
+        memcpy(grp + 1024 + 4 * (size_t)c, &s, sizeof s);
+    }
+}
+
 static tlm_packed *ci_pack(tlm_ops *o, const float *W, int N, int K, int dtype, int kind) {
     (void)o;
-    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16) ||
+    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16 && dtype != TLM_PACK_I8) ||
         (kind != TLM_PACK_LINEAR && kind != TLM_PACK_SWIGLU) || (kind == TLM_PACK_SWIGLU && N % 2)) {
         tlm_errorf("pack: invalid matrix %d x %d (dtype %d, kind %d)", N, K, dtype, kind);
         return NULL;
@@ -277,10 +350,12 @@ static tlm_packed *ci_pack(tlm_ops *o, const float *W, int N, int K, int dtype, 
     w->dtype = dtype;
     w->kind = kind;
     w->Kp = (K + 1) & ~1;
+    w->G = (K + CI_I8_GK - 1) / CI_I8_GK;
     w->Nout = kind == TLM_PACK_SWIGLU ? N / 2 : N;
     w->npanels = kind == TLM_PACK_SWIGLU ? (N / 2 + 15) / 16 : (N + CI_NR - 1) / CI_NR;
-    size_t esize = dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : sizeof(float);
-    w->panel_elems = (size_t)(dtype == TLM_PACK_BF16 ? w->Kp : K) * CI_NR;
+    size_t esize = dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : dtype == TLM_PACK_I8 ? 1 : sizeof(float);
+    w->panel_elems = dtype == TLM_PACK_I8 ? (size_t)w->G * CI_I8_GB
+                                          : (size_t)(dtype == TLM_PACK_BF16 ? w->Kp : K) * CI_NR;
     w->data = tlm_alloc((size_t)w->npanels * w->panel_elems * esize); /* zero-filled: padding is 0 */
     if (!w->data) {
         free(w);
@@ -289,6 +364,11 @@ static tlm_packed *ci_pack(tlm_ops *o, const float *W, int N, int K, int dtype, 
     for (int p = 0; p < w->npanels; p++) {
         for (int c = 0; c < CI_NR; c++) {
             int r = ci_panel_row(w, p, c);
+            if (dtype == TLM_PACK_I8) {
+                /* padding columns too: q 0 is the byte 128, not 0 */
+                ci_pack_i8_column(w, r < 0 ? NULL : W + (size_t)r * K, p, c);
+                continue;
+            }
             if (r < 0) continue;
             const float *src = W + (size_t)r * K;
             if (dtype == TLM_PACK_BF16) {
@@ -340,6 +420,53 @@ static void ci_stage_bf16(uint16_t *dst, int Kpad, const float *x, int K, const 
     for (int k = 0; k < K; k++) dst[k] = ci_to_bf16(nw ? x[k] * r * nw[k] : x[k]);
     for (int k = K; k < Kpad; k++) dst[k] = 0;
 #endif
+}
+
+/* A staged int8 row of G groups (ops.h): [G][32] s8 xq, then [G] fp32 sx,
+ * then [G] i32 corr = 128 * sum of the group's xq (what the u8 offset of
+ * the weights adds to their dot product). Bytes of the row: */
+static inline size_t ci_stage_i8_bytes(int G) { return (size_t)G * (CI_I8_GK + 8); }
+
+/* Quantise xn = x * r * nw (nw NULL: x) group by group into dst (above).
+ * The SIMD and portable branches compute the same bits: the maximum is
+ * exact, x / s is one IEEE division, and both round to nearest even. */
+static void ci_stage_i8(uint8_t *dst, int G, const float *x, int K, const float *nw, float eps) {
+    const float r = nw ? ci_rstd(x, K, eps) : 1.0f;
+    int8_t *xq = (int8_t *)dst;
+    float *sx = (float *)(dst + (size_t)G * CI_I8_GK);
+    int32_t *corr = (int32_t *)(sx + G);
+    for (int g = 0; g < G; g++) {
+        const int k = g * CI_I8_GK, n = K - k < CI_I8_GK ? K - k : CI_I8_GK;
+        int32_t sum = 0;
+        float s;
+#if defined(CI_AVX512)
+        const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+        const __mmask16 m1 = n <= 16 ? 0 : n >= 32 ? 0xffff : (__mmask16)((1u << (n - 16)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(m0, x + k), b = _mm512_maskz_loadu_ps(m1, x + k + 16);
+        if (nw) {
+            const __m512 rv = _mm512_set1_ps(r);
+            a = _mm512_mul_ps(_mm512_mul_ps(a, rv), _mm512_maskz_loadu_ps(m0, nw + k));
+            b = _mm512_mul_ps(_mm512_mul_ps(b, rv), _mm512_maskz_loadu_ps(m1, nw + k + 16));
+        }
+        s = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
+        __m512i qa = _mm512_setzero_si512(), qb = _mm512_setzero_si512();
+        if (s > 0.0f) {
+            const __m512 sv = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+            qa = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_div_ps(a, sv))));
+            qb = _mm512_cvtps_epi32(_mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_div_ps(b, sv))));
+        }
+        _mm_storeu_si128((__m128i *)(xq + k), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(xq + k + 16), _mm512_cvtepi32_epi8(qb));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+        float v[CI_I8_GK];
+        for (int i = 0; i < n; i++) v[i] = nw ? x[k + i] * r * nw[k + i] : x[k + i];
+        s = ci_quant32(v, n, xq + k);
+        for (int i = 0; i < CI_I8_GK; i++) sum += xq[k + i];
+#endif
+        sx[g] = s;
+        corr[g] = 128 * sum;
+    }
 }
 
 static void ci_stage_f32(float *dst, const float *x, int K, const float *nw, float eps) {
@@ -480,6 +607,75 @@ static inline __attribute__((always_inline)) void ci_tile_f32(const int MR, cons
 }
 #endif
 
+#if defined(CI_AVX512VNNI)
+/* int8 tile, MR rows x NP panels. Per group: 8 quads of k, each one 64-byte
+ * load of u8 weights per 16 columns and one broadcast of the row's 4 s8
+ * activations, summed exactly in i32 (di); then the group is scaled into
+ * the fp32 accumulators (acc), as ops.h defines it. Registers: 4 MR NP
+ * accumulators + 2 NP weights + 1 broadcast: (1, 4) 25, (2, 2) 21,
+ * (3, 2) 29, (6, 1) 27 of the 32 zmm. */
+static inline __attribute__((always_inline)) void ci_tile_i8(const int MR, const int NP, const tlm_packed *w, int p0,
+                                                             const uint8_t *xa, size_t ldx, float *y, size_t ldy,
+                                                             int accumulate) {
+    __m512 acc[CI_MR][8];
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * NP; j++) acc[m][j] = _mm512_setzero_ps();
+    const uint8_t *wp = (const uint8_t *)w->data + (size_t)p0 * w->panel_elems;
+    const size_t pe = w->panel_elems;
+    const int G = w->G;
+    /* the row's scales and corrections follow its G groups of xq */
+    const size_t sxo = (size_t)G * CI_I8_GK;
+    for (int g = 0; g < G; g++) {
+        const uint8_t *wg = wp + (size_t)g * CI_I8_GB;
+        /* the integer sums start from -corr: what is left is sum wq xq */
+        __m512i di[CI_I8_MR][8];
+#pragma GCC unroll 6
+        for (int m = 0; m < MR; m++) {
+            int32_t corr;
+            memcpy(&corr, xa + (size_t)m * ldx + sxo + 4 * (size_t)G + 4 * (size_t)g, sizeof corr);
+            const __m512i cv = _mm512_set1_epi32(-corr);
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * NP; j++) di[m][j] = cv;
+        }
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) {
+            __m512i wv[8];
+#pragma GCC unroll 4
+            for (int i = 0; i < NP; i++) {
+                wv[2 * i] = _mm512_loadu_si512((const void *)(wg + i * pe + (size_t)q * 128));
+                wv[2 * i + 1] = _mm512_loadu_si512((const void *)(wg + i * pe + (size_t)q * 128 + 64));
+            }
+#pragma GCC unroll 6
+            for (int m = 0; m < MR; m++) {
+                int32_t quad;
+                memcpy(&quad, xa + (size_t)m * ldx + (size_t)g * CI_I8_GK + 4 * (size_t)q, sizeof quad);
+                const __m512i xb = _mm512_set1_epi32(quad);
+#pragma GCC unroll 8
+                for (int j = 0; j < 2 * NP; j++) di[m][j] = _mm512_dpbusd_epi32(di[m][j], wv[j], xb);
+            }
+        }
+        __m512 sw[8];
+#pragma GCC unroll 4
+        for (int i = 0; i < NP; i++) {
+            sw[2 * i] = _mm512_loadu_ps((const float *)(wg + i * pe + 1024));
+            sw[2 * i + 1] = _mm512_loadu_ps((const float *)(wg + i * pe + 1024 + 64));
+        }
+#pragma GCC unroll 6
+        for (int m = 0; m < MR; m++) {
+            float sx;
+            memcpy(&sx, xa + (size_t)m * ldx + sxo + 4 * (size_t)g, sizeof sx);
+            const __m512 sv = _mm512_set1_ps(sx);
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * NP; j++)
+                acc[m][j] = _mm512_fmadd_ps(_mm512_mul_ps(sv, sw[j]), _mm512_cvtepi32_ps(di[m][j]), acc[m][j]);
+        }
+    }
+    ci_store512(MR, NP, acc, w, p0, y, ldy, accumulate);
+}
+#endif
+
 #if defined(CI_NEON_BF16)
 /* 8 vectors of 4 columns per panel; MR <= 3 keeps 24 accumulators. */
 static inline __attribute__((always_inline)) void ci_tile_bf16_neon(const int MR, const tlm_packed *w, int p0,
@@ -538,6 +734,36 @@ static void ci_tile_generic(int MR, const tlm_packed *w, int p, const void *xa, 
     }
 }
 
+#if !defined(CI_AVX512VNNI)
+/* Portable int8 tile of one panel: the integer sums and the fp32 chain of
+ * ci_tile_i8, so the same bits (fmaf is the vector FMA's single rounding). */
+static void ci_tile_generic_i8(int MR, const tlm_packed *w, int p, const uint8_t *xa, size_t ldx, float acc[][CI_NR]) {
+    const uint8_t *wp = (const uint8_t *)w->data + (size_t)p * w->panel_elems;
+    const int G = w->G;
+    for (int m = 0; m < MR; m++)
+        for (int c = 0; c < CI_NR; c++) acc[m][c] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        const uint8_t *wg = wp + (size_t)g * CI_I8_GB;
+        float sw[CI_NR];
+        memcpy(sw, wg + 1024, sizeof sw);
+        for (int m = 0; m < MR; m++) {
+            const uint8_t *row = xa + (size_t)m * ldx;
+            const int8_t *xq = (const int8_t *)row + (size_t)g * CI_I8_GK;
+            float sx;
+            int32_t corr, d[CI_NR] = {0};
+            memcpy(&sx, row + (size_t)G * CI_I8_GK + 4 * (size_t)g, sizeof sx);
+            memcpy(&corr, row + (size_t)G * CI_I8_GK + 4 * (size_t)G + 4 * (size_t)g, sizeof corr);
+            for (int q = 0; q < 8; q++)
+                for (int c = 0; c < CI_NR; c++) {
+                    const uint8_t *b = wg + q * 128 + (c / 16) * 64 + (c % 16) * 4;
+                    d[c] += b[0] * xq[4 * q] + b[1] * xq[4 * q + 1] + b[2] * xq[4 * q + 2] + b[3] * xq[4 * q + 3];
+                }
+            for (int c = 0; c < CI_NR; c++) acc[m][c] = fmaf(sx * sw[c], (float)(d[c] - corr), acc[m][c]);
+        }
+    }
+}
+#endif
+
 /* Write a tile computed into acc[MR][32] (portable and NEON paths). */
 static void ci_store_generic(int MR, const tlm_packed *w, int p, float acc[][CI_NR], float *y, size_t ldy,
                              int accumulate) {
@@ -585,10 +811,65 @@ static void ci_store_generic(int MR, const tlm_packed *w, int p, float acc[][CI_
     }
 #endif
 
+/* int8: rows [0, rows) of a staged block (ldx bytes apart) times panels
+ * [p0, p1). One row streams the weights: four panels at once for 8
+ * independent i32 chains. Two or three rows: two panels. More: one panel
+ * at a time for every tile of up to 6 rows, so the panel is read from
+ * memory once and from cache by the following tiles. */
+static void ci_block_i8(const tlm_packed *w, const uint8_t *xa, size_t ldx, int rows, int p0, int p1, float *yb,
+                        size_t ldy, int accumulate) {
+#if defined(CI_AVX512VNNI)
+#define CI_I8_TILE(MR, NP) ci_tile_i8(MR, NP, w, p, xa + (size_t)m * ldx, ldx, yb + (size_t)m * ldy, ldy, accumulate)
+    if (rows <= 3) {
+        const int m = 0;
+        int p = p0;
+        if (rows == 1)
+            for (; p + 4 <= p1; p += 4) CI_I8_TILE(1, 4);
+        else if (rows == 2)
+            for (; p + 2 <= p1; p += 2) CI_I8_TILE(2, 2);
+        else
+            for (; p + 2 <= p1; p += 2) CI_I8_TILE(3, 2);
+        for (; p < p1; p++) {
+            if (rows == 1) CI_I8_TILE(1, 1);
+            else if (rows == 2) CI_I8_TILE(2, 1);
+            else CI_I8_TILE(3, 1);
+        }
+        return;
+    }
+    for (int p = p0; p < p1; p++)
+        for (int m = 0; m < rows;) {
+            const int mr = rows - m < CI_I8_MR ? rows - m : CI_I8_MR;
+            switch (mr) {
+            case 1: CI_I8_TILE(1, 1); break;
+            case 2: CI_I8_TILE(2, 1); break;
+            case 3: CI_I8_TILE(3, 1); break;
+            case 4: CI_I8_TILE(4, 1); break;
+            case 5: CI_I8_TILE(5, 1); break;
+            default: CI_I8_TILE(6, 1); break;
+            }
+            m += mr;
+        }
+#undef CI_I8_TILE
+#else
+    for (int p = p0; p < p1; p++) {
+        float acc[CI_MR][CI_NR];
+        for (int m = 0; m < rows; m += CI_MR) {
+            const int mr = rows - m < CI_MR ? rows - m : CI_MR;
+            ci_tile_generic_i8(mr, w, p, xa + (size_t)m * ldx, ldx, acc);
+            ci_store_generic(mr, w, p, acc, yb + (size_t)m * ldy, ldy, accumulate);
+        }
+    }
+#endif
+}
+
 /* Rows [0, rows) of a staged block times panels [p0, p1) into y (rows ldy
- * apart). xa: bf16 or fp32 rows ldx elements apart. */
+ * apart). xa: bf16 or fp32 rows ldx elements apart (int8: ci_block_i8). */
 static void ci_block(const tlm_packed *w, const void *xa, size_t ldx, int rows, int p0, int p1, float *yb,
                      size_t ldy, int accumulate) {
+    if (w->dtype == TLM_PACK_I8) {
+        ci_block_i8(w, xa, ldx, rows, p0, p1, yb, ldy, accumulate);
+        return;
+    }
     int p = p0;
 #if defined(CI_AVX512)
     /* Few rows: four panels at a time for independent accumulator chains
@@ -676,7 +957,8 @@ static void ci_mm_chunk(void *arg, int c) {
     const tlm_packed *w = j->w;
     int p0 = c * j->per_chunk, p1 = p0 + j->per_chunk;
     if (p1 > w->npanels) p1 = w->npanels;
-    const size_t es = w->dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : sizeof(float);
+    /* (int8 rows are ldx bytes apart) */
+    const size_t es = w->dtype == TLM_PACK_BF16 ? sizeof(uint16_t) : w->dtype == TLM_PACK_I8 ? 1 : sizeof(float);
     for (int m0 = 0; m0 < j->M; m0 += CI_MR) {
         int rows = j->M - m0 < CI_MR ? j->M - m0 : CI_MR;
         ci_block(w, (const char *)j->xa + (size_t)m0 * j->ldx * es, j->ldx, rows, p0, p1,
@@ -690,7 +972,13 @@ static void ci_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
     if (w->kind == TLM_PACK_SWIGLU) accumulate = 0;
     const int K = w->K, bf = w->dtype == TLM_PACK_BF16;
     ci_mm_job j = {.w = w, .M = M, .accumulate = accumulate, .y = y};
-    if (bf || nw) {
+    if (w->dtype == TLM_PACK_I8) {
+        /* rows 64-byte aligned (the stage buffer is) */
+        j.ldx = (ci_stage_i8_bytes(w->G) + 63) & ~(size_t)63;
+        uint8_t *buf = ci_stage_space((size_t)M * j.ldx);
+        for (int m = 0; m < M; m++) ci_stage_i8(buf + (size_t)m * j.ldx, w->G, x + (size_t)m * K, K, nw, eps);
+        j.xa = buf;
+    } else if (bf || nw) {
         /* staged row length: a multiple of 32 elements (whole vectors) */
         j.ldx = bf ? (size_t)((w->Kp + 31) & ~31) : (size_t)((K + 15) & ~15);
         void *buf = ci_stage_space((size_t)M * j.ldx * (bf ? sizeof(uint16_t) : sizeof(float)));
@@ -1093,6 +1381,8 @@ void cpu_infer_install(tlm_ops *o) {
 #else
     o->pack_dtype_fast = TLM_PACK_F32;
 #endif
+    /* int8 on every CPU: the portable kernel where AVX-512 VNNI is missing */
+    o->pack_dtypes = 1u << TLM_PACK_F32 | 1u << TLM_PACK_BF16 | 1u << TLM_PACK_I8;
     o->pack = ci_pack;
     o->pack_free = ci_pack_free;
     o->matmul_packed = ci_matmul_packed;

@@ -3,6 +3,9 @@
  * plain loops that follow the definitions in ops.h: the yardstick for the
  * fast versions in cpu_infer.c. A packed matrix is simply the [N,K] weights
  * (rounded to bf16 for TLM_PACK_BF16, kept as floats); sums are in double.
+ * TLM_PACK_I8 keeps [N][G*32] int8 values and [N][G] fp32 scales; each
+ * product quantises its input rows the same way (ops.h) and sums the
+ * exact integer dot products of the groups, scaled, in double.
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,10 +15,32 @@
 #include "ops/ops.h"
 #include "util/common.h"
 
+#define REF_GK 32 /* int8 group of k */
+
 typedef struct {
     int N, K, dtype, kind;
-    float *w; /* [N,K], values representable in dtype */
+    float *w;     /* [N,K], values representable in dtype (F32, BF16) */
+    int G;        /* I8: groups of REF_GK k, the last zero padded */
+    int8_t *q;    /* I8: [N][G*REF_GK] */
+    float *scale; /* I8: [N][G] */
 } ref_packed;
+
+/* ops.h's int8 of one group: v[0..n), zero past n, into q[REF_GK]; returns
+ * the scale max|v| / 127 (fp32). q = v / scale rounded to nearest even,
+ * within [-127, 127]; all 0 for a zero scale. */
+static float ref_quant_group(const float *v, int n, int8_t *q) {
+    float mx = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (fabsf(v[i]) > mx) mx = fabsf(v[i]);
+    float s = mx / 127.0f;
+    for (int i = 0; i < REF_GK; i++) {
+        float t = (i < n && s > 0.0f) ? v[i] / s : 0.0f;
+        if (t > 127.0f) t = 127.0f;
+        if (t < -127.0f) t = -127.0f;
+        q[i] = (int8_t)nearbyintf(t);
+    }
+    return s;
+}
 
 /* Round to the nearest bf16 (ties to even), returned as a float. */
 static float ref_round_bf16(float f) {
@@ -30,10 +55,36 @@ static float ref_round_bf16(float f) {
 
 static tlm_packed *ref_pack(tlm_ops *o, const float *W, int N, int K, int dtype, int kind) {
     (void)o;
-    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16) ||
+    if (N <= 0 || K <= 0 || (dtype != TLM_PACK_F32 && dtype != TLM_PACK_BF16 && dtype != TLM_PACK_I8) ||
         (kind != TLM_PACK_LINEAR && kind != TLM_PACK_SWIGLU) || (kind == TLM_PACK_SWIGLU && N % 2)) {
         tlm_errorf("pack: invalid matrix %d x %d (dtype %d, kind %d)", N, K, dtype, kind);
         return NULL;
+    }
+    if (dtype == TLM_PACK_I8) {
+        ref_packed *p = calloc(1, sizeof *p);
+        const int G = (K + REF_GK - 1) / REF_GK;
+        int8_t *q = p ? malloc((size_t)N * G * REF_GK) : NULL;
+        float *sc = q ? malloc((size_t)N * G * sizeof *sc) : NULL;
+        if (!sc) {
+            free(p);
+            free(q);
+            tlm_errorf("out of memory packing a %d x %d weight matrix", N, K);
+            return NULL;
+        }
+        for (int n = 0; n < N; n++)
+            for (int g = 0; g < G; g++) {
+                int len = K - g * REF_GK < REF_GK ? K - g * REF_GK : REF_GK;
+                sc[(size_t)n * G + g] =
+                    ref_quant_group(W + (size_t)n * K + (size_t)g * REF_GK, len, q + ((size_t)n * G + g) * REF_GK);
+            }
+        p->N = N;
+        p->K = K;
+        p->dtype = dtype;
+        p->kind = kind;
+        p->G = G;
+        p->q = q;
+        p->scale = sc;
+        return (tlm_packed *)p;
     }
     ref_packed *p = calloc(1, sizeof *p);
     float *w = malloc((size_t)N * K * sizeof *w);
@@ -57,6 +108,8 @@ static void ref_pack_free(tlm_ops *o, tlm_packed *h) {
     ref_packed *p = (ref_packed *)h;
     if (!p) return;
     free(p->w);
+    free(p->q);
+    free(p->scale);
     free(p);
 }
 
@@ -66,13 +119,29 @@ static double ref_dot(const float *a, const float *b, int K) {
     return s;
 }
 
+/* Row n of an int8 matrix times the quantised row (xq, sx): the exact
+ * integer dot product of every group, scaled by both scales, summed in
+ * double. */
+static double ref_dot_i8(const ref_packed *p, int n, const int8_t *xq, const float *sx) {
+    double s = 0;
+    for (int g = 0; g < p->G; g++) {
+        const int8_t *wq = p->q + ((size_t)n * p->G + g) * REF_GK;
+        long d = 0;
+        for (int k = 0; k < REF_GK; k++) d += (long)wq[k] * xq[g * REF_GK + k];
+        s += (double)sx[g] * (double)p->scale[(size_t)n * p->G + g] * (double)d;
+    }
+    return s;
+}
+
 static void ref_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *h, const float *nw,
                               float eps, int accumulate) {
     (void)o;
     const ref_packed *p = (const ref_packed *)h;
-    const int K = p->K, N = p->N;
+    const int K = p->K, N = p->N, i8 = p->dtype == TLM_PACK_I8;
     float *xn = malloc((size_t)K * sizeof *xn);
-    if (!xn) abort(); /* an op has no error path */
+    int8_t *xq = i8 ? malloc((size_t)p->G * REF_GK) : NULL;
+    float *sx = i8 ? malloc((size_t)p->G * sizeof *sx) : NULL;
+    if (!xn || (i8 && (!xq || !sx))) abort(); /* an op has no error path */
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * K;
         double r = 1.0;
@@ -85,21 +154,28 @@ static void ref_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const
             float v = nw ? (float)(xr[k] * r * nw[k]) : xr[k];
             xn[k] = p->dtype == TLM_PACK_BF16 ? ref_round_bf16(v) : v;
         }
+        if (i8)
+            for (int g = 0; g < p->G; g++)
+                sx[g] = ref_quant_group(xn + (size_t)g * REF_GK, K - g * REF_GK < REF_GK ? K - g * REF_GK : REF_GK,
+                                        xq + (size_t)g * REF_GK);
         if (p->kind == TLM_PACK_SWIGLU) {
             const int F = N / 2;
             for (int f = 0; f < F; f++) {
-                double g = ref_dot(xn, p->w + (size_t)f * K, K), u = ref_dot(xn, p->w + (size_t)(F + f) * K, K);
+                double g = i8 ? ref_dot_i8(p, f, xq, sx) : ref_dot(xn, p->w + (size_t)f * K, K);
+                double u = i8 ? ref_dot_i8(p, F + f, xq, sx) : ref_dot(xn, p->w + (size_t)(F + f) * K, K);
                 y[(size_t)m * F + f] = (float)(g / (1.0 + exp(-g)) * u);
             }
         } else {
             for (int n = 0; n < N; n++) {
-                float v = (float)ref_dot(xn, p->w + (size_t)n * K, K);
+                float v = (float)(i8 ? ref_dot_i8(p, n, xq, sx) : ref_dot(xn, p->w + (size_t)n * K, K));
                 float *yo = &y[(size_t)m * N + n];
                 *yo = accumulate ? *yo + v : v;
             }
         }
     }
     free(xn);
+    free(xq);
+    free(sx);
 }
 
 /* float -> IEEE half by its definition: the nearest of the halves (ties to
@@ -202,6 +278,7 @@ static void ref_embed_rows(tlm_ops *o, float *out, const int32_t *tok, const flo
 
 void cpu_infer_ref_install(tlm_ops *o) {
     o->pack_dtype_fast = TLM_PACK_F32;
+    o->pack_dtypes = 1u << TLM_PACK_F32 | 1u << TLM_PACK_BF16 | 1u << TLM_PACK_I8;
     o->pack = ref_pack;
     o->pack_free = ref_pack_free;
     o->matmul_packed = ref_matmul_packed;
