@@ -46,6 +46,8 @@ int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, 
     tlm_adamw adam;
     memset(&adam, 0, sizeof adam);
     int have_model = 0, have_adam = 0, rc = -1;
+    float *stats_dev = NULL, *stats = NULL;
+    int64_t ticket = -1;
     size_t n = (size_t)B * (size_t)T;
     int32_t *in = malloc(n * sizeof *in), *tg = malloc(n * sizeof *tg);
     if (!in || !tg) {
@@ -64,33 +66,50 @@ int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, 
     bench_random_tokens(tg, (int)n, cfg->vocab, o->seed ^ 0x7a56e7ULL);
 
     const float grad_scale = 1.0f / (float)n;
+    /* As the trainer does: each step's loss and squared gradient norm stay
+     * on the device, stats[2*s] and stats[2*s+1], and are read once after
+     * the timed steps, so a GPU is never made to wait inside the loop. The
+     * batch is staged once: model_step reuses the latest staged batch. */
+    const int nsteps = o->warmup_steps + o->steps;
+    stats_dev = ops->alloc(ops, (size_t)2 * nsteps * sizeof(float));
+    stats = malloc((size_t)2 * nsteps * sizeof(float));
+    if (!stats_dev || !stats) {
+        tlm_errorf("out of memory for the benchmark's %d step statistics", nsteps);
+        goto out;
+    }
+    if ((ticket = model_stage(&m, in, tg, B, T)) < 0) goto out;
     double t0 = 0;
-    for (int s = 0; s < o->warmup_steps + o->steps; s++) {
+    for (int s = 0; s < nsteps; s++) {
         if (s == o->warmup_steps) {
             ops->sync(ops);
             t0 = tlm_now();
         }
         model_zero_grad(&m);
-        float loss = model_forward_backward(&m, in, tg, B, T, grad_scale, 0);
-        double gnorm = adamw_grad_norm(&adam, &m);
-        if (!isfinite(loss) || !isfinite(gnorm)) {
-            if (!isfinite(loss) && tlm_last_error()[0]) goto out;
-            tlm_errorf("bench: training step %d gave a non-finite loss or gradient", s + 1);
-            goto out;
-        }
+        if (model_step(&m, grad_scale, stats_dev + 2 * s)) goto out;
+        adamw_grad_norm_async(&adam, &m, stats_dev + 2 * s + 1);
         /* Constant learning rate: the schedule costs nothing measurable. */
         adamw_update(&adam, &m, 1e-3, 0.1, 1.0, s + 1);
-        if (s == 0) r->loss_first = loss;
-        r->loss_last = loss;
     }
     ops->sync(ops);
     r->seconds = tlm_now() - t0;
+    if (ops_status(ops)) goto out;
+    ops->copy_d2h(ops, stats, stats_dev, (size_t)2 * nsteps * sizeof(float));
+    for (int s = 0; s < nsteps; s++)
+        if (!isfinite(stats[2 * s]) || !isfinite(stats[2 * s + 1])) {
+            tlm_errorf("bench: training step %d gave a non-finite loss or gradient", s + 1);
+            goto out;
+        }
+    r->loss_first = stats[0];
+    r->loss_last = stats[2 * (nsteps - 1)];
     r->tokens = (long long)n * o->steps;
     r->tokens_per_s = r->seconds > 0 ? (double)r->tokens / r->seconds : 0;
     r->flops_per_token = bench_train_flops_per_token(cfg, T);
     r->gflops = r->flops_per_token * r->tokens_per_s / 1e9;
     rc = 0;
 out:
+    if (ticket > 0) model_stage_done(&m, ticket, 1); /* the copy may still read in, tg */
+    if (stats_dev) ops->free(ops, stats_dev);
+    free(stats);
     if (have_adam) adamw_destroy(&adam, ops);
     if (have_model) model_destroy(&m);
     free(in);
