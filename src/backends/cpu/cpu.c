@@ -1,9 +1,9 @@
 /*
  * The fast CPU backend: matrix products on our AVX-512 micro-kernel
  * (cpu_train_gemm.c; CBLAS where the build has no AVX-512, and for
- * products of a few rows), everything else as OpenMP loops over rows (or
- * heads) whose inner loops the compiler turns into SIMD (`omp simd`, -O3
- * -march=native).
+ * products of a few rows), everything else as loops over rows (or heads)
+ * shared out by the backend's claim-based thread team (cpu_team.h), whose
+ * inner loops the compiler turns into SIMD (`omp simd`, -O3 -march=native).
  *
  * Attention is fused: training attention goes in blocks of queries through
  * the same micro-kernel (cpu_train_attn.c), generation attention row by row
@@ -22,6 +22,7 @@
 
 #include "backends/cpu/cpu_info.h"
 #include "backends/cpu/cpu_internal.h"
+#include "backends/cpu/cpu_team.h"
 #include "backends/cpu/cpu_train.h"
 #include "ops/ops.h"
 #include "util/common.h"
@@ -80,6 +81,34 @@ static float *cpu_scratch(tlm_ops *o, size_t per_thread, size_t *stride) {
  * operand each thread packs whole is the smaller one; each C element is
  * still computed by one thread with the same k order, so results do not
  * depend on the cut. */
+/* Part t of nt of a BLAS product: whole 16-row (or column) blocks of the
+ * dimension being cut. */
+typedef struct {
+    CBLAS_TRANSPOSE ta, tb;
+    int split_m, len, nt, M, N, K;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+    int lda, ldb, ldc;
+} blas_job;
+
+static void blas_part(void *arg, int t) {
+    const blas_job *j = arg;
+    int chunks = (j->len + 15) / 16;
+    int c0 = (int)((long)chunks * t / j->nt), c1 = (int)((long)chunks * (t + 1) / j->nt);
+    int i0 = c0 * 16, i1 = c1 * 16 < j->len ? c1 * 16 : j->len;
+    if (i1 <= i0) return;
+    if (j->split_m) {
+        const float *a = j->ta == CblasTrans ? j->A + i0 : j->A + (size_t)i0 * j->lda;
+        cblas_sgemm(CblasRowMajor, j->ta, j->tb, i1 - i0, j->N, j->K, j->alpha, a, j->lda, j->B, j->ldb, j->beta,
+                    j->C + (size_t)i0 * j->ldc, j->ldc);
+    } else {
+        const float *b = j->tb == CblasTrans ? j->B + (size_t)i0 * j->ldb : j->B + i0;
+        cblas_sgemm(CblasRowMajor, j->ta, j->tb, j->M, i1 - i0, j->K, j->alpha, j->A, j->lda, b, j->ldb, j->beta,
+                    j->C + i0, j->ldc);
+    }
+}
+
 static void cpu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const float *A,
                        int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -112,52 +141,65 @@ static void cpu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, 
         cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        int chunks = (len + 15) / 16;
-        int c0 = (int)((long)chunks * t / n), c1 = (int)((long)chunks * (t + 1) / n);
-        int i0 = c0 * 16, i1 = c1 * 16 < len ? c1 * 16 : len;
-        if (i1 > i0) {
-            if (split_m) {
-                const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
-                cblas_sgemm(CblasRowMajor, ta, tb, i1 - i0, N, K, alpha, a, lda, B, ldb, beta, C + (size_t)i0 * ldc,
-                            ldc);
-            } else {
-                const float *b = transB ? B + (size_t)i0 * ldb : B + i0;
-                cblas_sgemm(CblasRowMajor, ta, tb, M, i1 - i0, K, alpha, A, lda, b, ldb, beta, C + i0, ldc);
-            }
-        }
-    }
+    blas_job j = {.ta = ta, .tb = tb, .split_m = split_m, .len = len, .nt = nt, .M = M, .N = N, .K = K,
+                  .alpha = alpha, .beta = beta, .A = A, .B = B, .C = C, .lda = lda, .ldb = ldb, .ldc = ldc};
+    cpu_team_run(nt, nt, blas_part, &j);
+}
+
+typedef struct {
+    float *y;
+    const float *x;
+} add_job;
+
+static void add_part(void *arg, long i0, long i1) {
+    const add_job *j = arg;
+#pragma omp simd
+    for (long i = i0; i < i1; i++) j->y[i] += j->x[i];
 }
 
 static void cpu_add_inplace(tlm_ops *o, float *y, const float *x, size_t n) {
-    long nn = (long)n;
-#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static)
-    for (long i = 0; i < nn; i++) y[i] += x[i];
+    add_job j = {y, x};
+    cpu_team_range(o->threads, (long)n, CPU_PAR_MIN, 1, add_part, &j);
 }
 
 /* ---- embedding ---------------------------------------------------------- */
 
+typedef struct {
+    float *out;
+    const float *w, *g;
+    const int32_t *tok;
+    int N, D;
+} embed_job;
+
+static void embed_fwd_part(void *arg, long n0, long n1) {
+    const embed_job *j = arg;
+    for (long n = n0; n < n1; n++)
+        memcpy(j->out + (size_t)n * j->D, j->w + (size_t)j->tok[n] * j->D, sizeof(float) * (size_t)j->D);
+}
+
 static void cpu_embed_fwd(tlm_ops *o, float *out, const int32_t *tok, const float *wte, int N, int D) {
-#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, wte + (size_t)tok[n] * D, sizeof(float) * (size_t)D);
+    embed_job j = {.out = out, .w = wte, .tok = tok, .N = N, .D = D};
+    cpu_team_range(o->threads, N, CPU_PAR_MIN, D, embed_fwd_part, &j);
 }
 
 /* Repeated tokens add into the same row, so threads split the columns, not
  * the tokens: each owns 16-column stripes (a cache line) of every row. */
-static void cpu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const float *dout, int N, int D) {
-    int stripes = (D + 15) / 16;
-#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
-    for (int s = 0; s < stripes; s++) {
-        int d0 = s * 16, d1 = d0 + 16 < D ? d0 + 16 : D;
-        for (int n = 0; n < N; n++) {
-            float *w = dwte + (size_t)tok[n] * D;
-            const float *g = dout + (size_t)n * D;
+static void embed_bwd_part(void *arg, long s0, long s1) {
+    const embed_job *j = arg;
+    for (long s = s0; s < s1; s++) {
+        int d0 = (int)s * 16, d1 = d0 + 16 < j->D ? d0 + 16 : j->D;
+        for (int n = 0; n < j->N; n++) {
+            float *w = j->out + (size_t)j->tok[n] * j->D;
+            const float *g = j->g + (size_t)n * j->D;
 #pragma omp simd
             for (int d = d0; d < d1; d++) w[d] += g[d];
         }
     }
+}
+
+static void cpu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const float *dout, int N, int D) {
+    embed_job j = {.out = dwte, .g = dout, .tok = tok, .N = N, .D = D};
+    cpu_team_range(o->threads, (D + 15) / 16, CPU_PAR_MIN, (long)N * 16, embed_bwd_part, &j);
 }
 
 /* ---- RMSNorm ------------------------------------------------------------ */
@@ -166,20 +208,34 @@ static void cpu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const flo
  * pass is memory bound, so it costs nothing, and it keeps the rounding of
  * these sums out of the comparison of whole training steps against the
  * float64 PyTorch reference (test_model), which is sensitive to it. */
-static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
-                            float eps) {
-#pragma omp parallel for num_threads(o->threads) if ((long)N * D >= CPU_PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *xr = x + (size_t)n * D;
-        float *yr = out + (size_t)n * D;
+typedef struct {
+    float *out, *rstd, *dw;
+    double *part;
+    const float *x, *w, *g, *rs;
+    int N, D, nchunks;
+    float eps;
+} rms_job;
+
+static void rms_fwd_part(void *arg, long n0, long n1) {
+    const rms_job *j = arg;
+    const int D = j->D;
+    for (long n = n0; n < n1; n++) {
+        const float *xr = j->x + (size_t)n * D;
+        float *yr = j->out + (size_t)n * D;
         double ss = 0;
 #pragma omp simd reduction(+ : ss)
         for (int d = 0; d < D; d++) ss += (double)xr[d] * xr[d];
-        float r = (float)(1.0 / sqrt(ss / D + (double)eps));
+        float r = (float)(1.0 / sqrt(ss / D + (double)j->eps));
 #pragma omp simd
-        for (int d = 0; d < D; d++) yr[d] = xr[d] * r * w[d];
-        if (rstd) rstd[n] = r;
+        for (int d = 0; d < D; d++) yr[d] = xr[d] * r * j->w[d];
+        if (j->rstd) j->rstd[n] = r;
     }
+}
+
+static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+                            float eps) {
+    rms_job j = {.out = out, .rstd = rstd, .x = x, .w = w, .N = N, .D = D, .eps = eps};
+    cpu_team_range(o->threads, N, CPU_PAR_MIN, D, rms_fwd_part, &j);
 }
 
 /* Rows per partial sum of dw in rmsnorm_bwd: fixed, so that the result does
@@ -190,41 +246,48 @@ static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x,
  * over all rows: each chunk of CPU_RMS_CHUNK rows sums into its own partial
  * (double), and the partials are added in chunk order, so the result is
  * deterministic and independent of the thread count. */
+/* Chunk ch: rows [ch*CPU_RMS_CHUNK, ...) into dx and the partial part[ch]. */
+static void rms_bwd_chunk(void *arg, int ch) {
+    const rms_job *j = arg;
+    const int D = j->D, N = j->N;
+    double *pd = j->part + (size_t)ch * D;
+    memset(pd, 0, sizeof(double) * (size_t)D);
+    int n1 = (ch + 1) * CPU_RMS_CHUNK < N ? (ch + 1) * CPU_RMS_CHUNK : N;
+    for (int n = ch * CPU_RMS_CHUNK; n < n1; n++) {
+        const float *xr = j->x + (size_t)n * D, *g = j->g + (size_t)n * D, *w = j->w;
+        float *dxr = j->out + (size_t)n * D;
+        float r = j->rs[n];
+        double dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; d++) dot += (double)g[d] * w[d] * xr[d];
+        float c = (float)((double)r * r * r * dot / D);
+#pragma omp simd
+        for (int d = 0; d < D; d++) {
+            dxr[d] = r * w[d] * g[d] - xr[d] * c;
+            pd[d] += (double)(g[d] * xr[d] * r);
+        }
+    }
+}
+
+/* Columns [d0, d1) of dw: the partials summed in chunk order. */
+static void rms_bwd_reduce(void *arg, long d0, long d1) {
+    const rms_job *j = arg;
+    for (long d = d0; d < d1; d++) {
+        double sm = 0;
+        for (int ch = 0; ch < j->nchunks; ch++) sm += j->part[(size_t)ch * j->D + d];
+        j->dw[d] += (float)sm;
+    }
+}
+
 static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
                             const float *rstd, int N, int D) {
     int nt = (long)N * D >= CPU_PAR_MIN ? o->threads : 1;
     int nchunks = (N + CPU_RMS_CHUNK - 1) / CPU_RMS_CHUNK;
-    double *part = cpu_scratch_bytes(o, (size_t)nchunks * (size_t)D * sizeof(double));
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static)
-        for (int ch = 0; ch < nchunks; ch++) {
-            double *pd = part + (size_t)ch * D;
-            memset(pd, 0, sizeof(double) * (size_t)D);
-            int n1 = (ch + 1) * CPU_RMS_CHUNK < N ? (ch + 1) * CPU_RMS_CHUNK : N;
-            for (int n = ch * CPU_RMS_CHUNK; n < n1; n++) {
-                const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
-                float *dxr = dx + (size_t)n * D;
-                float r = rstd[n];
-                double dot = 0;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < D; d++) dot += (double)g[d] * w[d] * xr[d];
-                float c = (float)((double)r * r * r * dot / D);
-#pragma omp simd
-                for (int d = 0; d < D; d++) {
-                    dxr[d] = r * w[d] * g[d] - xr[d] * c;
-                    pd[d] += (double)(g[d] * xr[d] * r);
-                }
-            }
-        }
-        /* implicit barrier: every partial is complete; reduce by columns */
-#pragma omp for schedule(static)
-        for (int d = 0; d < D; d++) {
-            double sm = 0;
-            for (int ch = 0; ch < nchunks; ch++) sm += part[(size_t)ch * D + d];
-            dw[d] += (float)sm;
-        }
-    }
+    rms_job j = {.out = dx, .dw = dw, .g = dout, .x = x, .w = w, .rs = rstd, .N = N, .D = D, .nchunks = nchunks,
+                 .part = cpu_scratch_bytes(o, (size_t)nchunks * (size_t)D * sizeof(double))};
+    cpu_team_run(nt, nchunks, rms_bwd_chunk, &j);
+    /* every partial is complete; reduce by columns */
+    cpu_team_range(nt, D, 0, 1, rms_bwd_reduce, &j);
 }
 
 /* ---- RoPE --------------------------------------------------------------- */
@@ -232,19 +295,24 @@ static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout,
 /* Angles are formed in double: pos * freq in float loses ~pos * 6e-8 rad,
  * which at positions of a few thousand is visible in the outputs. One set
  * of cos/sin per position serves all sequences and heads. */
-static void cpu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta, float dir) {
-    int D = H * hd, half = hd / 2;
-    if (half <= 0) return;
-#pragma omp parallel for num_threads(o->threads) if ((long)B * T * D >= CPU_PAR_MIN) schedule(static)
-    for (int t = 0; t < T; t++) {
+typedef struct {
+    float *qkv;
+    int B, T, H, hd, pos0;
+    float theta, dir;
+} rope_job;
+
+static void rope_part(void *arg, long t0, long t1) {
+    const rope_job *j = arg;
+    const int H = j->H, hd = j->hd, D = H * hd, half = hd / 2;
+    for (long t = t0; t < t1; t++) {
         float cs[half], sn[half];
         for (int i = 0; i < half; i++) {
-            double ang = (double)(pos0 + t) * pow((double)theta, -2.0 * i / hd);
+            double ang = (double)(j->pos0 + t) * pow((double)j->theta, -2.0 * i / hd);
             cs[i] = (float)cos(ang);
-            sn[i] = dir * (float)sin(ang);
+            sn[i] = j->dir * (float)sin(ang);
         }
-        for (int b = 0; b < B; b++) {
-            float *row = qkv + ((size_t)b * T + t) * 3 * D;
+        for (int b = 0; b < j->B; b++) {
+            float *row = j->qkv + ((size_t)b * j->T + t) * 3 * D;
             for (int hh = 0; hh < 2 * H; hh++) { /* q heads then k heads: contiguous */
                 float *v = row + (size_t)hh * hd;
 #pragma omp simd
@@ -256,6 +324,12 @@ static void cpu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int po
             }
         }
     }
+}
+
+static void cpu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta, float dir) {
+    if (hd / 2 <= 0) return;
+    rope_job j = {.qkv = qkv, .B = B, .T = T, .H = H, .hd = hd, .pos0 = pos0, .theta = theta, .dir = dir};
+    cpu_team_range(o->threads, T, CPU_PAR_MIN, (long)B * H * hd, rope_part, &j);
 }
 
 static void cpu_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
@@ -337,24 +411,33 @@ static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
 
 #else
 
-/* Rows are independent, so the team splits (b, h, t); later rows see more
- * keys, hence the dynamic schedule. */
+/* Rows are independent; tasks are (b, h), claimed by the team. */
+typedef struct {
+    float *out, *lse, *scr;
+    const float *qkv;
+    size_t stride;
+    int T, H, hd;
+} attn_rows_job;
+
+/* Task (b, h): every query row of head h of sequence b. */
+static void attn_fwd_task(void *arg, int task) {
+    const attn_rows_job *j = arg;
+    const int T = j->T, H = j->H, hd = j->hd, D = H * hd, b = task / H, h = task % H;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *s = j->scr + (size_t)cpu_team_worker() * j->stride;
+    const float *base = j->qkv + (size_t)b * T * 3 * D + (size_t)h * hd;
+    for (int t = 0; t < T; t++)
+        j->lse[((size_t)b * H + h) * T + t] =
+            cpu_attn_row(j->out + ((size_t)b * T + t) * D + (size_t)h * hd, base + (size_t)t * 3 * D, base + D,
+                         base + 2 * D, (size_t)3 * D, t + 1, hd, scale, s);
+}
+
 static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
-    float scale = 1.0f / sqrtf((float)hd);
-    size_t stride;
-    float *scr = cpu_scratch(o, (size_t)T, &stride);
+    attn_rows_job j = {.out = out, .lse = lse, .qkv = qkv, .T = T, .H = H, .hd = hd};
+    j.scr = cpu_scratch(o, (size_t)T, &j.stride);
     int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
-#pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 8)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                float *s = scr + (size_t)omp_get_thread_num() * stride;
-                const float *base = qkv + (size_t)b * T * 3 * D + (size_t)h * hd;
-                lse[((size_t)b * H + h) * T + t] =
-                    cpu_attn_row(out + ((size_t)b * T + t) * D + (size_t)h * hd, base + (size_t)t * 3 * D,
-                                 base + D, base + 2 * D, (size_t)3 * D, t + 1, hd, scale, s);
-            }
+    cpu_team_run(nt, B * H, attn_fwd_task, &j);
 }
 
 /* Backward of one (sequence, head): q, k, v, dq, dk, dv are the head's
@@ -397,24 +480,33 @@ static inline __attribute__((always_inline)) void cpu_attn_bwd_head(float *dq0, 
 
 /* One task per (b, h): it alone owns the dk, dv columns of head h in
  * sequence b, so accumulating them over query rows needs no locks. */
+typedef struct {
+    float *dqkv;
+    const float *dout, *out, *lse, *qkv;
+    int T, H, hd;
+} attn_bwd_job;
+
+static void attn_bwd_task(void *arg, int task) {
+    const attn_bwd_job *j = arg;
+    const int T = j->T, H = j->H, hd = j->hd, D = H * hd, b = task / H, h = task % H;
+    size_t r3 = (size_t)b * T * 3 * D + (size_t)h * hd, r1 = (size_t)b * T * D + (size_t)h * hd;
+    float *dq = j->dqkv + r3;
+    const float *go = j->dout + r1, *ot = j->out + r1, *l = j->lse + ((size_t)b * H + h) * T, *q = j->qkv + r3;
+    size_t rs = (size_t)3 * D, os = (size_t)D;
+    switch (hd) {
+    case 32: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 32); break;
+    case 64: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 64); break;
+    case 128: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 128); break;
+    default: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, hd); break;
+    }
+}
+
 static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
                          const float *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
     int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(dynamic, 1)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            size_t r3 = (size_t)b * T * 3 * D + (size_t)h * hd, r1 = (size_t)b * T * D + (size_t)h * hd;
-            float *dq = dqkv + r3;
-            const float *go = dout + r1, *ot = out + r1, *l = lse + ((size_t)b * H + h) * T, *q = qkv + r3;
-            size_t rs = (size_t)3 * D, os = (size_t)D;
-            switch (hd) {
-            case 32: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 32); break;
-            case 64: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 64); break;
-            case 128: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, 128); break;
-            default: cpu_attn_bwd_head(dq, go, ot, l, q, rs, os, T, D, hd); break;
-            }
-        }
+    attn_bwd_job j = {.dqkv = dqkv, .dout = dout, .out = out, .lse = lse, .qkv = qkv, .T = T, .H = H, .hd = hd};
+    cpu_team_run(nt, B * H, attn_bwd_task, &j);
 }
 #endif
 
@@ -432,43 +524,67 @@ static void cpu_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int
         }
 }
 
-/* Like the forward, over keys in the cache (row stride D). */
+/* Like the forward, over keys in the cache (row stride D); tasks are
+ * (b, h), every query row of the chunk. */
+typedef struct {
+    float *out, *scr;
+    const float *qkv, *kc, *vc;
+    size_t stride;
+    int T, Tmax, H, hd, pos0;
+} attn_cached_job;
+
+static void attn_cached_task(void *arg, int task) {
+    const attn_cached_job *j = arg;
+    const int T = j->T, H = j->H, hd = j->hd, D = H * hd, b = task / H, h = task % H;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *s = j->scr + (size_t)cpu_team_worker() * j->stride;
+    size_t cache = (size_t)b * j->Tmax * D + (size_t)h * hd;
+    for (int t = 0; t < T; t++)
+        cpu_attn_row(j->out + ((size_t)b * T + t) * D + (size_t)h * hd,
+                     j->qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd, j->kc + cache, j->vc + cache, (size_t)D,
+                     j->pos0 + t + 1, hd, scale, s);
+}
+
 static void cpu_attn_cached(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
                             int T, int Tmax, int H, int hd, int pos0) {
     int D = H * hd;
-    float scale = 1.0f / sqrtf((float)hd);
-    size_t stride;
-    float *scr = cpu_scratch(o, (size_t)(pos0 + T), &stride);
+    attn_cached_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .T = T, .Tmax = Tmax, .H = H, .hd = hd,
+                         .pos0 = pos0};
+    j.scr = cpu_scratch(o, (size_t)(pos0 + T), &j.stride);
     int nt = (long)B * T * (pos0 + T) * D >= CPU_PAR_MIN ? o->threads : 1;
-#pragma omp parallel for collapse(3) num_threads(nt) schedule(dynamic, 4)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                float *s = scr + (size_t)omp_get_thread_num() * stride;
-                size_t cache = (size_t)b * Tmax * D + (size_t)h * hd;
-                cpu_attn_row(out + ((size_t)b * T + t) * D + (size_t)h * hd,
-                             qkv + ((size_t)b * T + t) * 3 * D + (size_t)h * hd, kc + cache, vc + cache, (size_t)D,
-                             pos0 + t + 1, hd, scale, s);
-            }
+    cpu_team_run(nt, B * H, attn_cached_task, &j);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------- */
 
-static void cpu_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
-#pragma omp parallel for num_threads(o->threads) if ((long)N * F >= CPU_PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *g = gu + (size_t)n * 2 * F, *u = g + F;
-        float *ar = a + (size_t)n * F;
+typedef struct {
+    float *a, *dgu;
+    const float *gu, *da;
+    int F;
+} swiglu_job;
+
+static void swiglu_fwd_part(void *arg, long n0, long n1) {
+    const swiglu_job *j = arg;
+    const int F = j->F;
+    for (long n = n0; n < n1; n++) {
+        const float *g = j->gu + (size_t)n * 2 * F, *u = g + F;
+        float *ar = j->a + (size_t)n * F;
 #pragma omp simd
         for (int f = 0; f < F; f++) ar[f] = g[f] / (1.0f + cpu_expf(-g[f])) * u[f];
     }
 }
 
-static void cpu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
-#pragma omp parallel for num_threads(o->threads) if ((long)N * F >= CPU_PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *g = gu + (size_t)n * 2 * F, *u = g + F, *d = da + (size_t)n * F;
-        float *dg = dgu + (size_t)n * 2 * F, *du = dg + F;
+static void cpu_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
+    swiglu_job j = {.a = a, .gu = gu, .F = F};
+    cpu_team_range(o->threads, N, CPU_PAR_MIN, F, swiglu_fwd_part, &j);
+}
+
+static void swiglu_bwd_part(void *arg, long n0, long n1) {
+    const swiglu_job *j = arg;
+    const int F = j->F;
+    for (long n = n0; n < n1; n++) {
+        const float *g = j->gu + (size_t)n * 2 * F, *u = g + F, *d = j->da + (size_t)n * F;
+        float *dg = j->dgu + (size_t)n * 2 * F, *du = dg + F;
 #pragma omp simd
         for (int f = 0; f < F; f++) {
             float sig = 1.0f / (1.0f + cpu_expf(-g[f]));
@@ -478,14 +594,28 @@ static void cpu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float 
     }
 }
 
+static void cpu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
+    swiglu_job j = {.dgu = dgu, .da = da, .gu = gu, .F = F};
+    cpu_team_range(o->threads, N, CPU_PAR_MIN, F, swiglu_bwd_part, &j);
+}
+
 /* ---- softmax + cross-entropy -------------------------------------------- */
 
-static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
-                     int want_grad) {
-#pragma omp parallel for num_threads(o->threads) if ((long)N * V >= CPU_PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *x = logits + (size_t)n * V;
-        int tgt = targets[n];
+typedef struct {
+    float *logits, *losses;
+    const int32_t *targets;
+    int V, want_grad;
+    float dscale;
+} xent_job;
+
+static void xent_part(void *arg, long n0, long n1) {
+    const xent_job *j = arg;
+    const int V = j->V, want_grad = j->want_grad;
+    const float dscale = j->dscale;
+    float *losses = j->losses;
+    for (long n = n0; n < n1; n++) {
+        float *x = j->logits + (size_t)n * V;
+        int tgt = j->targets[n];
         if (tgt < 0 || tgt >= V) { /* ignored (out of range: cannot be scored) */
             losses[n] = 0;
             if (want_grad) memset(x, 0, sizeof(float) * (size_t)V);
@@ -517,6 +647,13 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
     }
 }
 
+static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+                     int want_grad) {
+    xent_job j = {.logits = logits, .losses = losses, .targets = targets, .V = V, .want_grad = want_grad,
+                  .dscale = dscale};
+    cpu_team_range(o->threads, N, CPU_PAR_MIN, V, xent_part, &j);
+}
+
 /* The batch loss: the sum in double, in row order, then one division, so
  * it is the same number the host computed from copied-back losses. */
 static void cpu_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
@@ -537,17 +674,29 @@ static void cpu_loss_mean(tlm_ops *o, float *out, const float *losses, const int
  * thread count (the gradient norm decides clipping, hence every weight). */
 #define CPU_SUMSQ_CHUNK 65536
 
+typedef struct {
+    const float *x;
+    size_t n;
+    double *part;
+} sumsq_job;
+
+/* Fixed chunks c0..c1 of CPU_SUMSQ_CHUNK elements, each into part[c]. */
+static void sumsq_part(void *arg, long c0, long c1) {
+    const sumsq_job *j = arg;
+    for (long c = c0; c < c1; c++) {
+        size_t i0 = (size_t)c * CPU_SUMSQ_CHUNK, i1 = i0 + CPU_SUMSQ_CHUNK < j->n ? i0 + CPU_SUMSQ_CHUNK : j->n;
+        double s = 0;
+#pragma omp simd reduction(+ : s)
+        for (size_t i = i0; i < i1; i++) s += (double)j->x[i] * j->x[i];
+        j->part[c] = s;
+    }
+}
+
 static void cpu_sumsq(tlm_ops *o, float *out, const float *x, size_t n, int accumulate) {
     long nch = (long)((n + CPU_SUMSQ_CHUNK - 1) / CPU_SUMSQ_CHUNK);
     double *part = cpu_scratch_bytes(o, (size_t)(nch > 0 ? nch : 1) * sizeof(double));
-#pragma omp parallel for num_threads(o->threads) if (n >= CPU_PAR_MIN) schedule(static)
-    for (long c = 0; c < nch; c++) {
-        size_t i0 = (size_t)c * CPU_SUMSQ_CHUNK, i1 = i0 + CPU_SUMSQ_CHUNK < n ? i0 + CPU_SUMSQ_CHUNK : n;
-        double s = 0;
-#pragma omp simd reduction(+ : s)
-        for (size_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
-        part[c] = s;
-    }
+    sumsq_job j = {.x = x, .n = n, .part = part};
+    cpu_team_range(o->threads, nch, CPU_PAR_MIN, CPU_SUMSQ_CHUNK, sumsq_part, &j);
     double s = 0;
     for (long c = 0; c < nch; c++) s += part[c];
     out[0] = (float)((accumulate ? out[0] : 0.0) + s);
@@ -555,6 +704,28 @@ static void cpu_sumsq(tlm_ops *o, float *out, const float *x, size_t n, int accu
 
 /* Memory bound (7 floats moved per parameter), so the scalar sqrtf that
  * GCC keeps for errno's sake costs little. */
+typedef struct {
+    float *p, *m, *v;
+    const float *g;
+    float s, lr, b1, b2, eps, wd, bc1, bc2;
+} adamw_job;
+
+static void adamw_part(void *arg, long i0, long i1) {
+    const adamw_job *j = arg;
+    float *p = j->p, *m = j->m, *v = j->v;
+    const float *g = j->g;
+    const float s = j->s, lr = j->lr, b1 = j->b1, b2 = j->b2, eps = j->eps, wd = j->wd, bc1 = j->bc1, bc2 = j->bc2;
+#pragma omp simd
+    for (long i = i0; i < i1; i++) {
+        float gi = g[i] * s;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi * bc1 / (sqrtf(vi * bc2) + eps) + wd * p[i]);
+    }
+}
+
 static void cpu_adamw(tlm_ops *o, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
                       float b2, float eps, float wd, int t, const float *gnorm_sq, float clip) {
     float s = 1.0f;
@@ -564,16 +735,9 @@ static void cpu_adamw(tlm_ops *o, float *p, const float *g, float *m, float *v, 
     }
     /* bias corrections as multipliers: 1/(1-b^t) */
     float bc1 = (float)(1.0 / (1.0 - pow(b1, t))), bc2 = (float)(1.0 / (1.0 - pow(b2, t)));
-    long nn = (long)n;
-#pragma omp parallel for simd num_threads(o->threads) if (nn >= CPU_PAR_MIN) schedule(static)
-    for (long i = 0; i < nn; i++) {
-        float gi = g[i] * s;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * (mi * bc1 / (sqrtf(vi * bc2) + eps) + wd * p[i]);
-    }
+    adamw_job j = {.p = p, .m = m, .v = v, .g = g, .s = s, .lr = lr, .b1 = b1, .b2 = b2, .eps = eps, .wd = wd,
+                   .bc1 = bc1, .bc2 = bc2};
+    cpu_team_range(o->threads, (long)n, CPU_PAR_MIN, 1, adamw_part, &j);
 }
 
 static void cpu_destroy(tlm_ops *o) {
@@ -600,8 +764,9 @@ tlm_ops *cpu_ops_create(int threads) {
     o->ctx = c;
     o->name = "cpu";
     o->threads = threads > 0 ? threads : cpu_count_available();
-    /* One thread pool: OpenBLAS runs on the calling thread and cpu_matmul
-     * splits products over the OpenMP team (see there). */
+    /* One thread pool for the ops: OpenBLAS runs on the calling thread and
+     * every parallel op goes through the thread team (cpu_team.h). OpenMP
+     * is left to work outside the ops (the tokenizer), at the same count. */
     omp_set_num_threads(o->threads);
 #if defined(TLM_BLAS_OPENBLAS)
     openblas_set_num_threads(1);

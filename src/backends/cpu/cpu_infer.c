@@ -76,6 +76,7 @@
 #endif
 
 #include "backends/cpu/cpu_internal.h"
+#include "backends/cpu/cpu_team.h"
 #include "ops/ops.h"
 #include "util/common.h"
 
@@ -104,168 +105,6 @@ struct tlm_packed {
     size_t panel_elems; /* uint16 (bf16), float (fp32) or byte (int8) elements per panel */
     void *data;
 };
-
-/* ---- the thread team ------------------------------------------------------------ *
- * At one token every op is a few microseconds of work, and on a shared
- * machine an OpenMP fork/join per op is worse than slow: with a static split
- * the caller must wait for every thread, and a thread the scheduler has put
- * aside holds everyone for a time slice. Here an op is cut into chunks that
- * the caller and the helper threads CLAIM from one counter: a helper that is
- * not running claims nothing and is not waited for, so a busy machine
- * degrades to one-thread speed instead of stalling. Helpers spin briefly
- * between ops (the next op comes within microseconds) and then sleep.
- *
- * One case remains: a helper that is preempted while it holds a chunk makes
- * the caller wait for it. A helper that runs finishes its last chunk at
- * most one chunk after the caller ran out of chunks, and a chunk is no
- * longer than the caller's own share; so when the wait exceeds the caller's
- * own time by CI_STALL_S, the machine is taken to be busy and the ops run
- * alone for CI_SOLO_S before trying again. (A fixed 50 us limit alone
- * mistook long chunks for preemption: at 64 streams, attention and product
- * chunks are tens of microseconds, and 2 threads ran 25% slower.)
- *
- * Chunks write disjoint outputs and compute each output exactly as one
- * thread would, so results never depend on who ran what. */
-
-#define CI_MAX_HELPERS 63
-#define CI_STALL_S 50e-6 /* a wait this much longer than a chunk means a helper was preempted */
-#define CI_SOLO_S 0.1     /* ... then run alone this long */
-#define CI_SPIN_LIMIT 100000 /* waiting rounds before a helper sleeps (~1 ms) */
-
-typedef void (*ci_chunk_fn)(void *arg, int chunk);
-
-typedef struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int nhelpers;                        /* started; only ever grows */
-    atomic_int busy;                     /* a caller owns the team */
-    atomic_uint gen;                     /* generation of the posted job */
-    atomic_ullong claim;                 /* (gen << 32) | next chunk */
-    atomic_int done;                     /* chunks finished */
-    atomic_int sleeping;                 /* helpers blocked on cv */
-    _Atomic(ci_chunk_fn) fn;
-    _Atomic(void *) arg;
-    atomic_int nchunks, nhelp;           /* the job's chunks; helpers 0..nhelp-1 take part */
-    double solo_until;                   /* tlm_now() before which ops run alone (owner only) */
-} ci_team;
-
-static ci_team ci_the_team = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
-
-/* One round of waiting. Every 32nd round gives the CPU away: when the
- * machine is busy, a helper may share its core with the caller (or the
- * caller with a helper that holds a chunk), and plain spinning would then
- * take the time the other one needs to make progress. */
-static inline void ci_pause(int round) {
-    if ((round & 31) == 31) {
-        sched_yield();
-        return;
-    }
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-/* Claim and run chunks of job g until none is left. */
-static void ci_team_work(ci_team *tm, unsigned g) {
-    ci_chunk_fn fn = atomic_load_explicit(&tm->fn, memory_order_relaxed);
-    void *arg = atomic_load_explicit(&tm->arg, memory_order_relaxed);
-    const unsigned long long n = (unsigned long long)atomic_load_explicit(&tm->nchunks, memory_order_relaxed);
-    unsigned long long cur = atomic_load_explicit(&tm->claim, memory_order_acquire);
-    for (;;) {
-        /* a stale job (the caller finished it and moved on) is left alone;
-         * the fields read above are only used after a successful claim of
-         * job g, which cannot be over while its chunk is unfinished */
-        if ((unsigned)(cur >> 32) != g || (cur & 0xffffffffu) >= n) return;
-        if (atomic_compare_exchange_weak_explicit(&tm->claim, &cur, cur + 1, memory_order_acq_rel,
-                                                  memory_order_acquire)) {
-            fn(arg, (int)(cur & 0xffffffffu));
-            atomic_fetch_add_explicit(&tm->done, 1, memory_order_release);
-            cur = atomic_load_explicit(&tm->claim, memory_order_acquire);
-        }
-    }
-}
-
-static void *ci_helper_main(void *p) {
-    ci_team *tm = &ci_the_team;
-    const int id = (int)(intptr_t)p;
-    unsigned last = atomic_load(&tm->gen);
-    for (;;) {
-        int spins = 0;
-        unsigned g;
-        while ((g = atomic_load_explicit(&tm->gen, memory_order_acquire)) == last) {
-            if (++spins < CI_SPIN_LIMIT) {
-                ci_pause(spins);
-                continue;
-            }
-            /* idle: sleep until the next job (the caller signals when it sees
-             * a sleeper; seq_cst on both sides rules out a lost wake-up) */
-            pthread_mutex_lock(&tm->mu);
-            atomic_fetch_add(&tm->sleeping, 1);
-            while (atomic_load(&tm->gen) == last) pthread_cond_wait(&tm->cv, &tm->mu);
-            atomic_fetch_sub(&tm->sleeping, 1);
-            pthread_mutex_unlock(&tm->mu);
-            spins = 0;
-        }
-        last = g;
-        if (id < atomic_load_explicit(&tm->nhelp, memory_order_relaxed)) ci_team_work(tm, g);
-    }
-    return NULL;
-}
-
-/* Run fn(arg, c) for c in [0, nchunks) on up to `threads` threads (the
- * caller included) and return when all are done. Runs inline when asked
- * for one thread, when the team is in use by another caller, or when
- * helpers cannot be started. */
-static void ci_run(int threads, int nchunks, ci_chunk_fn fn, void *arg) {
-    ci_team *tm = &ci_the_team;
-    int expect = 0;
-    if (threads <= 1 || nchunks <= 1 || !atomic_compare_exchange_strong(&tm->busy, &expect, 1)) {
-        for (int c = 0; c < nchunks; c++) fn(arg, c);
-        return;
-    }
-    if (tm->solo_until > 0 && tlm_now() < tm->solo_until) {
-        atomic_store_explicit(&tm->busy, 0, memory_order_release);
-        for (int c = 0; c < nchunks; c++) fn(arg, c);
-        return;
-    }
-    int want = threads - 1 > CI_MAX_HELPERS ? CI_MAX_HELPERS : threads - 1;
-    while (tm->nhelpers < want) {
-        pthread_t t;
-        pthread_attr_t at;
-        pthread_attr_init(&at);
-        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&t, &at, ci_helper_main, (void *)(intptr_t)tm->nhelpers);
-        pthread_attr_destroy(&at);
-        if (rc) break;
-        tm->nhelpers++;
-    }
-    if (want > tm->nhelpers) want = tm->nhelpers;
-    const unsigned g = atomic_load_explicit(&tm->gen, memory_order_relaxed) + 1;
-    atomic_store_explicit(&tm->fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&tm->arg, arg, memory_order_relaxed);
-    atomic_store_explicit(&tm->nchunks, nchunks, memory_order_relaxed);
-    atomic_store_explicit(&tm->nhelp, want, memory_order_relaxed);
-    atomic_store_explicit(&tm->done, 0, memory_order_relaxed);
-    atomic_store_explicit(&tm->claim, (unsigned long long)g << 32, memory_order_release);
-    atomic_store(&tm->gen, g); /* seq_cst: publishes the job, pairs with the sleepers' check */
-    if (atomic_load(&tm->sleeping) > 0) {
-        pthread_mutex_lock(&tm->mu);
-        pthread_cond_broadcast(&tm->cv);
-        pthread_mutex_unlock(&tm->mu);
-    }
-    const double t_start = tlm_now();
-    ci_team_work(tm, g);
-    if (atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks) {
-        /* a helper still holds a chunk */
-        double t0 = tlm_now();
-        for (int round = 0; atomic_load_explicit(&tm->done, memory_order_acquire) < nchunks; round++) ci_pause(round);
-        double t1 = tlm_now();
-        if (t1 - t0 > (t0 - t_start) + CI_STALL_S) tm->solo_until = t1 + CI_SOLO_S;
-    }
-    atomic_store_explicit(&tm->busy, 0, memory_order_release);
-}
 
 /* ---- bf16 ------------------------------------------------------------------- */
 
@@ -999,7 +838,7 @@ static void ci_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
     j.per_chunk = M <= 3 ? 4 : 1;
     int nchunks = (w->npanels + j.per_chunk - 1) / j.per_chunk;
     long work = (long)M * w->N * w->K;
-    ci_run(work >= CI_PAR_MIN ? o->threads : 1, nchunks, ci_mm_chunk, &j);
+    cpu_team_run(work >= CI_PAR_MIN ? o->threads : 1, nchunks, ci_mm_chunk, &j);
 }
 
 /* ---- attention over the cache, fused with RoPE and the cache store ---------- */
@@ -1362,7 +1201,7 @@ static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *v
     j.per_chunk = B >= 4 ? H : 1;
     const int ntask = B * H, nchunks = (ntask + j.per_chunk - 1) / j.per_chunk;
     long work = (long)B * T * (pos0 + T) * H * hd;
-    ci_run(work >= CI_ATTN_PAR_MIN ? o->threads : 1, nchunks, ci_attn_chunk, &j);
+    cpu_team_run(work >= CI_ATTN_PAR_MIN ? o->threads : 1, nchunks, ci_attn_chunk, &j);
     free(heap);
 }
 
@@ -1371,7 +1210,7 @@ static void ci_embed_rows(tlm_ops *o, float *out, const int32_t *tok, const floa
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, wte + (size_t)tok[n] * D, sizeof(float) * (size_t)D);
 }
 
-static void ci_host_for(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg) { ci_run(o->threads, n, fn, arg); }
+static void ci_host_for(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg) { cpu_team_run(o->threads, n, fn, arg); }
 
 void cpu_infer_install(tlm_ops *o) {
 #if defined(CI_AVX512BF16) || defined(CI_NEON_BF16) || defined(__AVX2__) || defined(CI_AVX512)

@@ -20,9 +20,9 @@
  * dS once per block for dq. (Blocks of 56..168 queries measured; 112 best.)
  */
 #include "backends/cpu/cpu_train.h"
+#include "backends/cpu/cpu_team.h"
 
 #include <math.h>
-#include <omp.h>
 #include <string.h>
 
 #if CPU_HAVE_KERNELS
@@ -268,33 +268,44 @@ static void att_bwd_head(const att_ws *w, float *dq, const float *go, const floa
     }
 }
 
+/* One (sequence, head) per chunk of the thread team; each worker uses its
+ * own workspace slot (cpu_team_worker() < nt). */
+typedef struct {
+    float *ws, *out, *lse, *dqkv;
+    const float *qkv, *dout, *fout, *flse;
+    int T, H, hd;
+} att_job;
+
+static void att_fwd_task(void *arg, int task) {
+    const att_job *j = arg;
+    const int H = j->H, hd = j->hd, T = j->T, D = H * hd, b = task / H, h = task % H;
+    att_ws w;
+    att_layout(&w, j->ws + (size_t)cpu_team_worker() * cpu_attn_ws_floats(T, hd), T, hd);
+    att_fwd_head(&w, j->out + (size_t)b * T * D + (size_t)h * hd, D, j->lse + ((size_t)b * H + h) * T,
+                 j->qkv + (size_t)b * T * 3 * D + (size_t)h * hd, (ptrdiff_t)3 * D, T, D, hd);
+}
+
+static void att_bwd_task(void *arg, int task) {
+    const att_job *j = arg;
+    const int H = j->H, hd = j->hd, T = j->T, D = H * hd, b = task / H, h = task % H;
+    att_ws w;
+    att_layout(&w, j->ws + (size_t)cpu_team_worker() * cpu_attn_ws_floats(T, hd), T, hd);
+    size_t r1 = (size_t)b * T * D + (size_t)h * hd, r3 = (size_t)b * T * 3 * D + (size_t)h * hd;
+    att_bwd_head(&w, j->dqkv + r3, j->dout + r1, j->fout + r1, D, j->flse + ((size_t)b * H + h) * T, j->qkv + r3,
+                 (ptrdiff_t)3 * D, T, D, hd);
+}
+
 void cpu_attn_fwd_blocked(float *ws, int nt, float *out, float *lse, const float *qkv, int B, int T, int H,
                           int hd) {
-    const int D = H * hd;
-    const size_t stride = cpu_attn_ws_floats(T, hd);
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            att_ws w;
-            att_layout(&w, ws + (size_t)omp_get_thread_num() * stride, T, hd);
-            att_fwd_head(&w, out + (size_t)b * T * D + (size_t)h * hd, D, lse + ((size_t)b * H + h) * T,
-                         qkv + (size_t)b * T * 3 * D + (size_t)h * hd, (ptrdiff_t)3 * D, T, D, hd);
-        }
+    att_job j = {.ws = ws, .out = out, .lse = lse, .qkv = qkv, .T = T, .H = H, .hd = hd};
+    cpu_team_run(nt, B * H, att_fwd_task, &j);
 }
 
 void cpu_attn_bwd_blocked(float *ws, int nt, float *dqkv, const float *dout, const float *out, const float *lse,
                           const float *qkv, int B, int T, int H, int hd) {
-    const int D = H * hd;
-    const size_t stride = cpu_attn_ws_floats(T, hd);
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            att_ws w;
-            att_layout(&w, ws + (size_t)omp_get_thread_num() * stride, T, hd);
-            size_t r1 = (size_t)b * T * D + (size_t)h * hd, r3 = (size_t)b * T * 3 * D + (size_t)h * hd;
-            att_bwd_head(&w, dqkv + r3, dout + r1, out + r1, D, lse + ((size_t)b * H + h) * T, qkv + r3,
-                         (ptrdiff_t)3 * D, T, D, hd);
-        }
+    att_job j = {.ws = ws, .dqkv = dqkv, .dout = dout, .fout = out, .flse = lse, .qkv = qkv, .T = T, .H = H,
+                 .hd = hd};
+    cpu_team_run(nt, B * H, att_bwd_task, &j);
 }
 
 #else

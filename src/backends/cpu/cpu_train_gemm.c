@@ -14,7 +14,7 @@
  */
 #include "backends/cpu/cpu_train.h"
 
-#include <omp.h>
+#include "backends/cpu/cpu_team.h"
 #include <string.h>
 
 #if CPU_HAVE_KERNELS
@@ -155,8 +155,37 @@ static void gemm_serial(float *bp, float *ap, int transA, int transB, int M, int
     }
 }
 
+/* Part t of nt of a product cut along M or N (cpu_gemm). Part t packs
+ * into workspace slot t: a part runs on one thread at a time. */
+typedef struct {
+    float *ws;
+    int nt, split_m, len, unit, units;
+    int transA, transB, M, N, K;
+    float alpha, beta;
+    const float *A, *B;
+    int lda, ldb, ldc;
+    float *C;
+} gemm_job;
+
+static void gemm_part(void *arg, int t) {
+    const gemm_job *j = arg;
+    const int u0 = (int)((long)j->units * t / j->nt), u1 = (int)((long)j->units * (t + 1) / j->nt);
+    const int i0 = u0 * j->unit, i1 = u1 * j->unit < j->len ? u1 * j->unit : j->len;
+    float *bp = j->ws + (size_t)t * (GEMM_BP_FLOATS + GEMM_AP_FLOATS), *ap = bp + GEMM_BP_FLOATS;
+    if (i1 <= i0) return;
+    if (j->split_m)
+        gemm_serial(bp, ap, j->transA, j->transB, i1 - i0, j->N, j->K, j->alpha,
+                    j->transA ? j->A + i0 : j->A + (ptrdiff_t)i0 * j->lda, j->lda, j->B, j->ldb, j->beta,
+                    j->C + (ptrdiff_t)i0 * j->ldc, j->ldc);
+    else
+        gemm_serial(bp, ap, j->transA, j->transB, j->M, i1 - i0, j->K, j->alpha, j->A, j->lda,
+                    j->transB ? j->B + (ptrdiff_t)i0 * j->ldb : j->B + i0, j->ldb, j->beta, j->C + i0, j->ldc);
+}
+
 /* Threads split M or N into contiguous parts and work independently, each
- * packing what it needs: one barrier per product. (A
+ * packing what it needs: one join per product, on the claim-based team
+ * (cpu_team.h), so a part whose thread is not running is taken by the
+ * caller instead of waited for. (A
  * team that packs each block of B together needs two barriers per block,
  * and on a busy machine every barrier waits for a descheduled thread; that
  * measured twice slower there, and no faster on an idle one.) */
@@ -177,21 +206,10 @@ void cpu_gemm(float *ws, int nt, int transA, int transB, int M, int N, int K, fl
         gemm_serial(ws, ws + GEMM_BP_FLOATS, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-#pragma omp parallel num_threads(nt)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        const int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
-        const int i0 = u0 * unit, i1 = u1 * unit < len ? u1 * unit : len;
-        float *bp = ws + (size_t)t * (GEMM_BP_FLOATS + GEMM_AP_FLOATS), *ap = bp + GEMM_BP_FLOATS;
-        if (i1 > i0) {
-            if (split_m)
-                gemm_serial(bp, ap, transA, transB, i1 - i0, N, K, alpha, transA ? A + i0 : A + (ptrdiff_t)i0 * lda,
-                            lda, B, ldb, beta, C + (ptrdiff_t)i0 * ldc, ldc);
-            else
-                gemm_serial(bp, ap, transA, transB, M, i1 - i0, K, alpha, A, lda,
-                            transB ? B + (ptrdiff_t)i0 * ldb : B + i0, ldb, beta, C + i0, ldc);
-        }
-    }
+    gemm_job j = {.ws = ws, .nt = nt, .split_m = split_m, .len = len, .unit = unit, .units = units,
+                  .transA = transA, .transB = transB, .M = M, .N = N, .K = K, .alpha = alpha, .A = A, .lda = lda,
+                  .B = B, .ldb = ldb, .beta = beta, .C = C, .ldc = ldc};
+    cpu_team_run(nt, nt, gemm_part, &j);
 }
 
 #else /* no AVX-512: cpu.c uses BLAS and its own loops; these are never called */
