@@ -1511,6 +1511,176 @@ static void test_generate_status(void **state) {
     o->destroy(o);
 }
 
+/* ---- sampling on the device (ops.h sample) ---------------------------------------- */
+
+/* Is `tok` what the host sampler draws with u and top_p moved by a relative
+ * 1e-5 either way? The device sums in another order (double block sums
+ * where the host sums in float or in sequence), so a uniform within
+ * rounding of a cumulative boundary, or a nucleus target within rounding
+ * of a token's cumulative mass, may land on the neighbour. */
+static int sample_near_boundary(const float *row, int V, tlm_sampler_params sp, float u, int32_t tok) {
+    const float d = 1e-5f, below1 = nextafterf(1.0f, 0.0f);
+    const float us[3] = {u, fminf(u * (1 + d) + d, below1), fmaxf(u * (1 - d) - d, 0.0f)};
+    const float ps[3] = {sp.top_p, fminf(sp.top_p * (1 + d), 1.0f), sp.top_p * (1 - d)};
+    for (int a = 0; a < 3; a++)
+        for (int c = 0; c < 3; c++) {
+            tlm_sampler_params q = sp;
+            q.top_p = ps[c];
+            tlm_sampler sm;
+            if (sampler_init(&sm, V, &q)) fail_msg("sampler_init: %s", tlm_last_error());
+            int32_t t = sampler_sample_u(&sm, row, us[a]);
+            sampler_free(&sm);
+            if (t == tok) return 1;
+        }
+    return 0;
+}
+
+/* Row b of a batch: plain, ties everywhere (logits on a coarse grid), one
+ * dominant logit, or all equal. */
+static void sample_row(float *row, int V, int b) {
+    for (int i = 0; i < V; i++) {
+        float x = 3.0f * tlm_rng_normal(&g_rng);
+        switch (b % 4) {
+        case 1: row[i] = roundf(x); break;
+        case 2: row[i] = x; break;
+        case 3: row[i] = 0.5f; break;
+        default: row[i] = x;
+        }
+    }
+    if (b % 4 == 2) row[tlm_rng_below(&g_rng, (uint64_t)V)] = 40.0f;
+}
+
+static void test_sample_rows(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->sample) fail_msg("the CUDA backend has no sample op");
+    const int Vs[] = {1, 3, 64, 257, 1000};
+    const float Ts[] = {0.0f, 0.7f, 1.0f, 2.0f};
+    const int Ks[] = {0, 1, 5, 50};
+    const float Ps[] = {1.0f, 0.9f, 0.5f};
+    enum { B = 8 };
+    long rows = 0, near = 0;
+    for (size_t iv = 0; iv < sizeof Vs / sizeof *Vs; iv++) {
+        const int V = Vs[iv];
+        float *lg = malloc(sizeof(float) * B * V);
+        assert_non_null(lg);
+        float *d = (float *)up(g_gpu, NULL, sizeof(float) * B * V);
+        for (size_t it = 0; it < sizeof Ts / sizeof *Ts; it++)
+            for (size_t ik = 0; ik < sizeof Ks / sizeof *Ks; ik++)
+                for (size_t ip = 0; ip < sizeof Ps / sizeof *Ps; ip++) {
+                    tlm_sampler_params sp = {.temperature = Ts[it], .top_k = Ks[ik], .top_p = Ps[ip]};
+                    for (int b = 0; b < B; b++) sample_row(lg + (size_t)b * V, V, b + (int)(it + ik + ip));
+                    float u[B];
+                    for (int b = 0; b < B; b++)
+                        u[b] = b == 0 ? 0.0f : b == 1 ? nextafterf(1.0f, 0.0f) : tlm_rng_uniform(&g_rng);
+                    g_gpu->copy_h2d(g_gpu, d, lg, sizeof(float) * B * V);
+                    int32_t got[B];
+                    g_gpu->sample(g_gpu, got, d, B, V, (size_t)V, u, sp.temperature, sp.top_k, sp.top_p);
+                    assert_int_equal(ops_status(g_gpu), 0);
+                    tlm_sampler sm;
+                    if (sampler_init(&sm, V, &sp)) fail_msg("sampler_init: %s", tlm_last_error());
+                    for (int b = 0; b < B; b++) {
+                        const float *row = lg + (size_t)b * V;
+                        const int32_t want = sampler_sample_u(&sm, row, u[b]);
+                        rows++;
+                        if (got[b] == want) continue;
+                        if (got[b] < 0 || got[b] >= V)
+                            fail_msg("V %d T %g k %d p %g row %d u %.9g: token %d out of range", V, sp.temperature,
+                                     sp.top_k, sp.top_p, b, u[b], got[b]);
+                        if (sampler_greedy(&sp) || !sample_near_boundary(row, V, sp, u[b], got[b]))
+                            fail_msg("V %d T %g k %d p %g row %d u %.9g: device token %d, host %d", V,
+                                     sp.temperature, sp.top_k, sp.top_p, b, u[b], got[b], want);
+                        near++;
+                    }
+                    sampler_free(&sm);
+                }
+        /* ld 0: every row reads row 0 (the first step after a shared prompt) */
+        tlm_sampler_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 0.9f};
+        float u[B];
+        int32_t got[B];
+        for (int b = 0; b < B; b++) u[b] = tlm_rng_uniform(&g_rng);
+        g_gpu->sample(g_gpu, got, d, B, V, 0, u, sp.temperature, sp.top_k, sp.top_p);
+        tlm_sampler sm;
+        if (sampler_init(&sm, V, &sp)) fail_msg("sampler_init: %s", tlm_last_error());
+        for (int b = 0; b < B; b++) {
+            const int32_t want = sampler_sample_u(&sm, lg, u[b]);
+            rows++;
+            if (got[b] != want) {
+                if (!sample_near_boundary(lg, V, sp, u[b], got[b]))
+                    fail_msg("V %d ld 0 row %d: device token %d, host %d", V, b, got[b], want);
+                near++;
+            }
+        }
+        sampler_free(&sm);
+        g_gpu->free(g_gpu, d);
+        free(lg);
+    }
+    printf("  sample: %ld rows, %ld within rounding of a boundary\n", rows, near);
+    /* a handful at most: a boundary within 1e-5 of the uniform is rare */
+    if (near * 100 > rows) fail_msg("%ld of %ld draws differ from the host's (at boundaries)", near, rows);
+}
+
+/* generate_run with the device sampler against the host sampler on the same
+ * device (identical logits: only where sampling runs differs), and against
+ * the CPU reference backend (logits equal within fp32 rounding; the random
+ * model's margins are far wider than that at these few draws). */
+static void gen_tokens(tlm_ops *o, const tlm_sampler_params *sp, int32_t *out, int *len, int B, int maxt) {
+    tlm_config c = {.vocab = 300, .dim = 64, .layers = 2, .heads = 4, .hidden = 96, .context = 32,
+                    .norm_eps = 1e-5f, .rope_theta = 10000.0f};
+    tlm_model m;
+    if (model_create(&m, &c, o)) fail_msg("model_create: %s", tlm_last_error());
+    model_init_random(&m, 7);
+    tlm_gen_params p;
+    memset(&p, 0, sizeof p);
+    p.samples = B;
+    p.max_tokens = maxt;
+    p.sampling = *sp;
+    p.seed = 11;
+    p.dtype = TLM_GEN_F32;
+    const int32_t prompt[4] = {5, 17, 42, 9};
+    if (generate_run(&m, prompt, 4, 299, &p, NULL, NULL, out, len, NULL))
+        fail_msg("generate_run on %s: %s", o->name, tlm_last_error());
+    model_destroy(&m);
+}
+
+static void test_sample_generate(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->sample) fail_msg("the CUDA backend has no sample op");
+    enum { B = 6, MAXT = 10 };
+    const tlm_sampler_params cases[] = {
+        {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f},
+        {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f},
+        {.temperature = 0.8f, .top_k = 20, .top_p = 0.9f},
+        {.temperature = 1.2f, .top_k = 0, .top_p = 0.7f},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        int32_t dev[B * MAXT], host[B * MAXT], ref[B * MAXT];
+        int ldev[B], lhost[B], lref[B];
+        memset(dev, 0, sizeof dev);
+        memset(host, 0, sizeof host);
+        memset(ref, 0, sizeof ref);
+        gen_tokens(g_gpu, &cases[ci], dev, ldev, B, MAXT);
+        void (*sample)(tlm_ops *, int32_t *, const float *, int, int, size_t, const float *, float, int, float) =
+            g_gpu->sample;
+        g_gpu->sample = NULL; /* the host path on the same device */
+        gen_tokens(g_gpu, &cases[ci], host, lhost, B, MAXT);
+        g_gpu->sample = sample;
+        gen_tokens(g_ref, &cases[ci], ref, lref, B, MAXT);
+        /* the sampled cases really sample: streams of one prompt part ways */
+        int differ = 0;
+        for (int b = 1; b < B; b++)
+            differ |= ldev[b] != ldev[0] || memcmp(dev + b * MAXT, dev, sizeof(int32_t) * MAXT);
+        if (cases[ci].temperature > 0 && !differ) fail_msg("case %zu: every stream drew the same tokens", ci);
+        for (int b = 0; b < B; b++) {
+            if (ldev[b] != lhost[b] || memcmp(dev + b * MAXT, host + b * MAXT, sizeof(int32_t) * ldev[b]))
+                fail_msg("case %zu stream %d: device sampling differs from host sampling of the same logits", ci, b);
+            if (ldev[b] != lref[b] || memcmp(dev + b * MAXT, ref + b * MAXT, sizeof(int32_t) * ldev[b]))
+                fail_msg("case %zu stream %d: device sampling differs from the CPU reference's tokens", ci, b);
+        }
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
@@ -1522,6 +1692,7 @@ int main(void) {
         cmocka_unit_test(test_bf16),
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
         cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
+        cmocka_unit_test(test_sample_rows), cmocka_unit_test(test_sample_generate),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     fixture_close(&g_fx);

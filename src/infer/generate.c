@@ -91,6 +91,14 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     memset(&kv, 0, sizeof kv);
     int have_sp = 0, have_ss = 0;
     float *logits_dev = NULL, *logits = NULL;
+    /* Sampling on the device (ops->sample): only B tokens come back per
+     * step instead of B x V logits; the uniforms are drawn here, from each
+     * stream's own rng exactly as sampler_sample would, so the tokens are
+     * the host path's (up to sums rounded in another order). */
+    const int dev_sample = ops->sample != NULL;
+    const int greedy = sampler_greedy(&p->sampling);
+    float *uni = NULL;
+    int32_t *dtok = NULL;
     /* Packed weights: the caller's, or packed here for this call. */
     tlm_infer_weights own;
     memset(&own, 0, sizeof own);
@@ -127,8 +135,14 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     if (model_infer_scratch_alloc(m, &ss, B, 1)) goto out;
     have_ss = 1;
     logits_dev = ops->alloc(ops, (size_t)B * V * sizeof(float));
-    logits = tlm_alloc((size_t)B * V * sizeof(float));
-    if (!logits_dev || !logits) goto out;
+    if (dev_sample) {
+        uni = calloc((size_t)B, sizeof *uni);
+        dtok = calloc((size_t)B, sizeof *dtok);
+        if (!logits_dev || !uni || !dtok) goto out;
+    } else {
+        logits = tlm_alloc((size_t)B * V * sizeof(float));
+        if (!logits_dev || !logits) goto out;
+    }
     for (int b = 0; b < B; b++) generate_seed_rng(&rng[b], p->seed, p->seq_base + b);
 
     /* Prompt: every sequence shares it, so compute it once, as one sequence
@@ -142,7 +156,10 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
             goto out;
     }
     if (!shared && B > 1) kvcache_broadcast(&kv, m, 0, nprompt);
-    ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
+    if (dev_sample)
+        ops->sync(ops); /* the prompt's time is its own */
+    else
+        ops->copy_d2h(ops, logits, logits_dev, (size_t)V * sizeof(float));
     /* a failed device hands back NaN logits: stop with its message */
     if (ops_status(ops)) goto out;
     double t1 = tlm_now();
@@ -153,7 +170,17 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
                        .tok = tok};
     for (int k = 0; k < maxt && live > 0 && !stop; k++) {
         dj.first = k == 0;
-        if (nsm > 1)
+        if (dev_sample) {
+            /* one uniform per live stream, as sampler_sample draws it */
+            for (int b = 0; b < B; b++) uni[b] = done[b] || greedy ? 0.0f : tlm_rng_uniform(&rng[b]);
+            /* after the prompt every sequence starts from logits row 0 */
+            ops->sample(ops, dtok, logits_dev, B, V, k == 0 ? 0 : (size_t)V, uni, p->sampling.temperature,
+                        p->sampling.top_k, p->sampling.top_p);
+            if (ops_status(ops)) goto out;
+            /* finished streams keep feeding their last token */
+            for (int b = 0; b < B; b++)
+                if (!done[b]) tok[b] = dtok[b];
+        } else if (nsm > 1)
             ops->host_for(ops, nsm, gen_draw_chunk, &dj);
         else
             gen_draw_chunk(&dj, 0);
@@ -177,8 +204,10 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         if (model_forward_packed(m, wts, &ss, kv.k, kv.v, kv.Tmax, shared ? &pre : NULL, tok, B, 1, nprompt + k,
                                  logits_dev))
             goto out;
-        ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
-        if (ops_status(ops)) goto out;
+        if (!dev_sample) {
+            ops->copy_d2h(ops, logits, logits_dev, (size_t)B * V * sizeof(float));
+            if (ops_status(ops)) goto out;
+        }
         st.steps++;
     }
     st.gen_seconds = tlm_now() - t1;
@@ -198,5 +227,7 @@ out:
     free(tok);
     free(len);
     free(done);
+    free(uni);
+    free(dtok);
     return rc;
 }

@@ -7,8 +7,9 @@
  *   caches of sequence 0 copied to sequences 1..B-1 (the prompt is computed once)
  *   repeat: sample one token per live sequence on the host from logits [B,V],
  *           feed tokens [B,1] at position P+k --> logits [B,V]
- * Sampling runs on the CPU on logits copied back (sampler_sample), so a
- * device sampler can later replace that one call.
+ * Sampling runs on the CPU on logits copied back (sampler_sample), or on
+ * the device where the backend has ops.h's `sample` (only the tokens come
+ * back; the uniforms are still drawn here, from each stream's rng).
  */
 #ifndef TLM_INFER_INFER_H
 #define TLM_INFER_INFER_H
@@ -49,6 +50,12 @@ void sampler_free(tlm_sampler *s);
  * random numbers; otherwise exactly one uniform is drawn from rng, so a
  * sequence's stream of tokens depends only on its own rng. */
 int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng);
+/* The same draw with its uniform u in [0, 1) given (the one sampler_sample
+ * would take from rng; ignored when greedy): a device sampler (ops.h
+ * `sample`) draws the uniforms on the host and is held to this. */
+int32_t sampler_sample_u(tlm_sampler *s, const float *logits, float u);
+/* Does p draw without random numbers (temperature 0 or top_k 1)? */
+int sampler_greedy(const tlm_sampler_params *p);
 /* Index of the largest logit; ties go to the lowest id. */
 int32_t sampler_argmax(const float *logits, int V);
 

@@ -223,10 +223,17 @@ static double nucleus_threshold(tlm_sampler *s, const float *prob, int V, double
     return cum;
 }
 
+int sampler_greedy(const tlm_sampler_params *p) { return p->temperature == 0.0f || p->top_k == 1; }
+
 int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng) {
+    if (sampler_greedy(&s->p)) return sampler_argmax(logits, s->V);
+    return sampler_sample_u(s, logits, tlm_rng_uniform(rng));
+}
+
+int32_t sampler_sample_u(tlm_sampler *s, const float *logits, float u) {
     const int V = s->V;
     const tlm_sampler_params *p = &s->p;
-    if (p->temperature == 0.0f || p->top_k == 1) return sampler_argmax(logits, V);
+    if (sampler_greedy(p)) return sampler_argmax(logits, V);
     const float invT = 1.0f / p->temperature;
     int32_t *idx = s->idx;
     float *prob = s->prob;
@@ -256,7 +263,7 @@ int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng) {
         }
         /* Inverse CDF with one uniform; rounding can leave r just past the
          * last bucket, which then takes it. */
-        double r = (double)tlm_rng_uniform(rng) * mass, cum = 0;
+        double r = (double)u * mass, cum = 0;
         for (int j = 0; j < hi; j++) {
             cum += prob[j];
             if (r < cum) return idx[j];
@@ -281,7 +288,7 @@ int32_t sampler_sample(tlm_sampler *s, const float *logits, tlm_rng *rng) {
     /* Inverse CDF over the nucleus in id order (one uniform): whole blocks
      * of 16 tokens first (their nucleus mass summed as vectors), then the
      * block where the uniform falls, token by token. */
-    double r = (double)tlm_rng_uniform(rng) * mass, cum = 0;
+    double r = (double)u * mass, cum = 0;
     int32_t last = -1;
     int i0 = 0;
     for (; i0 + 16 <= V; i0 += 16) {

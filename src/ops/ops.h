@@ -224,6 +224,30 @@ struct tlm_ops {
      * (sampling many streams) then uses the threads the backend already
      * runs, instead of a second pool spinning against them. */
     void (*host_for)(tlm_ops *o, int n, void (*fn)(void *arg, int c), void *arg);
+    /* OPTIONAL (NULL: the caller copies the logits back and samples on the
+     * host with sampler_sample). Draw one token per row on the device and
+     * return only the tokens: tokens_host[b] (HOST, B int32) is the token
+     * sampler_sample (src/infer/sampler.c) draws from row b of logits_dev
+     * (DEVICE, row b at logits_dev + b * ld; ld == 0: every row reads row 0,
+     * the one row of logits after a shared prompt) with temperature,
+     * top_k, top_p and the uniform uniforms_host[b] (HOST, B floats in
+     * [0, 1), the one number sampler_sample would have drawn from that
+     * stream's rng; ignored when greedy: temperature 0 or top_k 1, where
+     * the token is the argmax with ties to the lowest id). Same rules:
+     *  - 0 < top_k < V: the k best by (logit desc, id asc), probabilities
+     *    exp((l - max) / T), the nucleus as the shortest prefix of that
+     *    order whose mass reaches top_p * sum, the inverse CDF in that
+     *    order (rounding past the end: the last member);
+     *  - otherwise the whole vocabulary: the nucleus is every token at least
+     *    as good, in (prob desc, id asc) order, as the one where the mass
+     *    from the top first reaches top_p * sum, and the inverse CDF runs
+     *    over the nucleus IN ID ORDER.
+     * Sums may run in another order than the host's, so a draw whose
+     * uniform falls within rounding of a boundary may pick the neighbour.
+     * Returns when the tokens are on the host (a device error leaves -1s
+     * and the sticky status). */
+    void (*sample)(tlm_ops *o, int32_t *tokens_host, const float *logits_dev, int B, int V, size_t ld,
+                   const float *uniforms_host, float temperature, int top_k, float top_p);
     /* ==== end of the generation block ==================================== */
 
     /* ==== asynchronous uploads (OPTIONAL: all five set, or all NULL) ======

@@ -663,6 +663,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     cu_kernels_install(o);
     cu_attn_install(o);
     cu_infer_install(o);
+    cu_sample_install(o);
     o->destroy = cu_destroy;
     c->started = 1;
     return o;

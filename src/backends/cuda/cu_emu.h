@@ -76,6 +76,10 @@ static inline float __uint_as_float(unsigned u) {
     memcpy(&f, &u, 4);
     return f;
 }
+/* Round-to-nearest products and sums that nvcc never fuses into an FMA
+ * (host C++ here is built without contraction, so plain operators do). */
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
 
 /* bfloat16: the top half of a float, rounded to nearest even. */
 struct __nv_bfloat16 {

@@ -129,6 +129,7 @@ void cu_report(const char *msg);
 void cu_kernels_install(tlm_ops *o);
 void cu_attn_install(tlm_ops *o);
 void cu_infer_install(tlm_ops *o);
+void cu_sample_install(tlm_ops *o);
 
 /* ---- device helpers ------------------------------------------------------ */
 

@@ -1,0 +1,279 @@
+/*
+ * Token sampling on the device (ops.h `sample`): the rules of the host's
+ * sampler_sample (src/infer/sampler.c), so a step returns B tokens instead
+ * of B x V logits.
+ *
+ * One block per row. Nothing is sorted and nothing but the row is read:
+ * every question the sampler asks is a SELECTION, "the first item, in the
+ * order (key desc, id asc), at which the running weight from the top
+ * reaches a target", with
+ *   - top-k:   key = the logit's order-preserving bits, weight 1, target k;
+ *   - nucleus: key = logit bits (top-k path) or probability bits (whole
+ *              vocabulary), weight = probability, target top_p * sum;
+ *   - draw in the top-k order: the same with target u * mass, strictly.
+ * A selection finds the threshold key bit by bit from the top (32 block
+ * sums of "weight of the items whose key >= candidate") and then the id
+ * among the items tied on that key by bisection over ids. Each pass is a
+ * block sum over the row, so shared memory stays a few words and any V
+ * works; sums are in double (the host sums the top-k path and the nucleus
+ * in double too) and are deterministic (fixed per-thread order, then the
+ * block tree). The draw over the whole vocabulary runs in id order: a
+ * bisection over x of the mass of nucleus members with id <= x.
+ *
+ * Probabilities are recomputed from the logits in every pass rather than
+ * stored: a pass is then one read of the row (L2 resident for a block)
+ * and gives bit-identical values each time. The whole-vocabulary path
+ * uses the host's own exp polynomial (sampler_expf) with unfused
+ * operations, so its probabilities are bitwise the host's; the top-k path
+ * uses expf like the host (the device's may differ by an ulp).
+ *
+ * Cost: about 1 + 1 + (34 + log2 V) + 1 + (1 + log2 V) passes over the row
+ * with top-p on the whole vocabulary; greedy is two. Fewer passes (radix
+ * steps of 8 bits with per-warp histograms) are the next step if sampling
+ * shows up in a profile.
+ */
+#include "backends/cuda/cu_internal.h"
+
+#include <string.h>
+
+#define SAMPLE_THREADS 256
+
+/* Float bits that order like the values (-0 taken as +0, as the host's
+ * comparisons do). */
+static __device__ __forceinline__ uint32_t cu_logit_key(float f) {
+    uint32_t u = __float_as_uint(f == 0.0f ? 0.0f : f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* sampler.c's sampler_expf, operation for operation and unfused, so the
+ * whole-vocabulary probabilities are bitwise the host's. */
+static __device__ __forceinline__ float cu_sampler_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = __fadd_rn(__fadd_rn(__fmul_rn(x, 1.44269504088896341f), 12582912.0f), -12582912.0f);
+    float r = __fadd_rn(x, -__fmul_rn(n, 0.693145751953125f));
+    r = __fadd_rn(r, -__fmul_rn(n, 1.428606765330187e-06f));
+    float p = 1.0f / 5040;
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f / 720);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f / 120);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f / 24);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f / 6);
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
+    return __fmul_rn(p, __uint_as_float((uint32_t)((int32_t)n + 127) << 23));
+}
+
+static __device__ __forceinline__ int cu_block_min_int(int v, int *red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = cu_imin(v, __shfl_xor_sync(CU_FULL, v, o));
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : INT32_MAX;
+    for (int o = 16; o > 0; o >>= 1) v = cu_imin(v, __shfl_xor_sync(CU_FULL, v, o));
+    return v;
+}
+
+/* Which weight an item carries in a pass. */
+enum { W_ONE_K, W_PROB_K, W_PROB_P };
+/* Which items a pass sums: key >= kmin; key == kmin and id <= idmax; id <= idmax. */
+enum { P_GE, P_EQ, P_ID };
+
+/* One row and what is known of it so far. The top k and the nucleus are
+ * "every item at least as good as (key, id)" in (key desc, id asc) order;
+ * (0, V) admits everything. */
+struct srow {
+    const float *lg;
+    int V;
+    int topk;         /* the top-k path: ranked by logit, else by probability */
+    float mx, invT;
+    uint32_t kkey;    /* the k-th best */
+    int kid;
+    uint32_t pkey;    /* the last member of the nucleus */
+    int pid;
+};
+
+/* Item i's rank key and its weight under wm (0 outside the set wm covers). */
+static __device__ __forceinline__ double cu_item(const srow &s, int i, int wm, uint32_t *key) {
+    const float l = s.lg[i];
+    float p;
+    if (s.topk) {
+        const uint32_t k = cu_logit_key(l);
+        *key = k;
+        if (!(k > s.kkey || (k == s.kkey && i <= s.kid))) return 0.0;
+        if (wm == W_ONE_K) return 1.0;
+        p = expf((l - s.mx) * s.invT);
+    } else {
+        p = cu_sampler_expf((l - s.mx) * s.invT);
+        *key = __float_as_uint(p); /* p > 0: its bits order like it */
+    }
+    if (wm == W_PROB_P && !(*key > s.pkey || (*key == s.pkey && i <= s.pid))) return 0.0;
+    return p;
+}
+
+/* The total weight of the items a pass covers; every thread gets it. */
+static __device__ double cu_pass(const srow &s, int wm, int pm, uint32_t kmin, int idmax, double *red) {
+    double acc = 0;
+    for (int i = threadIdx.x; i < s.V; i += blockDim.x) {
+        uint32_t key;
+        const double w = cu_item(s, i, wm, &key);
+        const bool in = pm == P_GE ? key >= kmin : pm == P_EQ ? (key == kmin && i <= idmax) : i <= idmax;
+        if (in) acc += w;
+    }
+    return cu_block_sum(acc, red);
+}
+
+/* The largest id of an item with positive weight (and key == kmin when eq):
+ * the last member when rounding leaves a target past every item. -1 if none. */
+static __device__ int cu_last_id(const srow &s, int wm, bool eq, uint32_t kmin, int *redi) {
+    int best = INT32_MAX; /* min of -id */
+    for (int i = threadIdx.x; i < s.V; i += blockDim.x) {
+        uint32_t key;
+        if (cu_item(s, i, wm, &key) > 0.0 && (!eq || key == kmin)) best = cu_imin(best, -i);
+    }
+    best = cu_block_min_int(best, redi);
+    return best == INT32_MAX ? -1 : -best;
+}
+
+static __device__ __forceinline__ bool cu_reach(double w, double target, bool strict) {
+    return strict ? w > target : w >= target;
+}
+
+/* The first item, in (key desc, id asc) order, at which the running weight
+ * from the top reaches target (exceeds it when strict): its key and id.
+ * false when the total never does (rounding). Every pass is a block sum, so
+ * every thread takes the same branches. */
+static __device__ bool cu_select(const srow &s, int wm, double target, bool strict, uint32_t *okey, int *oid,
+                                 double *red, int *redi) {
+    if (!cu_reach(cu_pass(s, wm, P_GE, 0, 0, red), target, strict)) return false;
+    uint32_t t = 0; /* the largest key whose items and better ones reach the target */
+    for (int bit = 31; bit >= 0; bit--) {
+        const uint32_t c = t | (1u << bit);
+        if (cu_reach(cu_pass(s, wm, P_GE, c, 0, red), target, strict)) t = c;
+    }
+    const double above = t == 0xffffffffu ? 0.0 : cu_pass(s, wm, P_GE, t + 1, 0, red);
+    /* the items tied on t, in id order: the first whose prefix reaches */
+    int lo = 0, hi = s.V - 1;
+    if (!cu_reach(above + cu_pass(s, wm, P_EQ, t, hi, red), target, strict)) {
+        /* the sums above and below t rounded apart: the last tied item */
+        lo = cu_last_id(s, wm, true, t, redi);
+        if (lo < 0) return false;
+    } else {
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (cu_reach(above + cu_pass(s, wm, P_EQ, t, mid, red), target, strict))
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+    }
+    *okey = t;
+    *oid = lo;
+    return true;
+}
+
+static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t ld, const float *u, float invT,
+                                int top_k, float top_p, int greedy) {
+    __shared__ double red[32];
+    __shared__ float redf[32];
+    __shared__ int redi[32];
+    const int b = blockIdx.x;
+    srow s;
+    s.lg = logits + (size_t)b * ld;
+    s.V = V;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, s.lg[i]);
+    m = cu_block_max(m, redf);
+    if (greedy) {
+        /* argmax, ties to the lowest id */
+        int best = INT32_MAX;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            if (s.lg[i] == m) best = cu_imin(best, i);
+        best = cu_block_min_int(best, redi);
+        if (threadIdx.x == 0) tok[b] = best == INT32_MAX ? 0 : best;
+        return;
+    }
+    s.topk = top_k > 0 && top_k < V;
+    s.mx = m;
+    s.invT = invT;
+    s.kkey = 0;
+    s.kid = V;
+    s.pkey = 0;
+    s.pid = V;
+    int last = V - 1; /* the last member in the top-k order (top-k path) */
+    if (s.topk) {
+        uint32_t k;
+        int id;
+        /* counts are exact in double, so this always finds the k-th */
+        if (cu_select(s, W_ONE_K, (double)top_k, false, &k, &id, red, redi)) {
+            s.kkey = k;
+            s.kid = id;
+            last = id;
+        }
+    }
+    const double sum = cu_pass(s, W_PROB_K, P_GE, 0, 0, red);
+    double mass = sum;
+    if (top_p < 1.0f) {
+        uint32_t k;
+        int id;
+        if (cu_select(s, W_PROB_K, (double)top_p * sum, false, &k, &id, red, redi)) {
+            s.pkey = k;
+            s.pid = id;
+            last = id;
+            mass = cu_pass(s, W_PROB_P, P_GE, 0, 0, red);
+        }
+    }
+    const double r = (double)u[b] * mass;
+    int t;
+    if (s.topk) {
+        /* inverse CDF in the top-k order: the first member past r */
+        uint32_t k;
+        int id;
+        t = cu_select(s, W_PROB_P, r, true, &k, &id, red, redi) ? id : last;
+    } else if (cu_pass(s, W_PROB_P, P_ID, 0, V - 1, red) > r) {
+        /* inverse CDF in id order: the smallest x whose members up to x pass r */
+        int lo = 0, hi = V - 1;
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (cu_pass(s, W_PROB_P, P_ID, 0, mid, red) > r)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        t = lo;
+    } else {
+        /* rounding left r past every member: the last one in id order */
+        t = cu_last_id(s, W_PROB_P, false, 0, redi);
+        if (t < 0) t = V - 1;
+    }
+    if (threadIdx.x == 0) tok[b] = t;
+}
+
+static void cu_sample(tlm_ops *o, int32_t *tokens, const float *logits, int B, int V, size_t ld, const float *u,
+                      float temperature, int top_k, float top_p) {
+    cu_ctx *c = cu_of(o);
+    if (B <= 0) return;
+    const size_t tb = (size_t)B * sizeof(int32_t);
+    const int greedy = temperature == 0.0f || top_k == 1;
+    if (!c->failed && V < 1) cu_fail(c, "sample: vocabulary size %d must be positive", V);
+    /* tokens, then the uniforms (4-byte aligned after B int32s) */
+    char *s = c->failed ? NULL : (char *)cu_scratch(c, 2 * tb);
+    if (s) {
+        int32_t *dtok = (int32_t *)s;
+        float *du = (float *)(s + tb);
+        /* the uniforms ride the stream with the step's other small copies */
+        if (!greedy) CU_OK(c, cudaMemcpyAsync(du, u, tb, cudaMemcpyHostToDevice, c->stream));
+        if (!c->failed) {
+            CU_LAUNCH(k_sample, (unsigned)B, SAMPLE_THREADS, c->stream, dtok, logits, V, ld, (const float *)du,
+                      greedy ? 0.0f : 1.0f / temperature, top_k, top_p, greedy);
+            cu_after(c, "sample");
+        }
+        if (!c->failed && CU_OK(c, cudaMemcpyAsync(tokens, dtok, tb, cudaMemcpyDeviceToHost, c->stream)) &&
+            cu_host_wait(c, c->stream, "cudaStreamSynchronize (sample)"))
+            return;
+    }
+    memset(tokens, 0xff, tb); /* -1: the caller stops on the status */
+    cu_report(c->err);
+}
+
+void cu_sample_install(tlm_ops *o) { o->sample = cu_sample; }
