@@ -365,6 +365,8 @@ typedef struct {
     long long peak_rss;
     int gen_context;
     char mem_note[96];
+    double load_start; /* 1-minute load average before the first figure, < 0 unknown */
+    int ncpu;
 } bench_results;
 
 static void print_json(const bench_flags *g, const tlm_config *c, int threads, const tlm_ops *ops,
@@ -439,6 +441,7 @@ static void print_json(const bench_flags *g, const tlm_config *c, int threads, c
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)R->peak_rss);
         cJSON_AddStringToObject(j, "peak_rss_of", R->mem_note);
     }
+    if (R->load_start >= 0) cJSON_AddNumberToObject(j, "load_average_start", R->load_start);
     char *s = cJSON_Print(j);
     printf("%s\n", s);
     free(s);
@@ -454,6 +457,10 @@ static void print_table(const bench_flags *g, const tlm_config *c, int threads, 
     printf("tinylm bench %s, %s\n", TLM_VERSION_STRING, date);
     if (ops) printf("  device    %s\n", ops->device_desc);
     else printf("  device    %s, %d thread%s, %s\n", ci->model, threads, threads == 1 ? "" : "s", ci->blas);
+    if (R->load_start >= 0)
+        printf("  machine   load average %.2f on %d CPU%s at the start%s\n", R->load_start, R->ncpu,
+               R->ncpu == 1 ? "" : "s",
+               R->load_start >= 0.5 * R->ncpu ? " (busy: other work lowers every figure)" : "");
     printf("  model     vocab %d, dim %d, layers %d, heads %d, hidden %d, context %d: %s parameters, %s in matrix products\n",
            c->vocab, c->dim, c->layers, c->heads, c->hidden, c->context,
            fmt_thousands((double)config_param_count(c), a, sizeof a), fmt_thousands((double)bench_matmul_params(c), b, sizeof b));
@@ -554,6 +561,10 @@ int cmd_bench(int argc, char **argv) {
     bench_results R;
     memset(&R, 0, sizeof R);
     R.gen_context = gc.context;
+    /* Other work on the machine lowers every figure: say how busy it was
+     * when the run began (the run's own threads come after). */
+    if (getloadavg(&R.load_start, 1) != 1) R.load_start = -1;
+    R.ncpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
     bench_train_opts to = {(int)g.batch, (int)g.steps, (int)g.warmup, (uint64_t)g.seed};
     /* Training in-process when nothing else is measured (this is the child,
      * or the user asked for training alone); otherwise in a fresh process. */
