@@ -77,6 +77,7 @@
 
 #include "backends/cpu/cpu_internal.h"
 #include "backends/cpu/cpu_team.h"
+#include "backends/cpu/cpu_train.h"
 #include "ops/ops.h"
 #include "util/common.h"
 
@@ -320,29 +321,9 @@ static void ci_stage_f32(float *dst, const float *x, int K, const float *nw, flo
 static inline float ci_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 #if defined(CI_AVX512)
-/* e^x for x in float range: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
- * polynomial to r^7 (relative error < 1e-7), scaled by 2^n with scalef
- * (which also takes care of under- and overflow). */
-static inline __m512 ci_exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
+/* e^x: cpu_exp512 of cpu_train.h, shared with the training kernels */
 static inline __m512 ci_silu_mul512(__m512 g, __m512 u) {
-    __m512 e = ci_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    __m512 e = cpu_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
 }
 
@@ -1026,7 +1007,7 @@ static inline __attribute__((always_inline)) void ci_attn_row512(const int HC, c
             /* pass 2: probabilities (masked tail lanes hold -inf -> 0) */
             const __m512 mv = _mm512_set1_ps(mx);
             for (int j0 = 0; j0 < n; j0 += 16) {
-                __m512 p = _mm512_maskz_mov_ps(ci_mask(n - j0), ci_exp512(_mm512_sub_ps(_mm512_load_ps(sc + j0), mv)));
+                __m512 p = _mm512_maskz_mov_ps(ci_mask(n - j0), cpu_exp512(_mm512_sub_ps(_mm512_load_ps(sc + j0), mv)));
                 lsum = _mm512_add_ps(lsum, p);
                 _mm512_store_ps(sc + j0, p);
             }
