@@ -14,7 +14,7 @@
 # libraries, pkg-config files, pkgconf) into build-gpudeps/deps.tar.xz
 # (about 5 MB); the GPU run unpacks it into /tmp when a library is missing.
 # The device call then carries it:
-#     run(command="bash bench/gpu_check.sh", carry=["build-gpudeps"], timeout_s=540)
+#     run(command="bash bench/gpu_check.sh", carry=["build-gpudeps", "data/sotu-prep"], timeout_s=540)
 #
 # Steps, in this order, with their time limits (about 7 minutes in all on an
 # H100 with 16 cores; a step that would end past TLM_GPU_CHECK_BUDGET seconds,
@@ -29,6 +29,9 @@
 #     1024 streams, the fp32 sgemm peak                         ~ 6 x 60 s
 #   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
 #     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
+#   200 training steps on the default corpus in bf16 on the GPU, val
+#     losses against the CPU's fp32 run (bench/results/cpu200-metrics.jsonl;
+#     needs data/sotu-prep carried), within 1% at every eval           120 s
 #   ctest, everything else (its CLI tests run on the GPU: --device auto) 120 s
 # A step that fails or times out is reported in the table; the rest still run.
 # Environment: TLM_GPU_CHECK_QUICK=1 skips the sanitizers and ctest (a
@@ -195,6 +198,32 @@ if [ -x "$bin" ]; then
   # auto of generation), whatever TLM_CUDA_DTYPE says
   step bench_gen 90 "$bin" "${B[@]}" --only gen,prompt --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
   step bench_sgemm 60 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
+
+  # ---- 200 steps on the default corpus: the GPU (bf16) curve against the
+  # CPU's (fp32), committed in bench/results/cpu200-metrics.jsonl; needs the
+  # prepared corpus carried along (carry data/sotu-prep) ----
+  ref="$root/bench/results/cpu200-metrics.jsonl"
+  if [ -f "$root/data/sotu-prep/train.bin" ] && [ -f "$ref" ]; then
+    rm -rf "$w/run200"
+    if step curve200 120 "$bin" train --data "$root/data/sotu-prep" --out "$w/run200" --preset seed --batch 16 \
+         --lr 1e-3 --min-lr 1e-4 --warmup 100 --max-steps 200 --eval-every 50 --seed 1337 --device cuda; then
+      RES[curve200_bf16_vs_cpu]="$(python3 - "$ref" "$w/run200/metrics.jsonl" <<'EOF2'
+import json, sys
+def vals(p):
+    return {r["step"]: r["val_loss"] for r in map(json.loads, open(p)) if r.get("val_loss") is not None}
+cpu, gpu = vals(sys.argv[1]), vals(sys.argv[2])
+worst = max(abs(gpu[s] - cpu[s]) / cpu[s] for s in cpu if s in gpu) if set(cpu) & set(gpu) else None
+pairs = " ".join(f"{s}:{gpu.get(s, float('nan')):.4f}/{cpu[s]:.4f}" for s in sorted(cpu))
+print(("ok" if worst is not None and worst <= 0.01 and set(cpu) <= set(gpu) else "FAILED") +
+      f" (val gpu/cpu {pairs}; worst {100 * worst:.2f}% of 1%)" if worst is not None else "FAILED (no common evals)")
+EOF2
+)"
+    else
+      RES[curve200_bf16_vs_cpu]="FAILED (see curve200.log)"
+    fi
+  else
+    RES[curve200_bf16_vs_cpu]="skipped: carry data/sotu-prep (and bench/results/cpu200-metrics.jsonl)"
+  fi
 fi
 
 # ---- benchmark: PyTorch ----
@@ -218,7 +247,8 @@ log "done in $(( $(date +%s) - t_start ))s"
 {
 echo
 echo "==================== gpu_check: $gpu_name, $(date -u +%Y-%m-%d) ===================="
-for k in build test_cuda ctest memcheck_train racecheck_train memcheck_generate racecheck_generate gpu_to_cpu_resume; do
+for k in build test_cuda ctest memcheck_train racecheck_train memcheck_generate racecheck_generate gpu_to_cpu_resume \
+         curve200_bf16_vs_cpu; do
   [ -n "${RES[$k]:-}" ] && printf '%-20s %s\n' "$k" "${RES[$k]}"
 done
 python3 - "$logs" <<'EOF'
