@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "infer/infer.h"
+#include "util/fastexp.h"
 
 #define SAMPLER_BUCKETS 256 /* sub-buckets of nucleus_threshold */
 
@@ -104,30 +105,6 @@ static void select_top_k(const float *lg, int V, int k, int32_t *idx) {
 }
 
 /* ---- top-p without top-k: a histogram over probability buckets ------- */
-
-/* e^x for x <= 0, written so that the loop over the vocabulary vectorises
- * (expf does not): x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor
- * series to r^7 (relative error < 1e-7), 2^n built in the exponent bits.
- * Below -87 the result stays e^-87 (~1.6e-38): such a token is never drawn
- * by a 24-bit uniform, as it would not be with the exact value. */
-static inline float sampler_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187e-06f;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 static inline int prob_better(const float *p, int32_t a, int32_t b) {
     return p[a] > p[b] || (p[a] == p[b] && a < b);
@@ -278,7 +255,7 @@ int32_t sampler_sample_u(tlm_sampler *s, const float *logits, float u) {
     float fsum = 0;
 #pragma omp simd reduction(+ : fsum)
     for (int i = 0; i < V; i++) {
-        prob[i] = sampler_expf((logits[i] - mx) * invT);
+        prob[i] = tlm_expf((logits[i] - mx) * invT);
         fsum += prob[i];
     }
     double mass = fsum;

@@ -366,7 +366,7 @@ static float cpu_attn_row(float *out, const float *q, const float *k, const floa
     float sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < nk; j++) {
-        s[j] = cpu_expf(s[j] - mx);
+        s[j] = tlm_expf(s[j] - mx);
         sum += s[j];
     }
     float inv = 1.0f / sum;
@@ -570,7 +570,7 @@ static void swiglu_fwd_part(void *arg, long n0, long n1) {
         const float *g = j->gu + (size_t)n * 2 * F, *u = g + F;
         float *ar = j->a + (size_t)n * F;
 #pragma omp simd
-        for (int f = 0; f < F; f++) ar[f] = g[f] / (1.0f + cpu_expf(-g[f])) * u[f];
+        for (int f = 0; f < F; f++) ar[f] = g[f] / (1.0f + tlm_expf(-g[f])) * u[f];
     }
 }
 
@@ -587,7 +587,7 @@ static void swiglu_bwd_part(void *arg, long n0, long n1) {
         float *dg = j->dgu + (size_t)n * 2 * F, *du = dg + F;
 #pragma omp simd
         for (int f = 0; f < F; f++) {
-            float sig = 1.0f / (1.0f + cpu_expf(-g[f]));
+            float sig = 1.0f / (1.0f + tlm_expf(-g[f]));
             dg[f] = d[f] * u[f] * sig * (1.0f + g[f] * (1.0f - sig));
             du[f] = d[f] * g[f] * sig;
         }
@@ -630,7 +630,7 @@ static void xent_part(void *arg, long n0, long n1) {
             /* keep the exponentials so they are computed once */
 #pragma omp simd reduction(+ : sum)
             for (int i = 0; i < V; i++) {
-                x[i] = cpu_expf(x[i] - mx);
+                x[i] = tlm_expf(x[i] - mx);
                 sum += x[i];
             }
             float c = (float)(dscale / sum);
@@ -639,7 +639,7 @@ static void xent_part(void *arg, long n0, long n1) {
             x[tgt] -= dscale;
         } else {
 #pragma omp simd reduction(+ : sum)
-            for (int i = 0; i < V; i++) sum += cpu_expf(x[i] - mx);
+            for (int i = 0; i < V; i++) sum += tlm_expf(x[i] - mx);
         }
         /* (mx - xt) first: exact for nearby values, where adding log(sum)
          * to a large mx first would round away the loss's low digits */
@@ -652,20 +652,6 @@ static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
     xent_job j = {.logits = logits, .losses = losses, .targets = targets, .V = V, .want_grad = want_grad,
                   .dscale = dscale};
     cpu_team_range(o->threads, N, CPU_PAR_MIN, V, xent_part, &j);
-}
-
-/* The batch loss: the sum in double, in row order, then one division, so
- * it is the same number the host computed from copied-back losses. */
-static void cpu_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
-    (void)o;
-    double sum = 0.0;
-    long count = 0;
-    for (int i = 0; i < N; i++) {
-        if (targets[i] < 0) continue;
-        sum += losses[i];
-        count++;
-    }
-    out[0] = count ? (float)(sum / (double)count) : 0.0f;
 }
 
 /* ---- optimizer ---------------------------------------------------------- */
@@ -792,7 +778,7 @@ tlm_ops *cpu_ops_create(int threads) {
     o->swiglu_fwd = cpu_swiglu_fwd;
     o->swiglu_bwd = cpu_swiglu_bwd;
     o->xent = cpu_xent;
-    o->loss_mean = cpu_loss_mean;
+    o->loss_mean = cpu_loss_mean; /* cpu_ref.c: a serial sum either way */
     o->sumsq = cpu_sumsq;
     o->adamw = cpu_adamw;
     o->destroy = cpu_destroy;

@@ -291,7 +291,7 @@ static void ref_xent(tlm_ops *o, float *logits, float *losses, const int32_t *ta
 
 /* The batch loss: the sum in double, in row order, then one division, so
  * it is the same number the host computed from copied-back losses. */
-static void ref_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
+void cpu_loss_mean(tlm_ops *o, float *out, const float *losses, const int32_t *targets, int N) {
     (void)o;
     double sum = 0.0;
     long count = 0;
@@ -359,7 +359,7 @@ tlm_ops *cpu_ref_ops_create(void) {
     o->swiglu_fwd = ref_swiglu_fwd;
     o->swiglu_bwd = ref_swiglu_bwd;
     o->xent = ref_xent;
-    o->loss_mean = ref_loss_mean;
+    o->loss_mean = cpu_loss_mean;
     o->sumsq = ref_sumsq;
     o->adamw = ref_adamw;
     o->destroy = ref_destroy;

@@ -191,10 +191,7 @@ static void cpu_range_chunk(void *arg, int c) {
 void cpu_team_range(int threads, long n, long min_work, long work_per_item, cpu_range_fn fn, void *arg) {
     if (n <= 0) return;
     if (threads < 1 || n * work_per_item < min_work) threads = 1;
-    /* a few chunks per thread: a thread that runs while another does not
-     * takes over the idle one's share */
-    long nch = threads == 1 ? 1 : (long)threads * CPU_TEAM_CHUNKS_PER_THREAD;
-    if (nch > n) nch = n;
+    long nch = threads < n ? threads : n;
     cpu_range_job j = {.fn = fn, .arg = arg, .n = n, .nchunks = (int)nch};
     cpu_team_run(threads, (int)nch, cpu_range_chunk, &j);
 }

@@ -22,38 +22,7 @@
 #include <string.h>
 
 #include "ops/ops.h"
-
-/* exp(x) for float, written so that loops calling it vectorise (glibc's
- * expf only does without -ffast-math). x = n ln2 + r with |r| <= ln2/2, then
- * e^r by its Taylor series to r^7 (truncation < 1e-8 relative) and 2^n by
- * building the float exponent directly. Input is clamped to [-87, 88] so
- * 2^n stays a normal float; e^-87 ~ 1.6e-38 stands in for anything smaller,
- * which is harmless for softmax and sigmoid. */
-static inline float cpu_expf(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    /* round to nearest by adding and removing 1.5 * 2^23 (no floorf, which
-     * some compilers will not vectorise under a mask) */
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    /* ln2 split in a high part exact in float times small n, and the rest */
-    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    /* NaN slips past the clamps (every comparison with it is false) and
-     * converting it to int is undefined; use 0 there: r is NaN already, so
-     * the result stays NaN and a diverging run is still detected. */
-    n = (n == n) ? n : 0.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
+#include "util/fastexp.h"
 
 #if defined(__AVX512F__)
 #define CPU_HAVE_KERNELS 1
@@ -87,7 +56,7 @@ void cpu_attn_bwd_blocked(float *ws, int nt, float *dqkv, const float *dout, con
 #if CPU_HAVE_KERNELS
 #include <immintrin.h>
 
-/* cpu_expf on 16 lanes, the same steps with fused multiply-adds (so not
+/* tlm_expf (util/fastexp.h) on 16 lanes, the same steps with fused multiply-adds (so not
  * bit-identical to it, but as accurate). */
 static inline __m512 cpu_exp512(__m512 x) {
     /* x second: on NaN, max and min return their second operand, so a

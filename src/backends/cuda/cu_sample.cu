@@ -23,7 +23,7 @@
  * Probabilities are recomputed from the logits in every pass rather than
  * stored: a pass is then one read of the row (L2 resident for a block)
  * and gives bit-identical values each time. The whole-vocabulary path
- * uses the host's own exp polynomial (sampler_expf) with unfused
+ * uses the host's own exp polynomial (tlm_expf, util/fastexp.h) with unfused
  * operations, so its probabilities are bitwise the host's; the top-k path
  * uses expf like the host (the device's may differ by an ulp).
  *
@@ -45,7 +45,7 @@ static __device__ __forceinline__ uint32_t cu_logit_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-/* sampler.c's sampler_expf, operation for operation and unfused, so the
+/* util/fastexp.h's tlm_expf, operation for operation and unfused, so the
  * whole-vocabulary probabilities are bitwise the host's. */
 static __device__ __forceinline__ float cu_sampler_expf(float x) {
     x = x < -87.0f ? -87.0f : x;
