@@ -27,6 +27,8 @@
 #   tinylm bench --device cuda, seed preset, context 256: training at batch
 #     64 and 256 in fp32 and bf16 (TLM_CUDA_DTYPE), generation with 1 and
 #     1024 streams, the fp32 sgemm peak                         ~ 6 x 60 s
+#   tinylm bench --only loader at batch 64 and 256 (bf16): steps fed by the
+#     real loader vs the batch already on the device (target <= 1.02)  2 x 60 s
 #   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
 #     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
 #   200 training steps on the default corpus in bf16 on the GPU, val
@@ -198,6 +200,13 @@ if [ -x "$bin" ]; then
   # auto of generation), whatever TLM_CUDA_DTYPE says
   step bench_gen 90 "$bin" "${B[@]}" --only gen,prompt --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
   step bench_sgemm 60 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
+  # the data pipeline: steps fed by the loader (pinned ring, uploads on the
+  # copy stream) against steps on a batch already on the device, alternating
+  # blocks; the real corpus when carried, else synthetic tokens
+  LD=(); [ -f "$root/data/sotu-prep/train.bin" ] && LD=(--data "$root/data/sotu-prep")
+  for b in 64 256; do
+    TLM_CUDA_DTYPE=bf16 step "bench_loader_b$b" 60 "$bin" "${B[@]}" --only loader --batch $b --loader-rounds 3 "${LD[@]}"
+  done
 
   # ---- 200 steps on the default corpus: the GPU (bf16) curve against the
   # CPU's (fp32), committed in bench/results/cpu200-metrics.jsonl; needs the
@@ -258,13 +267,15 @@ def load(name):
     p = os.path.join(d, name + ".log")
     if not os.path.exists(p):
         return None
-    for line in reversed(open(p, errors="replace").read().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                pass
+    # the last JSON object of the log: tinylm prints it over many lines
+    # (cJSON_Print), PyTorch's script on one; progress lines may precede it
+    text = open(p, errors="replace").read()
+    starts = [i for i in range(len(text)) if text[i] == "{" and (i == 0 or text[i - 1] == "\n")]
+    for i in reversed(starts):
+        try:
+            return json.JSONDecoder().raw_decode(text[i:])[0]
+        except ValueError:
+            pass
     return None
 tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_bf16_b64",
                            "bench_train_bf16_b256", "bench_gen", "bench_sgemm"]}
@@ -308,6 +319,11 @@ for name, k, mode, b, target in rows:
 for s, target in ((1, ">= 5,000"), (1024, ">= 1.25M")):
     print(f"{'gen tok/s ' + str(s) + ' stream' + ('s' if s > 1 else '') + ' (bf16)':34} "
           f"{fmt(tl_gen('bench_gen', s)):>10} {'':>6} {fmt(torch_gen(s)):>10}  {target}")
+for b in (64, 256):
+    l = (load(f"bench_loader_b{b}") or {}).get("loader") or {}
+    r = l.get("ratio")
+    print(f"{'loader/on-device step b' + str(b) + ' bf16':34} {(f'{r:.3f}' if r else '-'):>10} {'':>6} {'':>10}  "
+          f"<= 1.02{' (pinned)' if l.get('pinned') else (' (NOT pinned)' if l else '')}")
 pr = (tl.get("bench_gen") or {}).get("prompt_tokens_per_s")
 print(f"{'prompt tok/s (1 stream, 128)':34} {fmt(pr):>10}")
 sg = (tl.get("bench_sgemm") or {}).get("sgemm_gflops")

@@ -111,8 +111,37 @@ if tr -d ' \n\t' <"$tmp/gd.json" | grep -qE '"streams":1,"dtype":"int8".*"stream
   ok "--gen-dtype int8,ref --json: dtype per entry"
 else bad "--gen-dtype int8,ref --json: $(head -c 600 "$tmp/gd.json") $(cat "$tmp/err")"; fi
 
+# --only loader: blocks with the batch on the device alternate with blocks fed by the loader.
+"$bin" bench --only loader --json --loader-rounds 2 --workers 1 --prefetch 2 "${small[@]}" >"$tmp/l.json" 2>"$tmp/err"
+if [ -n "$py" ] && "$py" - "$tmp/l.json" <<EOF >"$tmp/lcheck" 2>&1
+import json, sys
+j = json.load(open(sys.argv[1]))
+l = j["loader"]
+assert "train_tokens_per_s" not in j and "gen" not in j, "only the loader part"
+assert l["data"] == "synthetic" and l["workers"] == 1 and l["prefetch"] == 2
+assert l["steps_each"] == 2 * $STEPS, l
+assert l["pinned"] is False, "the CPU hands out ordinary memory"
+assert l["resident_step_s"] > 0 and l["loader_step_s"] > 0
+assert abs(l["ratio"] - l["loader_step_s"] / l["resident_step_s"]) < 1e-9 * l["ratio"]
+assert abs(l["loader_tokens_per_s"] * l["loader_step_s"] - $B * $T) < 1e-6 * $B * $T
+EOF
+then ok "--only loader --json: both step times and their ratio"
+else bad "--only loader: $(head -c 600 "$tmp/l.json") $(cat "$tmp/err" "$tmp/lcheck" 2>/dev/null)"; fi
+# on a prepared folder (its train.bin), in the table
+"$bin" prepare --input "$tmp/corpus" --out "$tmp/prep" --vocab $V --val-fraction 0.2 >/dev/null 2>"$tmp/err" || bad "prepare for --data: $(cat "$tmp/err")"
+if "$bin" bench --only loader --data "$tmp/prep" --loader-rounds 1 "${small[@]}" >"$tmp/lt" 2>"$tmp/err" \
+   && grep -qF "step ms, batch on the device ($STEPS steps)" "$tmp/lt" && grep -qF "step ms, batch from the loader ($STEPS steps)" "$tmp/lt" \
+   && grep -qF "loader / on-device step time" "$tmp/lt" && grep -qF "data $tmp/prep, 2 workers, 4 ring slots" "$tmp/lt"; then
+  ok "--only loader --data DIR: table rows"
+else bad "--only loader --data DIR: $(cat "$tmp/lt" "$tmp/err")"; fi
+expect_error "--data missing" "--data: .*nope" "$bin" bench --only loader --data "$tmp/nope" "${small[@]}"
+expect_error "--data vocabulary larger than the model's" "use --vocab $V" "$bin" bench --only loader --data "$tmp/prep" \
+  --vocab 260 --dim $D --layers $L --heads 2 --hidden $F --context $T --batch 1 --steps 1
+
 # ---- help and bad flags ----------------------------------------------------------------
-if "$bin" bench --help | grep -q "6 x P_matmul + 6 x L x D x (T + 1)"; then ok "--help documents the FLOP count"; else bad "--help documents the FLOP count"; fi
+# (into a file: grep -q on a pipe may quit before the help is written, and pipefail would see SIGPIPE)
+"$bin" bench --help >"$tmp/help" 2>&1
+if grep -q "6 x P_matmul + 6 x L x D x (T + 1)" "$tmp/help" && grep -q -- "--loader-rounds" "$tmp/help"; then ok "--help documents the FLOP count"; else bad "--help documents the FLOP count"; fi
 if "$bin" --help | grep -q "bench"; then ok "tinylm --help lists bench"; else bad "tinylm --help lists bench"; fi
 expect_error "unknown flag" "unknown flag '--frobnicate'" "$bin" bench --frobnicate
 expect_error "--steps 0" "--steps 0 is out of range" "$bin" bench --steps 0

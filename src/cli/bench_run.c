@@ -117,6 +117,134 @@ out:
     return rc;
 }
 
+/* ---- the data pipeline's cost ---------------------------------------------------- */
+
+/* One training step as the trainer runs it; with a feed, its batch comes
+ * from the loader first, else the last staged batch is used again. */
+static int bench_loader_step(tlm_model *m, tlm_adamw *adam, tlm_feed *feed, int B, int T, float grad_scale,
+                             float *stats, int t) {
+    model_zero_grad(m);
+    if (feed && feed_next(feed, B, T)) return -1;
+    if (model_step(m, grad_scale, stats)) return -1;
+    adamw_grad_norm_async(adam, m, stats + 1);
+    adamw_update(adam, m, 1e-3, 0.1, 1.0, t);
+    return 0;
+}
+
+int bench_loader(tlm_ops *ops, const tlm_config *cfg, const bench_loader_opts *o, bench_loader_result *r) {
+    memset(r, 0, sizeof *r);
+    const int B = o->batch, T = cfg->context;
+    if (B < 1 || o->steps < 1 || o->rounds < 1 || o->warmup_steps < 0)
+        return tlm_errorf("bench: --batch, --steps and --loader-rounds must be positive");
+    tlm_tokfile syn;
+    memset(&syn, 0, sizeof syn);
+    const tlm_tokfile *data = o->data;
+    if (data && data->vocab > cfg->vocab)
+        return tlm_errorf("the --data tokens have vocabulary %d but the model %d: use --vocab %d", data->vocab,
+                          cfg->vocab, data->vocab);
+    if (!data) {
+        /* Synthetic tokens in memory, 8 batches per epoch: the loader's
+         * work per batch (gather B windows in a shuffled order, copy them
+         * into its ring) does not depend on the values. */
+        uint64_t count = (uint64_t)8 * B * T + 1;
+        int32_t *tmp = malloc(count * sizeof *tmp);
+        uint16_t *tok16 = malloc(count * sizeof *tok16);
+        if (!tmp || !tok16 || cfg->vocab > 65536) {
+            free(tmp);
+            free(tok16);
+            return tlm_errorf("out of memory for the loader benchmark's %llu synthetic tokens",
+                              (unsigned long long)count);
+        }
+        bench_random_tokens(tmp, (int)count, cfg->vocab, o->seed ^ 0x10adULL);
+        for (uint64_t i = 0; i < count; i++) tok16[i] = (uint16_t)tmp[i];
+        free(tmp);
+        syn.vocab = cfg->vocab;
+        syn.token_bytes = 2;
+        syn.count = count;
+        syn.ndocs = 1;
+        syn.tokens = tok16;
+        snprintf(syn.path, sizeof syn.path, "(synthetic tokens)");
+        data = &syn;
+    }
+    if ((data->count - 1) / (uint64_t)T < (uint64_t)B) {
+        tlm_errorf("%s has %llu tokens, fewer than one batch of %d x %d: use a smaller --batch", data->path,
+                   (unsigned long long)data->count, B, T);
+        free((void *)syn.tokens);
+        return -1;
+    }
+    tlm_model m;
+    tlm_adamw adam;
+    memset(&adam, 0, sizeof adam);
+    tlm_loader *ld = NULL;
+    tlm_feed feed;
+    memset(&feed, 0, sizeof feed);
+    int have_model = 0, have_adam = 0, rc = -1;
+    const int nsteps = o->warmup_steps + 1 + 2 * o->rounds * o->steps;
+    float *stats_dev = NULL, *stats = NULL;
+    if (model_create(&m, cfg, ops)) goto out;
+    have_model = 1;
+    model_init_random(&m, o->seed);
+    if (model_alloc_train(&m, B, T)) goto out;
+    if (adamw_create(&adam, ops, m.nparams)) goto out;
+    have_adam = 1;
+    stats_dev = ops->alloc(ops, (size_t)2 * nsteps * sizeof(float));
+    stats = malloc((size_t)2 * nsteps * sizeof(float));
+    if (!stats_dev || !stats) {
+        tlm_errorf("out of memory for the benchmark's %d step statistics", nsteps);
+        goto out;
+    }
+    ld = loader_create(data, B, T, o->seed, o->workers, o->prefetch, ops);
+    if (!ld) goto out;
+    r->pinned = loader_pinned(ld);
+    feed_init(&feed, ld, &m, o->prefetch);
+    const float grad_scale = 1.0f / (float)((size_t)B * (size_t)T);
+    int s = 0;
+    /* warm-up through the loader (its workers start, the ring fills) */
+    for (int k = 0; k < o->warmup_steps + 1; k++, s++)
+        if (bench_loader_step(&m, &adam, &feed, B, T, grad_scale, stats_dev + 2 * s, s + 1)) goto out;
+    double tsum[2] = {0, 0};
+    for (int round = 0; round < o->rounds; round++)
+        for (int half = 0; half < 2; half++) {
+            /* alternate which kind goes first, so a drifting machine
+             * (clocks, other work) weighs on both alike */
+            const int use_loader = (round + half) % 2;
+            ops->sync(ops);
+            const double t0 = tlm_now();
+            for (int k = 0; k < o->steps; k++, s++)
+                if (bench_loader_step(&m, &adam, use_loader ? &feed : NULL, B, T, grad_scale, stats_dev + 2 * s,
+                                      s + 1))
+                    goto out;
+            ops->sync(ops);
+            tsum[use_loader] += tlm_now() - t0;
+        }
+    if (ops_status(ops)) goto out;
+    ops->copy_d2h(ops, stats, stats_dev, (size_t)2 * nsteps * sizeof(float));
+    for (int k = 0; k < nsteps; k++)
+        if (!isfinite(stats[2 * k]) || !isfinite(stats[2 * k + 1])) {
+            tlm_errorf("bench: loader benchmark step %d gave a non-finite loss or gradient", k + 1);
+            goto out;
+        }
+    r->steps = (long long)o->rounds * o->steps;
+    r->resident_step_s = tsum[0] / (double)r->steps;
+    r->loader_step_s = tsum[1] / (double)r->steps;
+    r->ratio = r->resident_step_s > 0 ? r->loader_step_s / r->resident_step_s : 0;
+    const double tok = (double)B * (double)T;
+    r->resident_tokens_per_s = r->resident_step_s > 0 ? tok / r->resident_step_s : 0;
+    r->loader_tokens_per_s = r->loader_step_s > 0 ? tok / r->loader_step_s : 0;
+    rc = 0;
+out:
+    if (ld) {
+        feed_release(&feed, 0); /* no copy may still read a ring slot */
+        loader_destroy(ld);
+    }
+    if (stats_dev) ops->free(ops, stats_dev);
+    free(stats);
+    if (have_adam) adamw_destroy(&adam, ops);
+    if (have_model) model_destroy(&m);
+    free((void *)syn.tokens);
+    return rc;
+}
+
 /* ---- matrix-product peak ------------------------------------------------------ */
 
 int bench_sgemm(tlm_ops *ops, int n, int reps, double *gflops) {

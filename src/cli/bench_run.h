@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "data/tokfile.h"
 #include "model/model.h"
 #include "ops/ops.h"
 
@@ -55,6 +56,34 @@ typedef struct {
 /* Random-init model on ops, random tokens; each step is what the trainer does:
  * zero grads, forward + backward, global gradient norm, AdamW (clip 1). */
 int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, bench_train_result *r);
+
+/* ---- the data pipeline's cost ------------------------------------------------- */
+
+typedef struct {
+    int batch, steps, warmup_steps; /* steps: timed steps per block */
+    int rounds;                     /* blocks of each kind, alternating */
+    uint64_t seed;
+    const tlm_tokfile *data;        /* NULL: synthetic tokens held in memory */
+    int workers, prefetch;          /* the loader's, as tinylm train --workers/--prefetch */
+} bench_loader_opts;
+
+typedef struct {
+    double resident_step_s;   /* mean step time, the batch already on the device */
+    double loader_step_s;     /* mean step time, each batch from the loader (trainer's feed) */
+    double ratio;             /* loader_step_s / resident_step_s (the target: <= 1.02) */
+    double resident_tokens_per_s, loader_tokens_per_s;
+    int pinned;               /* the loader's ring is page-locked */
+    long long steps;          /* timed steps of each kind */
+} bench_loader_result;
+
+/* What the data pipeline costs a training step: blocks of `steps` steps with
+ * the batch already on the device (model_step on the last staged batch)
+ * alternate with blocks where every step takes its batch from the loader
+ * exactly as tinylm train does (feed_next: the loader's ring, the upload
+ * on the copy queue overlapping the step before), `rounds` of each, both
+ * kinds in one process on one model, each block timed from an idle device
+ * to an idle device. The model trains throughout (AdamW, clip 1). */
+int bench_loader(tlm_ops *ops, const tlm_config *cfg, const bench_loader_opts *o, bench_loader_result *r);
 
 /* ---- matrix-product peak ------------------------------------------------------ */
 

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,6 +23,7 @@
 #include "backends/cpu/cpu_info.h"
 #include "cli/bench_run.h"
 #include "cli/cli.h"
+#include "data/tokfile.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/model_infer.h"
@@ -33,7 +35,8 @@
 #define MAX_GEN_DTYPES 4
 #define PROMPT_REPS 3
 
-enum { S_TRAIN = 1, S_SGEMM = 2, S_PROMPT = 4, S_GEN = 8, S_TOK = 16, S_MEM = 32 };
+enum { S_TRAIN = 1, S_SGEMM = 2, S_PROMPT = 4, S_GEN = 8, S_TOK = 16, S_MEM = 32, S_LOADER = 64 };
+/* the default set; the loader comparison runs on request (--only loader) */
 #define S_ALL (S_TRAIN | S_SGEMM | S_PROMPT | S_GEN | S_TOK | S_MEM)
 
 static void bench_usage(FILE *f) {
@@ -64,6 +67,12 @@ static void bench_usage(FILE *f) {
             "  --gen-dtype LIST      comma-separated weight formats to generate with, each at every\n"
             "                        --streams count: auto, bf16, int8, fp32, ref (as generate\n"
             "                        --dtype; default auto, the backend's fastest); e.g. bf16,int8\n"
+            "data pipeline (--only loader)\n"
+            "  --data PATH           a folder from tinylm prepare (its train.bin) or a token file;\n"
+            "                        without it, synthetic tokens held in memory\n"
+            "  --workers N           loader threads, as tinylm train (default 2)\n"
+            "  --prefetch N          loader ring slots, as tinylm train (default 4)\n"
+            "  --loader-rounds N     alternating blocks of --steps steps of each kind (default 3)\n"
             "tokenizer\n"
             "  --corpus PATH         a text file or folder of .txt files (e.g. data/sotu); without it\n"
             "                        the tokenizer is not measured\n"
@@ -73,7 +82,8 @@ static void bench_usage(FILE *f) {
             "  --device D            cpu, cpu-ref, auto or cuda[:N] (default cpu)\n"
             "  --seed S              weights, tokens and sampling (default 1337)\n"
             "  --only LIST           comma-separated subset of: train, sgemm, prompt, gen, tokenizer,\n"
-            "                        memory (peak = memory); default all (tokenizer only with --corpus)\n"
+            "                        memory (peak = memory), loader; default all but loader (tokenizer\n"
+            "                        only with --corpus)\n"
             "  --json                print one JSON object instead of the table\n"
             "  -h, --help            show this help\n"
             "\n"
@@ -93,6 +103,10 @@ static void bench_usage(FILE *f) {
             "    row names), temperature 0.8, top-p 0.95. When prompt +\n"
             "    new tokens exceed --context, the generation model's context is raised to fit\n"
             "    (RoPE has no learned positions: the same weights, the true cost of those positions).\n"
+            "  loader overhead = mean training step time with every batch taken from the loader as\n"
+            "    tinylm train does (worker threads fill a ring of host buffers, page-locked where the\n"
+            "    device supports it; each upload overlaps the step before) / the same with the batch\n"
+            "    already on the device; blocks of the two kinds alternate in one process.\n"
             "  peak memory = maximum resident set size of a process that runs only the training\n"
             "    benchmark.\n",
             PROMPT_REPS);
@@ -101,10 +115,11 @@ static void bench_usage(FILE *f) {
 /* ---- flags ------------------------------------------------------------------------ */
 
 typedef struct {
-    const char *corpus, *device;
+    const char *corpus, *device, *data;
     cli_model_flags model;
     long batch, steps, warmup, gemm_size, gemm_reps;
     long prompt_tokens, gen_tokens, vocab_train, threads, seed;
+    long workers, prefetch, loader_rounds;
     int streams[MAX_STREAMS], nstreams;
     int gen_dtypes[MAX_GEN_DTYPES], ngen_dtypes; /* TLM_GEN_* */
     unsigned sections;
@@ -167,7 +182,7 @@ static int parse_only(const char *cmd, const char *flag, const char *v, void *de
     bench_flags *g = dest;
     static const struct { const char *name; unsigned bit; } names[] = {
         {"train", S_TRAIN}, {"sgemm", S_SGEMM}, {"prompt", S_PROMPT}, {"gen", S_GEN},
-        {"tokenizer", S_TOK}, {"memory", S_MEM}, {"peak", S_MEM}};
+        {"tokenizer", S_TOK}, {"memory", S_MEM}, {"peak", S_MEM}, {"loader", S_LOADER}};
     g->sections = 0;
     const char *p = v;
     for (;;) {
@@ -176,7 +191,7 @@ static int parse_only(const char *cmd, const char *flag, const char *v, void *de
         for (size_t k = 0; k < sizeof names / sizeof names[0]; k++)
             if (strlen(names[k].name) == n && !strncmp(p, names[k].name, n)) bit = names[k].bit;
         if (!bit) {
-            fprintf(stderr, "tinylm %s: error: %s '%s' names an unknown part '%.*s': use train, sgemm, prompt, gen, tokenizer or memory\n",
+            fprintf(stderr, "tinylm %s: error: %s '%s' names an unknown part '%.*s': use train, sgemm, prompt, gen, tokenizer, memory or loader\n",
                     cmd, flag, v, (int)n, p);
             return -1;
         }
@@ -198,6 +213,9 @@ static int parse_flags(int argc, char **argv, bench_flags *g) {
     g->prompt_tokens = 128;
     g->gen_tokens = 256;
     g->vocab_train = 2560;
+    g->workers = 2;
+    g->prefetch = 4;
+    g->loader_rounds = 3;
     g->seed = 1337;
     g->streams[0] = 1;
     g->streams[1] = 64;
@@ -218,6 +236,10 @@ static int parse_flags(int argc, char **argv, bench_flags *g) {
         CLI_FLAG_CUSTOM("--streams", parse_streams, g, NULL),
         CLI_FLAG_CUSTOM("--gen-dtype", parse_gen_dtypes, g, NULL),
         CLI_FLAG_STRING("--corpus", &g->corpus, NULL),
+        CLI_FLAG_STRING("--data", &g->data, NULL),
+        CLI_FLAG_LONG("--workers", &g->workers, NULL, 0, 256),
+        CLI_FLAG_LONG("--prefetch", &g->prefetch, NULL, 1, 1024),
+        CLI_FLAG_LONG("--loader-rounds", &g->loader_rounds, NULL, 1, 10000),
         CLI_FLAG_LONG("--vocab-train", &g->vocab_train, NULL, 257, 1 << 24),
         CLI_FLAG_LONG("--threads", &g->threads, NULL, 0, 4096),
         CLI_FLAG_STRING("--device", &g->device, NULL),
@@ -357,8 +379,9 @@ static void row(const char *label, const char *value) { printf("  %-52s %14s\n",
 /* ---- main ---------------------------------------------------------------------------- */
 
 typedef struct {
-    int have_train, have_sgemm, have_prompt, have_tok, have_mem, ngen;
+    int have_train, have_sgemm, have_prompt, have_tok, have_mem, have_loader, ngen;
     bench_train_result train;
+    bench_loader_result loader;
     double sgemm_gflops, prompt_tps;
     bench_gen_result gen[MAX_GEN_DTYPES * MAX_STREAMS]; /* dtype by dtype, streams within */
     bench_tok_result tok;
@@ -399,6 +422,19 @@ static void print_json(const bench_flags *g, const tlm_config *c, int threads, c
         cJSON_AddNumberToObject(j, "train_loss_first", R->train.loss_first);
         cJSON_AddNumberToObject(j, "train_loss_last", R->train.loss_last);
         cJSON_AddNumberToObject(j, "train_gflops", R->train.gflops);
+    }
+    if (R->have_loader) {
+        cJSON *l = cJSON_AddObjectToObject(j, "loader");
+        cJSON_AddStringToObject(l, "data", g->data ? g->data : "synthetic");
+        cJSON_AddNumberToObject(l, "workers", (double)g->workers);
+        cJSON_AddNumberToObject(l, "prefetch", (double)g->prefetch);
+        cJSON_AddBoolToObject(l, "pinned", R->loader.pinned);
+        cJSON_AddNumberToObject(l, "steps_each", (double)R->loader.steps);
+        cJSON_AddNumberToObject(l, "resident_step_s", R->loader.resident_step_s);
+        cJSON_AddNumberToObject(l, "loader_step_s", R->loader.loader_step_s);
+        cJSON_AddNumberToObject(l, "ratio", R->loader.ratio);
+        cJSON_AddNumberToObject(l, "resident_tokens_per_s", R->loader.resident_tokens_per_s);
+        cJSON_AddNumberToObject(l, "loader_tokens_per_s", R->loader.loader_tokens_per_s);
     }
     if (R->have_sgemm) {
         cJSON_AddNumberToObject(j, "sgemm_size", (double)g->gemm_size);
@@ -468,10 +504,23 @@ static void print_table(const bench_flags *g, const tlm_config *c, int threads, 
         printf("  training  batch %ld x %d = %s tokens/step, %ld warm-up + %ld timed steps, AdamW, clip 1; loss at step 1 %.3f (ln V = %.3f)\n",
                g->batch, c->context, fmt_thousands((double)g->batch * c->context, a, sizeof a), g->warmup, g->steps,
                R->train.loss_first, log((double)c->vocab));
+    if (R->have_loader)
+        printf("  loader    batch %ld x %d, %ld warm-up + %ld rounds of %ld steps each way, data %s, %ld workers, "
+               "%ld ring slots%s\n",
+               g->batch, c->context, g->warmup + 1, g->loader_rounds, g->steps, g->data ? g->data : "synthetic",
+               g->workers, g->prefetch, R->loader.pinned ? ", page-locked" : "");
     printf("\n  %-52s %14s\n", "figure", "tinylm");
     if (R->have_train) {
         row("training tokens/s", fmt_value(R->train.tokens_per_s, a, sizeof a));
         row("training model GFLOP/s", fmt_value(R->train.gflops, a, sizeof a));
+    }
+    if (R->have_loader) {
+        snprintf(lab, sizeof lab, "step ms, batch on the device (%lld steps)", R->loader.steps);
+        row(lab, fmt_value(R->loader.resident_step_s * 1e3, a, sizeof a));
+        snprintf(lab, sizeof lab, "step ms, batch from the loader (%lld steps)", R->loader.steps);
+        row(lab, fmt_value(R->loader.loader_step_s * 1e3, a, sizeof a));
+        snprintf(a, sizeof a, "%.3f", R->loader.ratio);
+        row("loader / on-device step time", a);
     }
     if (R->have_sgemm) {
         snprintf(lab, sizeof lab, "fp32 sgemm peak GFLOP/s (%ld^3, best of %ld)", g->gemm_size, g->gemm_reps);
@@ -603,6 +652,30 @@ int cmd_bench(int argc, char **argv) {
         R.peak_rss = bench_peak_rss();
         R.have_mem = 1;
         snprintf(R.mem_note, sizeof R.mem_note, "%s", (g.sections & ~(unsigned)(S_TRAIN | S_MEM)) ? "training first, in this process" : "training alone");
+    }
+    if (g.sections & S_LOADER) {
+        progress("data loader against a batch already on the device");
+        tlm_tokfile tf;
+        int have_tf = 0;
+        if (g.data) {
+            char path[2048];
+            struct stat sb;
+            if (stat(g.data, &sb) == 0 && S_ISDIR(sb.st_mode)) snprintf(path, sizeof path, "%s/train.bin", g.data);
+            else snprintf(path, sizeof path, "%s", g.data);
+            if (tokfile_open(&tf, path)) {
+                char msg[1024];
+                snprintf(msg, sizeof msg, "--data: %s", tlm_last_error());
+                tlm_errorf("%s", msg);
+                goto fail;
+            }
+            have_tf = 1;
+        }
+        bench_loader_opts lo = {(int)g.batch, (int)g.steps, (int)g.warmup, (int)g.loader_rounds, (uint64_t)g.seed,
+                                have_tf ? &tf : NULL, (int)g.workers, (int)g.prefetch};
+        int lrc = bench_loader(ops, &c, &lo, &R.loader);
+        if (have_tf) tokfile_close(&tf);
+        if (lrc) goto fail;
+        R.have_loader = 1;
     }
     if (g.sections & S_SGEMM) {
         progress("sgemm peak");

@@ -112,11 +112,40 @@ typedef struct {
 
 /* ---- the trainer -------------------------------------------------------- */
 
-/* A loader batch whose upload (model_stage ticket) may still be reading it. */
+/* ---- the batch feed: loader -> device ------------------------------------ */
+/*
+ * What every training step does to get its batch onto the device: take the
+ * next batch from the loader's ring (filled ahead by its workers, in
+ * page-locked memory where the device has it), stage it (model_stage: an
+ * asynchronous copy on the device's copy queue, overlapping the step before)
+ * and hand the ring slot back once that copy has finished. Shared by the
+ * trainer and the benchmark that measures what it costs (tinylm bench
+ * --only loader), so the figure is the trainer's own path.
+ */
 typedef struct {
     tlm_batch b;
-    int64_t ticket;
+    int64_t ticket;           /* model_stage ticket of its upload */
 } tlm_held_batch;
+
+typedef struct {
+    tlm_loader *loader;
+    tlm_model *model;
+    int keep;                 /* batches held while their upload runs */
+    tlm_held_batch held[2];   /* oldest first */
+    int nheld;
+} tlm_feed;
+
+/* prefetch: the loader's ring slots. With two or more, one batch is held
+ * while its copy runs (the loader keeps a slot to fill next); with one,
+ * none is. */
+void feed_init(tlm_feed *f, tlm_loader *l, tlm_model *m, int prefetch);
+/* The next batch onto the device ([B,T] inputs and targets, staged for the
+ * next model_step). -1 + error. */
+int feed_next(tlm_feed *f, int B, int T);
+/* Hand back every held batch whose upload has finished; while more than
+ * `keep` are held, wait for the oldest one's copy. keep 0 returns them all
+ * (before the loader or the model goes away). */
+void feed_release(tlm_feed *f, int keep);
 
 typedef struct tlm_trainer {
     tlm_train_opts opt;      /* resolved: min_lr, warmup, save_every filled in */
@@ -137,8 +166,7 @@ typedef struct tlm_trainer {
      * micro-batch a. */
     float *stats_dev;        /* device [1 + accum] */
     float *stats_host;       /* host [1 + accum] */
-    tlm_held_batch held[2];  /* loader batches still being uploaded, oldest first */
-    int nheld;
+    tlm_feed feed;           /* loader batches onto the device */
     /* Evaluation: batches alternate between two host buffers (inputs then
      * targets, [2,B,T] each, from host_alloc) so one uploads while the
      * next is filled; their losses gather on the device and are read in

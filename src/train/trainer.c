@@ -272,6 +272,7 @@ int trainer_open(tlm_trainer *t, const tlm_train_opts *opt) {
     }
     t->loader = loader_create(&t->train, B, T, t->loader_seed, o->workers, o->prefetch, t->ops);
     if (!t->loader) goto fail;
+    feed_init(&t->feed, t->loader, &t->model, o->prefetch);
     if (o->resume) {
         if (loader_seek(t->loader, st.epoch, st.index)) goto fail;
         if (metrics_load(t, t->step)) goto fail;
@@ -287,21 +288,8 @@ fail:;
     return tlm_errorf("%s", msg);
 }
 
-/* Hand back to the loader every held batch whose upload has finished, and,
- * while more than `keep` are held, wait for the oldest one's (a wait for
- * that copy, which the device starts as soon as the step before the
- * previous one is done). */
-static void release_batches(tlm_trainer *t, int keep) {
-    while (t->nheld > 0) {
-        if (!model_stage_done(&t->model, t->held[0].ticket, t->nheld > keep)) break;
-        loader_release(t->loader, &t->held[0].b);
-        t->held[0] = t->held[1];
-        t->nheld--;
-    }
-}
-
 void trainer_close(tlm_trainer *t) {
-    if (t->model_ok) release_batches(t, 0); /* no copy may still read a slot that is freed */
+    if (t->model_ok && t->loader) feed_release(&t->feed, 0); /* no copy may still read a slot that is freed */
     if (t->loader) loader_destroy(t->loader);
     if (t->adam_ok) adamw_destroy(&t->adam, t->ops);
     if (t->model_ok) model_destroy(&t->model);
@@ -390,9 +378,6 @@ static int run_steps(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_a
     const uint64_t tokens_per_step = (uint64_t)B * (uint64_t)T * (uint64_t)o->accum;
     /* The mean over every token of the accumulated batch. */
     const float grad_scale = (float)(1.0 / (double)tokens_per_step);
-    /* Batches held while their upload runs: one (the loader must keep a
-     * slot to fill next), none with a single slot. */
-    const int keep = o->prefetch >= 2 ? 1 : 0;
     const double t0 = tlm_now(), base_elapsed = t->elapsed_s;
     double tps = 0;
     int64_t session_steps = 0;
@@ -416,17 +401,7 @@ static int run_steps(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_a
 
         model_zero_grad(m);
         for (int a = 0; a < o->accum; a++) {
-            release_batches(t, keep);
-            tlm_batch b;
-            if (loader_next(t->loader, &b)) return -1;
-            int64_t ticket = model_stage(m, b.inputs, b.targets, B, T);
-            if (ticket < 0) {
-                loader_release(t->loader, &b);
-                return -1;
-            }
-            t->held[t->nheld].b = b;
-            t->held[t->nheld].ticket = ticket;
-            t->nheld++;
+            if (feed_next(&t->feed, B, T)) return -1;
             if (model_step(m, grad_scale, t->stats_dev + 1 + a)) return -1;
         }
         adamw_grad_norm_async(&t->adam, m, t->stats_dev);
@@ -528,6 +503,6 @@ static int run_steps(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_a
 int trainer_run(tlm_trainer *t, tlm_train_cb cb, void *user, volatile sig_atomic_t *stop) {
     int rc = run_steps(t, cb, user, stop);
     /* every batch back to the loader, its upload done (also on errors) */
-    release_batches(t, 0);
+    feed_release(&t->feed, 0);
     return rc;
 }
