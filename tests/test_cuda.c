@@ -1558,9 +1558,14 @@ static void test_sample_rows(void **state) {
     const float Ts[] = {0.0f, 0.7f, 1.0f, 2.0f};
     const int Ks[] = {0, 1, 5, 50};
     const float Ps[] = {1.0f, 0.9f, 0.5f};
-    enum { B = 8 };
+    /* 3 rows take the wide-digit kernel (rows <= 2 per SM; the emulator has
+     * 2 SMs), 8 the narrow one */
+    enum { BMAX = 8 };
+    const int Bs[] = {3, BMAX};
     long rows = 0, near = 0;
+    for (size_t ib = 0; ib < sizeof Bs / sizeof *Bs; ib++)
     for (size_t iv = 0; iv < sizeof Vs / sizeof *Vs; iv++) {
+        const int B = Bs[ib];
         const int V = Vs[iv];
         float *lg = malloc(sizeof(float) * B * V);
         assert_non_null(lg);
@@ -1570,11 +1575,11 @@ static void test_sample_rows(void **state) {
                 for (size_t ip = 0; ip < sizeof Ps / sizeof *Ps; ip++) {
                     tlm_sampler_params sp = {.temperature = Ts[it], .top_k = Ks[ik], .top_p = Ps[ip]};
                     for (int b = 0; b < B; b++) sample_row(lg + (size_t)b * V, V, b + (int)(it + ik + ip));
-                    float u[B];
+                    float u[BMAX];
                     for (int b = 0; b < B; b++)
                         u[b] = b == 0 ? 0.0f : b == 1 ? nextafterf(1.0f, 0.0f) : tlm_rng_uniform(&g_rng);
                     g_gpu->copy_h2d(g_gpu, d, lg, sizeof(float) * B * V);
-                    int32_t got[B];
+                    int32_t got[BMAX];
                     g_gpu->sample(g_gpu, got, d, B, V, (size_t)V, u, sp.temperature, sp.top_k, sp.top_p);
                     assert_int_equal(ops_status(g_gpu), 0);
                     tlm_sampler sm;
@@ -1596,8 +1601,8 @@ static void test_sample_rows(void **state) {
                 }
         /* ld 0: every row reads row 0 (the first step after a shared prompt) */
         tlm_sampler_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 0.9f};
-        float u[B];
-        int32_t got[B];
+        float u[BMAX];
+        int32_t got[BMAX];
         for (int b = 0; b < B; b++) u[b] = tlm_rng_uniform(&g_rng);
         g_gpu->sample(g_gpu, got, d, B, V, 0, u, sp.temperature, sp.top_k, sp.top_p);
         tlm_sampler sm;

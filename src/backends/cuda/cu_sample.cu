@@ -27,10 +27,14 @@
  * operations, so its probabilities are bitwise the host's; the top-k path
  * uses expf like the host (the device's may differ by an ulp).
  *
- * Cost: about 1 + 1 + (34 + log2 V) + 1 + (1 + log2 V) passes over the row
- * with top-p on the whole vocabulary; greedy is two. Fewer passes (radix
- * steps of 8 bits with per-warp histograms) are the next step if sampling
- * shows up in a profile.
+ * Searches go a digit of DB bits (or a 2^DB-way split of an id range) at a
+ * time: one pass sums the weight at 2^DB - 1 candidate cuts together (each
+ * with the same per-thread order and block tree as a pass of its own, so
+ * the sums, and the item found, are those of a bit-by-bit search), and the
+ * largest cut that still reaches the target fixes the digit. Cost with
+ * top-p on the whole vocabulary: 1 + 1 + (1 + 32/DB + 1 + 1 + log_{2^DB} V)
+ * + 1 + (1 + log_{2^DB} V) passes over the row: 17 at V = 2560 with DB = 4,
+ * 35 with DB = 2 (bit by bit it was 60); greedy is two.
  */
 #include "backends/cuda/cu_internal.h"
 
@@ -123,6 +127,87 @@ static __device__ double cu_pass(const srow &s, int wm, int pm, uint32_t kmin, i
     return cu_block_sum(acc, red);
 }
 
+static __device__ __forceinline__ bool cu_reach(double w, double target, bool strict) {
+    return strict ? w > target : w >= target;
+}
+
+/* A search takes one digit of DB bits of a key (or a 2^DB-way split of an
+ * id range) per pass, summing the weight at NC = 2^DB - 1 candidate cuts
+ * together. Wide digits mean fewer passes but more registers (the NC
+ * sums), so fewer blocks per SM: cu_sample picks DB = 4 (15 sums, about 100
+ * registers, 2 blocks of 256 threads per SM) when every row's block is
+ * resident at once anyway, and DB = 2 (3 sums, about 40 registers, 5
+ * blocks per SM) for more rows. NC is a template constant: nvcc unrolls
+ * the loops over it and keeps the sums in registers. */
+
+/* The NC cuts of one pass, computed where used rather than stored (fewer
+ * registers): keys t | (j+1) << shift (the next digit of a key search), or
+ * ids lo + (j+1)(n-1)/2^DB (a split of the ids lo .. lo+n-1:
+ * nondecreasing, inside [lo, lo+n-1) for n >= 2). */
+struct scuts {
+    uint32_t base;
+    int shift, n; /* n == 0: key cuts */
+};
+template <int DB> static __device__ __forceinline__ uint32_t cu_cut(const scuts &c, int j) {
+    return c.n == 0 ? c.base | ((uint32_t)(j + 1) << c.shift)
+                    : c.base + (uint32_t)(((long long)(j + 1) * (c.n - 1)) >> DB);
+}
+
+/* cu_pass at NC cuts at once: out[j] = the weight of the items with
+ * key >= cut j (P_GE), with key == teq and id <= cut j (P_EQ), or with
+ * id <= cut j (P_ID). Each out[j] is summed exactly as cu_pass would sum
+ * it alone (same per-thread order, same block tree; an item outside adds
+ * nothing), so a search by digits finds what one bit by bit would: the
+ * sums only shrink as a cut excludes more (rounding is monotone).
+ * red: >= NC * 32 doubles. */
+template <int DB>
+static __device__ void cu_pass_cuts(const srow &s, int wm, int pm, uint32_t teq, const scuts &cut, double *out,
+                                    double *red) {
+    constexpr int NC = (1 << DB) - 1;
+    double acc[NC];
+    for (int j = 0; j < NC; j++) acc[j] = 0.0;
+    for (int i = threadIdx.x; i < s.V; i += blockDim.x) {
+        uint32_t key;
+        const double w = cu_item(s, i, wm, &key);
+        if (w == 0.0 || (pm == P_EQ && key != teq)) continue;
+        const uint32_t x = pm == P_GE ? key : (uint32_t)i;
+        for (int j = 0; j < NC; j++) {
+            /* keys count from the cut up, ids from the cut down */
+            const bool in = pm == P_GE ? x >= cu_cut<DB>(cut, j) : x <= cu_cut<DB>(cut, j);
+            if (in) acc[j] += w;
+        }
+    }
+    const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int j = 0; j < NC; j++) acc[j] = cu_warp_sum(acc[j]);
+    __syncthreads(); /* the previous use of red is over */
+    if (lane == 0)
+        for (int j = 0; j < NC; j++) red[j * 32 + wp] = acc[j];
+    __syncthreads();
+    for (int j = 0; j < NC; j++) out[j] = cu_warp_sum(lane < nw ? red[j * 32 + lane] : 0.0);
+}
+
+/* The smallest id x in [lo, hi] at which base + (the weight of the items
+ * with id <= x, and key == teq for P_EQ) reaches target; hi must. */
+template <int DB>
+static __device__ int cu_first_id(const srow &s, int wm, int pm, uint32_t teq, double base, double target,
+                                  bool strict, int lo, int hi, double *red) {
+    constexpr int NC = (1 << DB) - 1;
+    double sum[NC];
+    while (lo < hi) {
+        const scuts cut = {(uint32_t)lo, 0, hi - lo + 1};
+        cu_pass_cuts<DB>(s, wm, pm, teq, cut, sum, red);
+        int j = 0;
+        while (j < NC && !cu_reach(base + sum[j], target, strict)) j++;
+        if (j < NC) {
+            hi = (int)cu_cut<DB>(cut, j);
+            if (j > 0) lo = (int)cu_cut<DB>(cut, j - 1) + 1;
+        } else {
+            lo = (int)cu_cut<DB>(cut, NC - 1) + 1;
+        }
+    }
+    return lo;
+}
+
 /* The largest id of an item with positive weight (and key == kmin when eq):
  * the last member when rounding leaves a target past every item. -1 if none. */
 static __device__ int cu_last_id(const srow &s, int wm, bool eq, uint32_t kmin, int *redi) {
@@ -135,46 +220,45 @@ static __device__ int cu_last_id(const srow &s, int wm, bool eq, uint32_t kmin, 
     return best == INT32_MAX ? -1 : -best;
 }
 
-static __device__ __forceinline__ bool cu_reach(double w, double target, bool strict) {
-    return strict ? w > target : w >= target;
-}
-
 /* The first item, in (key desc, id asc) order, at which the running weight
  * from the top reaches target (exceeds it when strict): its key and id.
  * false when the total never does (rounding). Every pass is a block sum, so
  * every thread takes the same branches. */
+template <int DB>
 static __device__ bool cu_select(const srow &s, int wm, double target, bool strict, uint32_t *okey, int *oid,
                                  double *red, int *redi) {
+    constexpr int NC = (1 << DB) - 1;
     if (!cu_reach(cu_pass(s, wm, P_GE, 0, 0, red), target, strict)) return false;
     uint32_t t = 0; /* the largest key whose items and better ones reach the target */
-    for (int bit = 31; bit >= 0; bit--) {
-        const uint32_t c = t | (1u << bit);
-        if (cu_reach(cu_pass(s, wm, P_GE, c, 0, red), target, strict)) t = c;
+    double sum[NC];
+    for (int shift = 32 - DB; shift >= 0; shift -= DB) {
+        /* the next digit: the largest d with weight(key >= t | d) reaching
+         * (the weights shrink as the cut rises) */
+        const scuts cut = {t, shift, 0};
+        cu_pass_cuts<DB>(s, wm, P_GE, 0, cut, sum, red);
+        int d = 0;
+        while (d < NC && cu_reach(sum[d], target, strict)) d++;
+        t |= (uint32_t)d << shift;
     }
     const double above = t == 0xffffffffu ? 0.0 : cu_pass(s, wm, P_GE, t + 1, 0, red);
     /* the items tied on t, in id order: the first whose prefix reaches */
-    int lo = 0, hi = s.V - 1;
-    if (!cu_reach(above + cu_pass(s, wm, P_EQ, t, hi, red), target, strict)) {
+    int lo;
+    if (!cu_reach(above + cu_pass(s, wm, P_EQ, t, s.V - 1, red), target, strict)) {
         /* the sums above and below t rounded apart: the last tied item */
         lo = cu_last_id(s, wm, true, t, redi);
         if (lo < 0) return false;
     } else {
-        while (lo < hi) {
-            const int mid = lo + (hi - lo) / 2;
-            if (cu_reach(above + cu_pass(s, wm, P_EQ, t, mid, red), target, strict))
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
+        lo = cu_first_id<DB>(s, wm, P_EQ, t, above, target, strict, 0, s.V - 1, red);
     }
     *okey = t;
     *oid = lo;
     return true;
 }
 
+template <int DB>
 static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t ld, const float *u, float invT,
                                 int top_k, float top_p, int greedy) {
-    __shared__ double red[32];
+    __shared__ double red[((1 << DB) - 1) * 32];
     __shared__ float redf[32];
     __shared__ int redi[32];
     const int b = blockIdx.x;
@@ -205,7 +289,7 @@ static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t
         uint32_t k;
         int id;
         /* counts are exact in double, so this always finds the k-th */
-        if (cu_select(s, W_ONE_K, (double)top_k, false, &k, &id, red, redi)) {
+        if (cu_select<DB>(s, W_ONE_K, (double)top_k, false, &k, &id, red, redi)) {
             s.kkey = k;
             s.kid = id;
             last = id;
@@ -216,7 +300,7 @@ static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t
     if (top_p < 1.0f) {
         uint32_t k;
         int id;
-        if (cu_select(s, W_PROB_K, (double)top_p * sum, false, &k, &id, red, redi)) {
+        if (cu_select<DB>(s, W_PROB_K, (double)top_p * sum, false, &k, &id, red, redi)) {
             s.pkey = k;
             s.pid = id;
             last = id;
@@ -229,18 +313,10 @@ static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t
         /* inverse CDF in the top-k order: the first member past r */
         uint32_t k;
         int id;
-        t = cu_select(s, W_PROB_P, r, true, &k, &id, red, redi) ? id : last;
+        t = cu_select<DB>(s, W_PROB_P, r, true, &k, &id, red, redi) ? id : last;
     } else if (cu_pass(s, W_PROB_P, P_ID, 0, V - 1, red) > r) {
         /* inverse CDF in id order: the smallest x whose members up to x pass r */
-        int lo = 0, hi = V - 1;
-        while (lo < hi) {
-            const int mid = lo + (hi - lo) / 2;
-            if (cu_pass(s, W_PROB_P, P_ID, 0, mid, red) > r)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        t = lo;
+        t = cu_first_id<DB>(s, W_PROB_P, P_ID, 0, 0.0, r, true, 0, V - 1, red);
     } else {
         /* rounding left r past every member: the last one in id order */
         t = cu_last_id(s, W_PROB_P, false, 0, redi);
@@ -264,7 +340,11 @@ static void cu_sample(tlm_ops *o, int32_t *tokens, const float *logits, int B, i
         /* the uniforms ride the stream with the step's other small copies */
         if (!greedy) CU_OK(c, cudaMemcpyAsync(du, u, tb, cudaMemcpyHostToDevice, c->stream));
         if (!c->failed) {
-            CU_LAUNCH(k_sample, (unsigned)B, SAMPLE_THREADS, c->stream, dtok, logits, V, ld, (const float *)du,
+            /* wide digits while every row's block is resident at once
+             * (2 per SM), narrow ones (more blocks per SM) beyond */
+            void (*kern)(int32_t *, const float *, int, size_t, const float *, float, int, float, int) =
+                B <= 2 * c->sm_count ? k_sample<4> : k_sample<2>;
+            CU_LAUNCH(kern, (unsigned)B, SAMPLE_THREADS, c->stream, dtok, logits, V, ld, (const float *)du,
                       greedy ? 0.0f : 1.0f / temperature, top_k, top_p, greedy);
             cu_after(c, "sample");
         }
