@@ -23,10 +23,11 @@
 #   test_cuda on the GPU (max errors printed: TLM_TEST_VERBOSE)        120 s
 #   compute-sanitizer memcheck + racecheck on 3 (2) training steps and a
 #     short generation of the tiny preset                          4 x 75 s
-#   a GPU-trained run resumed on the CPU (same checkpoint files)     2 x 60 s
+#   a GPU-trained run resumed on the CPU and a CPU-trained one on the GPU
+#     (same checkpoint files)                                        4 x 60 s
 #   tinylm bench --device cuda, seed preset, context 256: training at batch
-#     64 and 256 in fp32 and bf16 (TLM_CUDA_DTYPE), generation with 1 and
-#     1024 streams, the fp32 sgemm peak                         ~ 6 x 60 s
+#     64 and 256 in fp32, tf32 and bf16 (TLM_CUDA_DTYPE), generation with 1 and
+#     1024 streams, the fp32 sgemm peak                         ~ 8 x 60 s
 #   tinylm bench --only loader at batch 64 and 256 (bf16): steps fed by the
 #     real loader vs the batch already on the device (target <= 1.02)  2 x 60 s
 #   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
@@ -180,18 +181,26 @@ if [ -x "$bin" ]; then
     else
       RES[memcheck_train]="compute-sanitizer not found"
     fi
-    # the same checkpoint files: trained on the GPU, resumed on the CPU
+    # the same checkpoint files: trained on the GPU, resumed on the CPU,
+    # and the other way round
     if step resume_gpu 60 "$bin" "${TR[@]}" --out "$w/run_x" --max-steps 4 &&
        step resume_cpu 60 "$bin" train --data "$w/data" --out "$w/run_x" --resume --max-steps 6 --device cpu; then
       RES[gpu_to_cpu_resume]="ok"
     else
       RES[gpu_to_cpu_resume]="FAILED"
     fi
+    if step resume_cpu0 60 "$bin" train --data "$w/data" --out "$w/run_y" --preset tiny --batch 4 --eval-every 3 \
+         --eval-batches 1 --log-every 1 --max-steps 4 --device cpu &&
+       step resume_gpu2 60 "$bin" train --data "$w/data" --out "$w/run_y" --resume --max-steps 6 --device cuda; then
+      RES[cpu_to_gpu_resume]="ok"
+    else
+      RES[cpu_to_gpu_resume]="FAILED"
+    fi
   fi
 
   # ---- benchmark: tinylm ----
   B=(bench --device cuda --preset seed --json --warmup-steps 3 --steps 10)
-  for dt in fp32 bf16; do
+  for dt in fp32 tf32 bf16; do
     for b in 64 256; do
       TLM_CUDA_DTYPE=$dt step "bench_train_${dt}_b$b" 60 "$bin" "${B[@]}" --only train --batch $b
     done
@@ -257,7 +266,7 @@ log "done in $(( $(date +%s) - t_start ))s"
 echo
 echo "==================== gpu_check: $gpu_name, $(date -u +%Y-%m-%d) ===================="
 for k in build test_cuda ctest memcheck_train racecheck_train memcheck_generate racecheck_generate gpu_to_cpu_resume \
-         curve200_bf16_vs_cpu; do
+         cpu_to_gpu_resume curve200_bf16_vs_cpu; do
   [ -n "${RES[$k]:-}" ] && printf '%-20s %s\n' "$k" "${RES[$k]}"
 done
 python3 - "$logs" <<'EOF'
@@ -277,8 +286,9 @@ def load(name):
         except ValueError:
             pass
     return None
-tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_bf16_b64",
-                           "bench_train_bf16_b256", "bench_gen", "bench_sgemm"]}
+tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_tf32_b64",
+                           "bench_train_tf32_b256", "bench_train_bf16_b64", "bench_train_bf16_b256", "bench_gen",
+                           "bench_sgemm"]}
 pt = load("torch") or {}
 peak_bf16 = (pt.get("peak") or {}).get("bf16_tflops")
 fpt = next((v["flops_per_token"] for v in tl.values() if v and "flops_per_token" in v), pt.get("flops_per_token"))
@@ -309,8 +319,10 @@ def mfu(tps):
     return f"{100 * tps * fpt / (peak_bf16 * 1e12):.1f}%"
 print(f"{'figure (seed preset, T=256)':34} {'tinylm':>10} {'MFU':>6} {'PyTorch':>10}  target")
 rows = [("train tok/s b64 fp32", "bench_train_fp32_b64", "fp32", 64, "-"),
+        ("train tok/s b64 tf32", "bench_train_tf32_b64", "tf32", 64, "-"),
         ("train tok/s b64 bf16", "bench_train_bf16_b64", "bf16", 64, ">= 1.2M"),
         ("train tok/s b256 fp32", "bench_train_fp32_b256", "fp32", 256, "-"),
+        ("train tok/s b256 tf32", "bench_train_tf32_b256", "tf32", 256, "-"),
         ("train tok/s b256 bf16", "bench_train_bf16_b256", "bf16", 256, ">= 3.7M")]
 for name, k, mode, b, target in rows:
     j = tl.get(k) or {}

@@ -103,7 +103,7 @@ expect_error "--max-time 5x"         "--max-time"       "$bin" train --data "$tm
 expect_error "--min-lr above --lr"   "--min-lr"         "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --lr 1e-3 --min-lr 1e-2
 expect_error "unknown --preset"      "--preset"         "$bin" train --data "$tmp/data" --out "$tmp/x" --preset huge
 expect_error "unknown --device"      "device|cuda|cpu"  "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --device tpu
-expect_error "unknown --dtype"       "--dtype fp16.*fp32, bf16 or auto" "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --dtype fp16
+expect_error "unknown --dtype"       "--dtype fp16.*fp32, bf16, tf32 or auto" "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --dtype fp16
 expect_error "--dtype bf16 on the CPU" "--dtype bf16.*fp32" "$bin" train --data "$tmp/data" --out "$tmp/x" "${M[@]}" --device cpu --dtype bf16
 if "$bin" train --data "$tmp/data" --out "$tmp/fp32" "${M[@]}" "${T[@]}" --max-steps 3 --device cpu --dtype fp32 >"$tmp/outf" 2>&1 \
    && grep -Eq '"dtype":[[:space:]]*"fp32"' "$tmp/fp32/trainer_state.json"; then ok "--dtype fp32 on the CPU trains and is saved with the run"

@@ -656,7 +656,7 @@ static void test_errors(void **state) {
     setenv("TLM_CUDA_DTYPE", "fp16", 1);
     assert_null(cr(0, note, sizeof note));
     unsetenv("TLM_CUDA_DTYPE");
-    if (!strstr(note, "fp32 or bf16")) fail_msg("bad dtype note: %s", note);
+    if (!strstr(note, "fp32, tf32 or bf16")) fail_msg("bad dtype note: %s", note);
 
     if (g_emu) {
         setenv("TLM_CUDA_EMU_NODEV", "1", 1);
@@ -1134,6 +1134,51 @@ static void test_bf16(void **state) {
         }
         double cosv = dot / sqrt(na * nb + 1e-300);
         if (!(cosv > 0.99)) fail_msg("bf16 %s: cosine %.5f with the fp32 reference", name, cosv);
+        free(r);
+    }
+    free(grads);
+    model_destroy(&m);
+    o->destroy(o);
+}
+
+/* tf32: each operand read with 10 mantissa bits (relative error <= 2^-11,
+ * a quarter of bf16's bound per operand before the sqrt(K) growth), so the
+ * bf16 test's reasoning gives ~0.1% of the typical |C|: 5e-3 of the largest
+ * is a wide margin; the fixture loss within 2e-3, gradients aligned with
+ * cosine > 0.999. */
+static void test_tf32(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_ex_fn cx = g_mod ? (create_ex_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create_ex") : NULL;
+    if (!cx) skip();
+    char note[512];
+    tlm_ops *o = cx(0, "tf32", note, sizeof note);
+    if (!o) fail_msg("tf32 backend: %s", note);
+    assert_non_null(strstr(note, "tf32"));
+    check_matmul(o, 5e-3, 1.0);
+
+    fx_open();
+    tlm_model m;
+    fx_model(&m, o);
+    float want_loss;
+    assert_int_equal(safetensors_read_f32(g_fx.f, "loss", &want_loss, 1), 0);
+    model_zero_grad(&m);
+    float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
+    check_close("tf32 fixture loss", &loss, &want_loss, 1, 2e-3, 0);
+    float *grads = down(o, m.grads, m.nparams);
+    for (int i = 0; i < m.ntensors; i++) {
+        const tlm_tensor *t = &m.tensors[i];
+        char name[160];
+        snprintf(name, sizeof name, "grad.%s", t->name);
+        float *r = fixture_read(&g_fx, name, tsize(t));
+        double dot = 0, na = 0, nb = 0;
+        for (size_t j = 0; j < tsize(t); j++) {
+            dot += (double)grads[t->offset + j] * r[j];
+            na += (double)grads[t->offset + j] * grads[t->offset + j];
+            nb += (double)r[j] * r[j];
+        }
+        double cosv = dot / sqrt(na * nb + 1e-300);
+        if (!(cosv > 0.999)) fail_msg("tf32 %s: cosine %.6f with the fp32 reference", name, cosv);
         free(r);
     }
     free(grads);
@@ -1695,6 +1740,7 @@ int main(void) {
         cmocka_unit_test(test_model_fixture), cmocka_unit_test(test_model_cached), cmocka_unit_test(test_train_steps),
         cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
         cmocka_unit_test(test_bf16),
+        cmocka_unit_test(test_tf32),
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
         cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
         cmocka_unit_test(test_sample_rows), cmocka_unit_test(test_sample_generate),

@@ -108,7 +108,7 @@ static void test_cpu_info(void **state) {
     assert_string_equal(cpu_info_simd(&fake, tiny, sizeof tiny), "AVX2");
 }
 
-/* --dtype: fp32 and auto run on the CPU, bf16 is refused there with one
+/* --dtype: fp32 and auto run on the CPU, bf16 and tf32 are refused there with one
  * line naming --dtype, and an unknown precision is refused everywhere. */
 static void test_dtype(void **state) {
     (void)state;
@@ -119,17 +119,21 @@ static void test_dtype(void **state) {
         ops_destroy(o);
     }
     const char *cpus[] = {"cpu", "cpu-ref"};
-    for (int i = 0; i < 2; i++) {
-        assert_null(ops_create_ex(cpus[i], 1, "bf16", NULL, 0));
-        const char *e = tlm_last_error();
-        if (!strstr(e, "--dtype bf16") || !strstr(e, "fp32") || strchr(e, '\n')) fail_msg("bf16 on %s: %s", cpus[i], e);
-    }
+    const char *tc[] = {"bf16", "tf32"};
+    for (int i = 0; i < 2; i++)
+        for (int k = 0; k < 2; k++) {
+            assert_null(ops_create_ex(cpus[i], 1, tc[k], NULL, 0));
+            const char *e = tlm_last_error();
+            char want[32];
+            snprintf(want, sizeof want, "--dtype %s", tc[k]);
+            if (!strstr(e, want) || !strstr(e, "fp32") || strchr(e, '\n')) fail_msg("%s on %s: %s", tc[k], cpus[i], e);
+        }
     const char *bad[] = {"fp16", "BF16", "", "float"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         assert_int_equal(ops_check_dtype(bad[i]), -1);
         assert_null(ops_create_ex("auto", 1, bad[i], NULL, 0));
         const char *e = tlm_last_error();
-        if (!strstr(e, "--dtype") || !strstr(e, "fp32, bf16 or auto")) fail_msg("--dtype '%s': %s", bad[i], e);
+        if (!strstr(e, "--dtype") || !strstr(e, "fp32, bf16, tf32 or auto")) fail_msg("--dtype '%s': %s", bad[i], e);
     }
     /* auto + bf16 needs CUDA: either it runs there, or it is refused */
     char note[256];

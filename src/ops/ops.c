@@ -110,20 +110,23 @@ static int ops_parse_cuda(const char *spec) {
 }
 
 int ops_check_dtype(const char *dtype) {
-    if (!dtype || !strcmp(dtype, "auto") || !strcmp(dtype, "fp32") || !strcmp(dtype, "bf16")) return 0;
-    return tlm_errorf("--dtype %s: unknown precision, expected fp32, bf16 or auto", dtype);
+    if (!dtype || !strcmp(dtype, "auto") || !strcmp(dtype, "fp32") || !strcmp(dtype, "bf16") ||
+        !strcmp(dtype, "tf32"))
+        return 0;
+    return tlm_errorf("--dtype %s: unknown precision, expected fp32, bf16, tf32 or auto", dtype);
 }
 
-/* A CPU backend for dtype: the CPU trains in fp32 only, so bf16 is refused
- * (`why`, when not empty, says why CUDA was not used). */
+/* A CPU backend for dtype: the CPU trains in fp32 only, so bf16 and tf32
+ * (tensor-core formats) are refused (`why`, when not empty, says why CUDA
+ * was not used). */
 static tlm_ops *ops_cpu_for(const char *dtype, int ref, int threads, const char *why) {
-    if (dtype && !strcmp(dtype, "bf16")) {
+    if (dtype && (!strcmp(dtype, "bf16") || !strcmp(dtype, "tf32"))) {
         if (why && why[0])
-            tlm_errorf("--dtype bf16 needs the CUDA backend, which is unavailable (%s): use --dtype fp32 or auto",
-                       why);
+            tlm_errorf("--dtype %s needs the CUDA backend, which is unavailable (%s): use --dtype fp32 or auto",
+                       dtype, why);
         else
-            tlm_errorf("--dtype bf16 needs the CUDA backend: the CPU trains in fp32 only; use --dtype fp32 or auto, "
-                       "or --device cuda");
+            tlm_errorf("--dtype %s needs the CUDA backend: the CPU trains in fp32 only; use --dtype fp32 or auto, "
+                       "or --device cuda", dtype);
         return NULL;
     }
     return ref ? cpu_ref_ops_create() : cpu_ops_create(threads);

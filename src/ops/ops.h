@@ -296,14 +296,16 @@ struct tlm_ops {
 tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len);
 /* The same with the precision of training's matrix products: dtype "fp32"
  * (exact comparison with the CPU), "bf16" (CUDA tensor cores, fp32 master
- * weights; an error on the CPU, which trains in fp32 only), "auto" (bf16
+ * weights; an error on the CPU, which trains in fp32 only), "tf32" (CUDA
+ * tensor cores reading the fp32 operands with 10 mantissa bits; an error
+ * on the CPU too), "auto" (bf16
  * on CUDA, fp32 on the CPU), or NULL (the backend's default: fp32, or the
  * CUDA module's TLM_CUDA_DTYPE). Errors name --dtype. */
 tlm_ops *ops_create_ex(const char *spec, int threads, const char *dtype, char *note, size_t note_len);
 void ops_destroy(tlm_ops *o);
 /* o->status where the backend has it, else 0. */
 int ops_status(tlm_ops *o);
-/* Is dtype one ops_create_ex accepts ("auto", "fp32", "bf16", or NULL)?
+/* Is dtype one ops_create_ex accepts ("auto", "fp32", "bf16", "tf32", or NULL)?
  * 0, or -1 with an error naming --dtype. */
 int ops_check_dtype(const char *dtype);
 

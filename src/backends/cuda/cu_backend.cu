@@ -49,6 +49,9 @@
  *   accumulation and output; both operands are rounded to bf16 just before
  *   each product. Activations, weights, gradients and AdamW moments stay
  *   fp32 in memory (fp32 master weights).
+ *   tf32: products on the tensor cores straight from the fp32 operands,
+ *   which they read with 10 mantissa bits (TF32), at half bf16's rate but
+ *   with no conversion pass over either operand; fp32 accumulation.
  */
 #include "backends/cuda/cu_internal.h"
 
@@ -416,6 +419,14 @@ static void cu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, f
     cu_ctx *c = cu_of(o);
     if (c->failed || M <= 0 || N <= 0) return;
     cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (c->dtype == CU_DTYPE_TF32 && K > 0) {
+        cu_blas_ok(c,
+                   c->blas.gemm_ex(c->blas_h, opB, opA, N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda,
+                                   &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT),
+                   "gemm_ex (tf32)");
+        cu_after(c, "matmul");
+        return;
+    }
     if (c->dtype == CU_DTYPE_FP32 || K <= 0) {
         cu_blas_ok(c, c->blas.sgemm(c->blas_h, opB, opA, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc), "sgemm");
         cu_after(c, "matmul");
@@ -539,6 +550,7 @@ static void cu_note(char *note, size_t n, const char *fmt, ...) {
 static int cu_parse_dtype(const char *s) {
     if (!s || !*s || !strcmp(s, "fp32") || !strcmp(s, "float32")) return CU_DTYPE_FP32;
     if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) return CU_DTYPE_BF16;
+    if (!strcmp(s, "tf32")) return CU_DTYPE_TF32;
     return -1;
 }
 
@@ -639,8 +651,9 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
         snprintf(o->device_desc, sizeof o->device_desc, "%.60s, %.1f GiB, compute %d.%d, %d SMs, cuBLAS %d.%d",
                  p.name, gib, p.major, p.minor, p.multiProcessorCount, bv / 10000, bv / 100 % 100);
         cu_note(note, nn, "cuda:%d (%.60s, %.1f GiB, compute %d.%d), %s", device, p.name, gib, p.major, p.minor,
-                dtype == CU_DTYPE_BF16 ? "bf16 matrix products, fp32 master weights"
-                                       : "fp32 matrix products (TF32 off)");
+                dtype == CU_DTYPE_BF16   ? "bf16 matrix products, fp32 master weights"
+                : dtype == CU_DTYPE_TF32 ? "tf32 matrix products (tensor cores, fp32 operands)"
+                                         : "fp32 matrix products (TF32 off)");
     }
     o->name = "cuda";
     o->threads = 1;
@@ -675,12 +688,12 @@ fail:
 }
 
 /* The entry point src/ops/ops.c looks for. Precision from TLM_CUDA_DTYPE
- * (fp32 or bf16; default fp32). */
+ * (fp32, tf32 or bf16; default fp32). */
 CU_EXPORT tlm_ops *tlm_cuda_ops_create(int device, char *note, size_t n) {
     const char *s = getenv("TLM_CUDA_DTYPE");
     int dt = cu_parse_dtype(s);
     if (dt < 0) {
-        cu_note(note, n, "TLM_CUDA_DTYPE=%s is not a precision: use fp32 or bf16", s);
+        cu_note(note, n, "TLM_CUDA_DTYPE=%s is not a precision: use fp32, tf32 or bf16", s);
         return NULL;
     }
     return cu_create(device, dt, note, n);
@@ -691,7 +704,7 @@ CU_EXPORT tlm_ops *tlm_cuda_ops_create(int device, char *note, size_t n) {
 CU_EXPORT tlm_ops *tlm_cuda_ops_create_ex(int device, const char *dtype, char *note, size_t n) {
     int dt = cu_parse_dtype(dtype);
     if (dt < 0) {
-        cu_note(note, n, "--dtype %s is not a precision: use fp32 or bf16", dtype);
+        cu_note(note, n, "--dtype %s is not a precision: use fp32, tf32 or bf16", dtype);
         return NULL;
     }
     return cu_create(device, dt, note, n);

@@ -543,7 +543,7 @@ typedef int cublasStatus_t;
 typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
 typedef enum { CUBLAS_DEFAULT_MATH = 0, CUBLAS_PEDANTIC_MATH = 2 } cublasMath_t;
 typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType;
-typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_TF32 = 77 } cublasComputeType_t;
 typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
 
 static inline cublasStatus_t cublasCreate_v2(cublasHandle_t *h) {
@@ -615,8 +615,26 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
                                           cudaDataType ct, int ldc, cublasComputeType_t comp, cublasGemmAlgo_t algo) {
     (void)h;
     (void)algo;
-    if (ct != CUDA_R_32F || comp != CUBLAS_COMPUTE_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
+    if (ct != CUDA_R_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
+    if (comp != CUBLAS_COMPUTE_32F && !(comp == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F))
+        return CUBLAS_STATUS_INVALID_VALUE;
     float al = *(const float *)alpha, be = *(const float *)beta;
+    if (comp == CUBLAS_COMPUTE_32F_FAST_TF32) {
+        /* the tensor cores read each fp32 operand with 10 mantissa bits:
+         * rounded to nearest here (hardware may truncate: within the tests'
+         * bounds either way) */
+        auto tf32 = [](float f) {
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+            memcpy(&f, &u, 4);
+            return f;
+        };
+        const float *a = (const float *)A, *b = (const float *)B;
+        return emu_gemm(
+            ta, tb, m, n, k, al, [a, tf32](size_t i) { return tf32(a[i]); }, lda,
+            [b, tf32](size_t i) { return tf32(b[i]); }, ldb, be, (float *)C, ldc);
+    }
     if (at == CUDA_R_32F) {
         const float *a = (const float *)A, *b = (const float *)B;
         return emu_gemm(

@@ -39,7 +39,7 @@ extern "C" {
 #define CU_LN2 0.6931471805599453f
 
 /* Matrix-product precision, chosen at start-up. */
-enum { CU_DTYPE_FP32 = 0, CU_DTYPE_BF16 = 1 };
+enum { CU_DTYPE_FP32 = 0, CU_DTYPE_BF16 = 1, CU_DTYPE_TF32 = 2 };
 
 /* cuBLAS is opened with dlopen once a GPU is known to be there: linking it
  * would make every tinylm start (even --device cpu on a machine without a
