@@ -939,10 +939,11 @@ static void decode_case(int kvt, int B, int H, int hd, int P, int steps) {
         void *kc = up(o, NULL, nc * es), *vc = up(o, NULL, nc * es);
         float *qp = up(o, pre, (size_t)B * P * 3 * D * 4), *op = up(o, NULL, (size_t)B * P * D * 4);
         float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
-        o->attn_decode(o, op, qp, kc, vc, kvt, NULL, NULL, 0, B, P, Tmax, H, hd, 0, 10000.0f);
+        o->attn_decode(o, op, qp, kc, vc, kvt, NULL, NULL, 0, B, P, Tmax, H, hd, 0, NULL, 10000.0f);
         for (int s = 0; s < steps; s++) {
             o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
-            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, NULL, NULL, 0, B, 1, Tmax, H, hd, P + s, 10000.0f);
+            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, NULL, NULL, 0, B, 1, Tmax, H, hd, P + s, NULL,
+                10000.0f);
         }
         res[k][0] = down(o, op, (size_t)B * P * D);
         res[k][1] = down(o, od, (size_t)steps * B * D);
@@ -990,10 +991,11 @@ static void decode_case_shared(int kvt, int B, int H, int hd, int P, int steps) 
              *vc = up(o, NULL, nc * es);
         float *qp = up(o, pre, (size_t)P * 3 * D * 4), *op = up(o, NULL, (size_t)P * D * 4);
         float *qd = up(o, NULL, (size_t)B * 3 * D * 4), *od = up(o, NULL, (size_t)steps * B * D * 4);
-        o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, 10000.0f);
+        o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, NULL, 10000.0f);
         for (int s = 0; s < steps; s++) {
             o->copy_h2d(o, qd, dec + (size_t)s * B * 3 * D, (size_t)B * 3 * D * 4);
-            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, kp, vp, P, B, 1, steps, H, hd, P + s, 10000.0f);
+            o->attn_decode(o, od + (size_t)s * B * D, qd, kc, vc, kvt, kp, vp, P, B, 1, steps, H, hd, P + s, NULL,
+                10000.0f);
         }
         res[k] = down(o, od, (size_t)steps * B * D);
         own[k] = malloc(nc * es);
@@ -1033,7 +1035,7 @@ static void test_attn_decode(void **state) {
         tlm_ops *o = be[k];
         float *dq = up(o, qkv, sizeof qkv), *out = up(o, NULL, (size_t)D * 4);
         void *kc = up(o, NULL, sizeof got[0][0]), *vc = up(o, NULL, sizeof got[0][0]);
-        o->attn_decode(o, out, dq, kc, vc, TLM_KV_F16, NULL, NULL, 0, 1, 1, 1, H, hd, 0, 10000.0f);
+        o->attn_decode(o, out, dq, kc, vc, TLM_KV_F16, NULL, NULL, 0, 1, 1, 1, H, hd, 0, NULL, 10000.0f);
         o->copy_d2h(o, got[k][0], kc, sizeof got[0][0]);
         o->copy_d2h(o, got[k][1], vc, sizeof got[0][0]);
         o->free(o, dq), o->free(o, out), o->free(o, kc), o->free(o, vc);
@@ -1213,7 +1215,7 @@ static void test_status(void **state) {
     float *kc = up(o, NULL, (size_t)Tmax * hd * 4), *vc = up(o, NULL, (size_t)Tmax * hd * 4);
     assert_int_equal(o->status(o), 0);
     /* head size 256 > 128: attn_decode refuses it and marks the backend failed */
-    o->attn_decode(o, out, qkv, kc, vc, TLM_KV_F32, NULL, NULL, 0, 1, 1, Tmax, H, hd, 0, 10000.0f);
+    o->attn_decode(o, out, qkv, kc, vc, TLM_KV_F32, NULL, NULL, 0, 1, 1, Tmax, H, hd, 0, NULL, 10000.0f);
     tlm_errorf("unrelated"); /* the message checked below must come from status */
     assert_int_equal(o->status(o), -1);
     const char *e = tlm_last_error();
@@ -1674,7 +1676,8 @@ static void test_sample_rows(void **state) {
  * device (identical logits: only where sampling runs differs), and against
  * the CPU reference backend (logits equal within fp32 rounding; the random
  * model's margins are far wider than that at these few draws). */
-static void gen_tokens(tlm_ops *o, const tlm_sampler_params *sp, int32_t *out, int *len, int B, int maxt) {
+static void gen_tokens_ex(tlm_ops *o, const tlm_sampler_params *sp, int dtype, int no_graph, int eot, int32_t *out,
+                          int *len, int B, int maxt, tlm_token_fn cb, void *user, tlm_gen_stats *st) {
     tlm_config c = {.vocab = 300, .dim = 64, .layers = 2, .heads = 4, .hidden = 96, .context = 32,
                     .norm_eps = 1e-5f, .rope_theta = 10000.0f};
     tlm_model m;
@@ -1686,11 +1689,16 @@ static void gen_tokens(tlm_ops *o, const tlm_sampler_params *sp, int32_t *out, i
     p.max_tokens = maxt;
     p.sampling = *sp;
     p.seed = 11;
-    p.dtype = TLM_GEN_F32;
+    p.dtype = dtype;
+    p.no_graph = no_graph;
     const int32_t prompt[4] = {5, 17, 42, 9};
-    if (generate_run(&m, prompt, 4, 299, &p, NULL, NULL, out, len, NULL))
+    if (generate_run(&m, prompt, 4, eot, &p, cb, user, out, len, st))
         fail_msg("generate_run on %s: %s", o->name, tlm_last_error());
     model_destroy(&m);
+}
+
+static void gen_tokens(tlm_ops *o, const tlm_sampler_params *sp, int32_t *out, int *len, int B, int maxt) {
+    gen_tokens_ex(o, sp, TLM_GEN_F32, 0, 299, out, len, B, maxt, NULL, NULL, NULL);
 }
 
 static void test_sample_generate(void **state) {
@@ -1731,6 +1739,328 @@ static void test_sample_generate(void **state) {
     }
 }
 
+/* ---- recorded steps (graph block) and attn_decode's pos_dev -------------------------- */
+
+/* attn_decode over a shared prefix, step by step, three ways on the device:
+ * (a) position as pos0, (b) read from device memory (pos_dev, with a wrong
+ * pos0), (c) recorded ONCE as [copy the position up from a pinned buffer;
+ * attn_decode(pos_dev)] and replayed at every later position. Identical
+ * bits everywhere; a position outside the cache gives NaN and stores
+ * nothing. */
+static void pos_dev_case(int kvt) {
+    tlm_ops *o = g_gpu;
+    const int B = 3, H = 2, hd = 32, D = H * hd, P = 5, steps = 4;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4, np = (size_t)P * D, nc = (size_t)B * steps * D;
+    const size_t nq = (size_t)B * 3 * D, no = (size_t)B * D;
+    float *pre = hrand((size_t)P * 3 * D, 1.5f), *dec = hrand((size_t)steps * nq, 1.5f);
+    void *kp = up(o, NULL, np * es), *vp = up(o, NULL, np * es);
+    float *qp = up(o, pre, (size_t)P * 3 * D * 4), *op = up(o, NULL, (size_t)P * D * 4);
+    /* also grows the RoPE table for hd 32 to >= P + steps: a recording cannot */
+    o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, NULL, 10000.0f);
+    void *kc[3], *vc[3];
+    float *q[3], *out[3];
+    for (int w = 0; w < 3; w++) {
+        kc[w] = up(o, NULL, nc * es);
+        vc[w] = up(o, NULL, nc * es);
+        q[w] = up(o, NULL, nq * 4);
+        out[w] = up(o, NULL, no * 4);
+    }
+    int32_t *pos_dev = up(o, NULL, sizeof(int32_t));
+    int pinned = 0;
+    int32_t *pos_host = o->host_alloc(o, sizeof(int32_t), &pinned);
+    assert_non_null(pos_host);
+    assert_true(pinned);
+    *pos_host = P;
+    assert_int_equal(o->graph_begin(o), 0);
+    o->copy_h2d(o, pos_dev, pos_host, sizeof(int32_t));
+    o->attn_decode(o, out[2], q[2], kc[2], vc[2], kvt, kp, vp, P, B, 1, steps, H, hd, 12345, pos_dev, 10000.0f);
+    tlm_graph *g = o->graph_end(o);
+    if (!g) fail_msg("recording attn_decode: %s", tlm_last_error());
+    const int32_t *cpos = pos_dev; /* (b) reads the same device int */
+    for (int s = 0; s < steps; s++) {
+        for (int w = 0; w < 3; w++) o->copy_h2d(o, q[w], dec + (size_t)s * nq, nq * 4);
+        o->attn_decode(o, out[0], q[0], kc[0], vc[0], kvt, kp, vp, P, B, 1, steps, H, hd, P + s, NULL, 10000.0f);
+        *pos_host = P + s; /* read when the graph runs */
+        if (o->graph_launch(o, g)) fail_msg("graph_launch at step %d: %s", s, tlm_last_error());
+        o->sync(o);
+        o->attn_decode(o, out[1], q[1], kc[1], vc[1], kvt, kp, vp, P, B, 1, steps, H, hd, -5, cpos, 10000.0f);
+        float *r[3];
+        for (int w = 0; w < 3; w++) r[w] = down(o, out[w], no);
+        for (int w = 1; w < 3; w++)
+            if (memcmp(r[0], r[w], no * 4))
+                fail_msg("attn_decode kv %d step %d: %s differs from pos0", kvt, s, w == 1 ? "pos_dev" : "the replay");
+        for (int w = 0; w < 3; w++) free(r[w]);
+        for (int w = 0; w < 3; w++) r[w] = down(o, q[w], nq); /* rotated in place */
+        if (memcmp(r[0], r[1], nq * 4) || memcmp(r[0], r[2], nq * 4))
+            fail_msg("attn_decode kv %d step %d: rotated qkv differs", kvt, s);
+        for (int w = 0; w < 3; w++) free(r[w]);
+    }
+    char *c[3];
+    for (int w = 0; w < 3; w++) {
+        c[w] = malloc(2 * nc * es);
+        o->copy_d2h(o, c[w], kc[w], nc * es);
+        o->copy_d2h(o, c[w] + nc * es, vc[w], nc * es);
+    }
+    if (memcmp(c[0], c[1], 2 * nc * es) || memcmp(c[0], c[2], 2 * nc * es))
+        fail_msg("attn_decode kv %d: caches written through pos_dev or the replay differ", kvt);
+    /* outside the cache (P - 1: inside the prefix; P + steps: past the end) */
+    const int bad[2] = {P - 1, P + steps};
+    for (int i = 0; i < 2; i++) {
+        *pos_host = bad[i];
+        assert_int_equal(o->graph_launch(o, g), 0);
+        o->sync(o);
+        float *r = down(o, out[2], no);
+        for (size_t j = 0; j < no; j++)
+            if (!isnan(r[j])) fail_msg("position %d outside the cache: out %g, not NaN", bad[i], r[j]);
+        free(r);
+        char *k2 = malloc(2 * nc * es);
+        o->copy_d2h(o, k2, kc[2], nc * es);
+        o->copy_d2h(o, k2 + nc * es, vc[2], nc * es);
+        if (memcmp(k2, c[0], 2 * nc * es)) fail_msg("position %d outside the cache was stored", bad[i]);
+        free(k2);
+    }
+    assert_int_equal(ops_status(o), 0);
+    o->graph_destroy(o, g);
+    for (int w = 0; w < 3; w++) {
+        free(c[w]);
+        o->free(o, kc[w]), o->free(o, vc[w]), o->free(o, q[w]), o->free(o, out[w]);
+    }
+    o->host_free(o, pos_host, pinned);
+    o->free(o, pos_dev), o->free(o, kp), o->free(o, vp), o->free(o, qp), o->free(o, op);
+    free(pre), free(dec);
+}
+
+static void test_attn_decode_pos_dev(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->graph_begin || !g_gpu->graph_end || !g_gpu->graph_launch || !g_gpu->graph_destroy)
+        fail_msg("the CUDA backend has no graph block");
+    pos_dev_case(TLM_KV_F32);
+    pos_dev_case(TLM_KV_F16);
+}
+
+/* A packed product with a fused norm (it stages its input rows in the
+ * backend's scratch memory): y[M,32] from x[M,K]. */
+typedef struct {
+    float *x, *nw, *y, *w;
+    tlm_packed *p;
+    int M, K;
+} graph_mm;
+
+static void graph_mm_open(graph_mm *g, int M, int K) {
+    tlm_ops *o = g_gpu;
+    float *x = hrand((size_t)M * K, 1.0f), *w = hrand((size_t)32 * K, 0.1f), *nw = hrand((size_t)K, 1.0f);
+    g->M = M;
+    g->K = K;
+    g->x = up(o, x, (size_t)M * K * 4);
+    g->w = up(o, w, (size_t)32 * K * 4);
+    g->nw = up(o, nw, (size_t)K * 4);
+    g->y = up(o, NULL, (size_t)M * 32 * 4);
+    g->p = o->pack(o, g->w, 32, K, TLM_PACK_F32, TLM_PACK_LINEAR);
+    if (!g->p) fail_msg("pack: %s", tlm_last_error());
+    free(x), free(w), free(nw);
+}
+
+static void graph_mm_run(graph_mm *g) { g_gpu->matmul_packed(g_gpu, g->y, g->x, g->M, g->p, g->nw, 1e-5f, 0); }
+
+static void graph_mm_close(graph_mm *g) {
+    tlm_ops *o = g_gpu;
+    o->pack_free(o, g->p);
+    o->free(o, g->x), o->free(o, g->w), o->free(o, g->nw), o->free(o, g->y);
+}
+
+/* The rules of recording (ops.h's graph block): nothing runs while
+ * recording and host buffers are read and written when the graph runs; a
+ * graph whose scratch was reallocated since is refused (nothing enqueued)
+ * until recorded again; a recording that would grow scratch or copy from
+ * ordinary memory fails at graph_end without failing the backend. */
+static void test_graph_rules(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->graph_begin) fail_msg("the CUDA backend has no graph block");
+    tlm_ops *o = g_gpu;
+    graph_mm a, big;
+    graph_mm_open(&a, 3, 40);
+    graph_mm_run(&a);
+    float *want = down(o, a.y, 3 * 32);
+    /* copies: h2d from pinned, the product, d2h into pinned */
+    int pin = 0;
+    float *hb = o->host_alloc(o, sizeof(float) * (3 * 40 + 3 * 32), &pin);
+    assert_true(pin);
+    float *xh = down(o, a.x, 3 * 40);
+    memset(hb, 0, sizeof(float) * (3 * 40 + 3 * 32));
+    float *yb = hb + 3 * 40;
+    o->zero(o, a.x, sizeof(float) * 3 * 40);
+    o->zero(o, a.y, sizeof(float) * 3 * 32);
+    assert_int_equal(o->graph_begin(o), 0);
+    o->copy_h2d(o, a.x, hb, sizeof(float) * 3 * 40);
+    graph_mm_run(&a);
+    o->copy_d2h(o, yb, a.y, sizeof(float) * 3 * 32);
+    o->sync(o); /* does nothing while recording */
+    tlm_graph *g = o->graph_end(o);
+    if (!g) fail_msg("recording: %s", tlm_last_error());
+    for (int i = 0; i < 3 * 32; i++)
+        if (yb[i] != 0.0f) fail_msg("a recorded copy_d2h ran at record time");
+    float *y0 = down(o, a.y, 3 * 32);
+    for (int i = 0; i < 3 * 32; i++)
+        if (y0[i] != 0.0f) fail_msg("a recorded product ran at record time");
+    free(y0);
+    memcpy(hb, xh, sizeof(float) * 3 * 40); /* the input, written after recording */
+    assert_int_equal(o->graph_launch(o, g), 0);
+    o->sync(o);
+    if (memcmp(yb, want, sizeof(float) * 3 * 32)) fail_msg("the replayed step differs from the ops run directly");
+    /* scratch grows for a larger product: the graph holds the old block */
+    memset(yb, 0, sizeof(float) * 3 * 32);
+    graph_mm_open(&big, 64, 2048);
+    graph_mm_run(&big);
+    tlm_errorf("unrelated");
+    assert_int_equal(o->graph_launch(o, g), -1);
+    if (!strstr(tlm_last_error(), "stale")) fail_msg("stale graph: %s", tlm_last_error());
+    assert_int_equal(ops_status(o), 0); /* not a device failure */
+    o->sync(o);
+    for (int i = 0; i < 3 * 32; i++)
+        if (yb[i] != 0.0f) fail_msg("a refused graph_launch still ran the step");
+    o->graph_destroy(o, g);
+    /* recorded again, it runs */
+    assert_int_equal(o->graph_begin(o), 0);
+    o->copy_h2d(o, a.x, hb, sizeof(float) * 3 * 40);
+    graph_mm_run(&a);
+    o->copy_d2h(o, yb, a.y, sizeof(float) * 3 * 32);
+    g = o->graph_end(o);
+    if (!g) fail_msg("recording again: %s", tlm_last_error());
+    assert_int_equal(o->graph_launch(o, g), 0);
+    o->sync(o);
+    if (memcmp(yb, want, sizeof(float) * 3 * 32)) fail_msg("the re-recorded step differs");
+    o->graph_destroy(o, g);
+    /* a recording that would grow scratch: refused at graph_end, backend fine */
+    graph_mm huge;
+    graph_mm_open(&huge, 160, 2048); /* past the 1.5 x 64 rows that scratch grew to */
+    assert_int_equal(o->graph_begin(o), 0);
+    graph_mm_run(&huge);
+    assert_null(o->graph_end(o));
+    if (!strstr(tlm_last_error(), "scratch") || !strstr(tlm_last_error(), "un-recorded"))
+        fail_msg("growing scratch while recording: %s", tlm_last_error());
+    assert_int_equal(ops_status(o), 0);
+    /* copies from ordinary memory cannot be recorded */
+    assert_int_equal(o->graph_begin(o), 0);
+    o->copy_h2d(o, a.x, xh, sizeof(float) * 3 * 40);
+    assert_null(o->graph_end(o));
+    if (!strstr(tlm_last_error(), "pinned")) fail_msg("pageable copy while recording: %s", tlm_last_error());
+    /* graph_end without graph_begin */
+    assert_null(o->graph_end(o));
+    /* the backend still works */
+    assert_int_equal(ops_status(o), 0);
+    o->zero(o, a.y, sizeof(float) * 3 * 32);
+    graph_mm_run(&a);
+    float *y1 = down(o, a.y, 3 * 32);
+    if (memcmp(y1, want, sizeof(float) * 3 * 32)) fail_msg("ops after a failed recording differ");
+    free(y1);
+    graph_mm_close(&huge);
+    graph_mm_close(&big);
+    graph_mm_close(&a);
+    o->host_free(o, hb, pin);
+    free(want), free(xh);
+}
+
+/* Forces the backend's scratch to grow once, in the callback of the
+ * (trigger)th token: the generator's recorded step then goes stale. */
+typedef struct {
+    int calls, trigger, fired;
+    graph_mm *big;
+} grow_cb;
+
+static int grow_on_token(void *user, int seq, int32_t token) {
+    (void)seq;
+    (void)token;
+    grow_cb *g = user;
+    if (++g->calls == g->trigger) {
+        graph_mm_run(g->big);
+        g->fired = 1;
+    }
+    return 0;
+}
+
+/* generate_run with the decode step recorded and replayed (the default on
+ * this backend) gives the tokens of the op-by-op path and of the CPU
+ * reference: greedy and sampled, several streams over a shared prompt. */
+static void test_graph_generate(void **state) {
+    (void)state;
+    NEED_GPU();
+    if (!g_gpu->graph_begin || !g_gpu->sample_dev) fail_msg("the CUDA backend has no graph block or sample_dev");
+    unsetenv("TLM_NO_GRAPH");
+    enum { B = 4, MAXT = 8 };
+    const tlm_sampler_params cases[] = {
+        {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f},
+        {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f},
+        {.temperature = 0.8f, .top_k = 20, .top_p = 0.9f},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        int32_t gr[B * MAXT], op[B * MAXT], ref[B * MAXT];
+        int lg[B], lo[B], lr[B];
+        tlm_gen_stats sg, so;
+        memset(gr, 0, sizeof gr), memset(op, 0, sizeof op), memset(ref, 0, sizeof ref);
+        gen_tokens_ex(g_gpu, &cases[ci], TLM_GEN_F32, 0, 299, gr, lg, B, MAXT, NULL, NULL, &sg);
+        gen_tokens_ex(g_gpu, &cases[ci], TLM_GEN_F32, 1, 299, op, lo, B, MAXT, NULL, NULL, &so);
+        gen_tokens_ex(g_ref, &cases[ci], TLM_GEN_F32, 0, 299, ref, lr, B, MAXT, NULL, NULL, NULL);
+        /* the graph really ran: recorded once at the second step, then replayed */
+        if (sg.graph_records != 1 || sg.graph_launches != sg.steps - 1 || sg.steps < 3)
+            fail_msg("case %zu: %d recordings, %d launches for %d steps", ci, sg.graph_records, sg.graph_launches,
+                     sg.steps);
+        if (so.graph_records || so.graph_launches) fail_msg("case %zu: no_graph still recorded", ci);
+        assert_int_equal(sg.steps, so.steps);
+        for (int b = 0; b < B; b++) {
+            if (lg[b] != lo[b] || memcmp(gr + b * MAXT, op + b * MAXT, sizeof(int32_t) * lg[b]))
+                fail_msg("case %zu stream %d: replayed steps differ from op-by-op steps", ci, b);
+            if (lg[b] != lr[b] || memcmp(gr + b * MAXT, ref + b * MAXT, sizeof(int32_t) * lg[b]))
+                fail_msg("case %zu stream %d: replayed steps differ from the CPU reference", ci, b);
+        }
+    }
+    /* bf16 weights and fp16 caches: replay == op by op, bit for bit */
+    {
+        const tlm_sampler_params sp = {.temperature = 0.9f, .top_k = 0, .top_p = 0.95f};
+        int32_t gr[B * MAXT], op[B * MAXT];
+        int lg[B], lo[B];
+        tlm_gen_stats sg;
+        gen_tokens_ex(g_gpu, &sp, TLM_GEN_BF16, 0, -1, gr, lg, B, MAXT, NULL, NULL, &sg);
+        gen_tokens_ex(g_gpu, &sp, TLM_GEN_BF16, 1, -1, op, lo, B, MAXT, NULL, NULL, NULL);
+        assert_int_equal(sg.graph_launches, MAXT - 2);
+        assert_memory_equal(lg, lo, sizeof lg);
+        assert_memory_equal(gr, op, sizeof gr);
+    }
+    /* TLM_NO_GRAPH=1 (bench's comparison) turns it off */
+    {
+        const tlm_sampler_params sp = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f};
+        int32_t t[B * MAXT];
+        int l[B];
+        tlm_gen_stats st;
+        setenv("TLM_NO_GRAPH", "1", 1);
+        gen_tokens_ex(g_gpu, &sp, TLM_GEN_F32, 0, -1, t, l, B, MAXT, NULL, NULL, &st);
+        unsetenv("TLM_NO_GRAPH");
+        if (st.graph_records || st.graph_launches) fail_msg("TLM_NO_GRAPH=1 still recorded");
+    }
+    /* scratch grows mid-run (the first token of the third step): the next
+     * launch is refused as stale, the step is recorded again, and the
+     * tokens are still the op-by-op path's */
+    {
+        const tlm_sampler_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 0.9f};
+        int32_t gr[B * MAXT], op[B * MAXT];
+        int lg[B], lo[B];
+        tlm_gen_stats sg;
+        graph_mm big;
+        graph_mm_open(&big, 64, 4096);
+        grow_cb cb = {.trigger = 2 * B + 1, .big = &big};
+        gen_tokens_ex(g_gpu, &sp, TLM_GEN_F32, 0, -1, gr, lg, B, MAXT, grow_on_token, &cb, &sg);
+        assert_true(cb.fired);
+        if (sg.graph_records != 2) fail_msg("after scratch grew: %d recordings, want 2", sg.graph_records);
+        assert_int_equal(sg.graph_launches, MAXT - 2);
+        gen_tokens_ex(g_gpu, &sp, TLM_GEN_F32, 1, -1, op, lo, B, MAXT, NULL, NULL, NULL);
+        assert_memory_equal(lg, lo, sizeof lg);
+        assert_memory_equal(gr, op, sizeof gr);
+        graph_mm_close(&big);
+    }
+    assert_int_equal(ops_status(g_gpu), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
@@ -1744,6 +2074,8 @@ int main(void) {
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
         cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
         cmocka_unit_test(test_sample_rows), cmocka_unit_test(test_sample_generate),
+        cmocka_unit_test(test_attn_decode_pos_dev), cmocka_unit_test(test_graph_rules),
+        cmocka_unit_test(test_graph_generate),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     fixture_close(&g_fx);

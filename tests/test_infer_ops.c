@@ -546,7 +546,7 @@ static attn_bufs run_attn(tlm_ops *o, int kvt, int B, int T, int H, int hd, int 
     if (pos0 > 0) {
         float *q0 = malloc((size_t)B * pos0 * 3 * D * sizeof *q0), *o0 = malloc((size_t)B * pos0 * D * sizeof *o0);
         fill_normal(q0, (size_t)B * pos0 * 3 * D, seed, 1.5f);
-        o->attn_decode(o, o0, q0, r.kc, r.vc, kvt, NULL, NULL, 0, B, pos0, Tmax, H, hd, 0, 10000.0f);
+        o->attn_decode(o, o0, q0, r.kc, r.vc, kvt, NULL, NULL, 0, B, pos0, Tmax, H, hd, 0, NULL, 10000.0f);
         free(q0);
         free(o0);
     }
@@ -558,7 +558,7 @@ static attn_bufs run_attn(tlm_ops *o, int kvt, int B, int T, int H, int hd, int 
     float *v0 = r.qkv + 2 * D;
     const float edge[6] = {70000.0f, -65519.0f, 3e-6f, -1e-7f, 1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f};
     for (int i = 0; i < 6 && i < D && edges; i++) v0[i] = edge[i];
-    o->attn_decode(o, r.out, r.qkv, r.kc, r.vc, kvt, NULL, NULL, 0, B, T, Tmax, H, hd, pos0, 10000.0f);
+    o->attn_decode(o, r.out, r.qkv, r.kc, r.vc, kvt, NULL, NULL, 0, B, T, Tmax, H, hd, pos0, NULL, 10000.0f);
     return r;
 }
 
@@ -644,7 +644,7 @@ static void check_fused_equals_ops(tlm_ops *o, int B, int T, int H, int hd, int 
         float *o1 = malloc(no * sizeof *o1), *o2 = malloc(no * sizeof *o2);
         fill_normal(q1, nq, 40 + (uint64_t)s, 1.0f);
         memcpy(q2, q1, nq * sizeof *q1);
-        o->attn_decode(o, o1, q1, kh, vh, TLM_KV_F32, NULL, NULL, 0, B, n, Tmax, H, hd, p0, 10000.0f);
+        o->attn_decode(o, o1, q1, kh, vh, TLM_KV_F32, NULL, NULL, 0, B, n, Tmax, H, hd, p0, NULL, 10000.0f);
         g_ref->rope_fwd(g_ref, q2, B, n, H, hd, p0, 10000.0f);
         g_ref->kv_store(g_ref, kr, vr, q2, B, n, Tmax, D, p0);
         g_ref->attn_cached(g_ref, o2, q2, kr, vr, B, n, Tmax, H, hd, p0);
@@ -721,10 +721,11 @@ static void test_attn_decode_rows_independent_of_batch(void **state) {
         memcpy(q1, qkv, nq * sizeof *q1);
         memcpy(k1, kc, nc * es);
         memcpy(v1, vc, nc * es);
-        g_fast->attn_decode(g_fast, out, qkv, kc, vc, kvt, NULL, NULL, 0, B, T, TM, H, hd, P0, 10000.0f);
+        g_fast->attn_decode(g_fast, out, qkv, kc, vc, kvt, NULL, NULL, 0, B, T, TM, H, hd, P0, NULL, 10000.0f);
         for (int b = 0; b < B; b++) {
             size_t sq = (size_t)b * T * 3 * D, sc = (size_t)b * TM * D * es;
-            g_fast1->attn_decode(g_fast1, o1, q1 + sq, k1 + sc, v1 + sc, kvt, NULL, NULL, 0, 1, T, TM, H, hd, P0, 10000.0f);
+            g_fast1->attn_decode(g_fast1, o1, q1 + sq, k1 + sc, v1 + sc, kvt, NULL, NULL, 0, 1, T, TM, H, hd, P0, NULL,
+                10000.0f);
             assert_memory_equal(o1, out + (size_t)b * T * D, (size_t)T * D * sizeof *o1);
             assert_memory_equal(k1 + sc, kc + sc, (size_t)TM * D * es);
         }
@@ -755,7 +756,7 @@ static void check_shared_prefix(tlm_ops *o, int kvt, int B, int T, int H, int hd
     char *ko = calloc(nown, es), *vo = calloc(nown, es), *kf = calloc(nfull, es), *vf = calloc(nfull, es);
     float *qp = malloc((size_t)P * 3 * D * sizeof *qp), *op = malloc((size_t)P * D * sizeof *op);
     fill_normal(qp, (size_t)P * 3 * D, 41, 1.5f);
-    o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, 10000.0f);
+    o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, NULL, 10000.0f);
     /* the full caches: the prefix rows copied into every sequence */
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
@@ -772,8 +773,8 @@ static void check_shared_prefix(tlm_ops *o, int kvt, int B, int T, int H, int hd
         fill_normal(qa, nq, 42 + (uint64_t)s, 1.5f);
         memcpy(qb, qa, nq * sizeof *qa);
         memcpy(q1, qa, nq * sizeof *qa);
-        o->attn_decode(o, oa, qa, ko, vo, kvt, kp, vp, P, B, n, own, H, hd, p0, 10000.0f);
-        o->attn_decode(o, ob, qb, kf, vf, kvt, NULL, NULL, 0, B, n, full, H, hd, p0, 10000.0f);
+        o->attn_decode(o, oa, qa, ko, vo, kvt, kp, vp, P, B, n, own, H, hd, p0, NULL, 10000.0f);
+        o->attn_decode(o, ob, qb, kf, vf, kvt, NULL, NULL, 0, B, n, full, H, hd, p0, NULL, 10000.0f);
         double e = test_max_rel_err(oa, ob, no, 0.1);
         if (!(e < 1e-5))
             fail_msg("%s kv %d B=%d T=%d P=%d pos0=%d: shared prefix vs copied prefix differ by %g", o->name, kvt, B, n,
@@ -786,7 +787,8 @@ static void check_shared_prefix(tlm_ops *o, int kvt, int B, int T, int H, int hd
             /* rows of this call are rewritten by it; the earlier ones are the batch's */
             memcpy(k1, ko + so, (size_t)own * D * es);
             memcpy(v1, vo + so, (size_t)own * D * es);
-            o->attn_decode(o, o1, q1 + (size_t)b * n * 3 * D, k1, v1, kvt, kp, vp, P, 1, n, own, H, hd, p0, 10000.0f);
+            o->attn_decode(o, o1, q1 + (size_t)b * n * 3 * D, k1, v1, kvt, kp, vp, P, 1, n, own, H, hd, p0, NULL,
+                10000.0f);
             assert_memory_equal(o1, oa + (size_t)b * n * D, (size_t)n * D * sizeof *o1);
             assert_memory_equal(k1, ko + so, (size_t)own * D * es);
         }
@@ -860,6 +862,62 @@ static void test_pack_rejects_bad_shapes(void **state) {
     }
 }
 
+/* pos_dev (ops.h): attn_decode with the position in "device" memory (host
+ * memory here) gives the bits of the same call with pos0, whatever pos0
+ * then says; over a shared prefix and without one, at several steps. A
+ * position outside the cache stores nothing and writes NaN. */
+static void check_pos_dev(tlm_ops *o, int kvt, int B, int H, int hd, int P, int steps) {
+    const int D = H * hd, Tmax = steps;
+    const size_t es = kvt == TLM_KV_F16 ? 2 : 4, npre = (size_t)P * D, nc = (size_t)B * Tmax * D;
+    char *kp = calloc(npre ? npre : 1, es), *vp = calloc(npre ? npre : 1, es);
+    char *ka = calloc(nc, es), *va = calloc(nc, es), *kb = calloc(nc, es), *vb = calloc(nc, es);
+    const size_t nq = (size_t)B * 3 * D, no = (size_t)B * D;
+    float *qa = malloc(nq * sizeof *qa), *qb = malloc(nq * sizeof *qb);
+    float *oa = malloc(no * sizeof *oa), *ob = malloc(no * sizeof *ob);
+    if (P > 0) {
+        float *qp = malloc((size_t)P * 3 * D * sizeof *qp), *op = malloc((size_t)P * D * sizeof *op);
+        fill_normal(qp, (size_t)P * 3 * D, 51, 1.5f);
+        o->attn_decode(o, op, qp, kp, vp, kvt, NULL, NULL, 0, 1, P, P, H, hd, 0, NULL, 10000.0f);
+        free(qp);
+        free(op);
+    }
+    for (int s = 0; s < steps; s++) {
+        fill_normal(qa, nq, 60 + (uint64_t)s, 1.5f);
+        memcpy(qb, qa, nq * sizeof *qa);
+        const int32_t pos = P + s;
+        o->attn_decode(o, oa, qa, ka, va, kvt, P ? kp : NULL, P ? vp : NULL, P, B, 1, Tmax, H, hd, P + s, NULL,
+                       10000.0f);
+        /* a wrong pos0 on purpose: pos_dev wins */
+        o->attn_decode(o, ob, qb, kb, vb, kvt, P ? kp : NULL, P ? vp : NULL, P, B, 1, Tmax, H, hd, -777, &pos,
+                       10000.0f);
+        assert_memory_equal(oa, ob, no * sizeof *oa);
+        assert_memory_equal(qa, qb, nq * sizeof *qa);
+    }
+    assert_memory_equal(ka, kb, nc * es);
+    assert_memory_equal(va, vb, nc * es);
+    /* outside the cache: before the prefix ends, and past the last row */
+    const int32_t bad[2] = {P - 1, P + Tmax};
+    for (int i = 0; i < 2; i++) {
+        o->attn_decode(o, ob, qb, kb, vb, kvt, P ? kp : NULL, P ? vp : NULL, P, B, 1, Tmax, H, hd, P, &bad[i],
+                       10000.0f);
+        for (size_t j = 0; j < no; j++)
+            if (!isnan(ob[j])) fail_msg("%s: position %d outside the cache gave %g, not NaN", o->name, bad[i], ob[j]);
+        assert_memory_equal(ka, kb, nc * es); /* nothing stored */
+        assert_memory_equal(va, vb, nc * es);
+    }
+    free(kp), free(vp), free(ka), free(va), free(kb), free(vb), free(qa), free(qb), free(oa), free(ob);
+}
+
+static void test_attn_decode_pos_dev(void **state) {
+    (void)state;
+    tlm_ops *ops[3] = {g_fast, g_fast1, g_ref};
+    for (int kvt = TLM_KV_F32; kvt <= TLM_KV_F16; kvt++)
+        for (int i = 0; i < 3; i++) {
+            check_pos_dev(ops[i], kvt, 3, 4, 32, 7, 5); /* shared prefix */
+            check_pos_dev(ops[i], kvt, 2, 2, 24, 0, 6); /* none */
+        }
+}
+
 int main(void) {
     g_fast = ops_create("cpu", 2, NULL, 0);
     g_fast1 = ops_create("cpu", 1, NULL, 0);
@@ -884,6 +942,7 @@ int main(void) {
         cmocka_unit_test(test_attn_decode_vs_reference),
         cmocka_unit_test(test_attn_decode_rows_independent_of_batch),
         cmocka_unit_test(test_attn_decode_shared_prefix),
+        cmocka_unit_test(test_attn_decode_pos_dev),
         cmocka_unit_test(test_embed_rows_equals_embed_fwd),
         cmocka_unit_test(test_pack_rejects_bad_shapes),
     };

@@ -61,6 +61,86 @@ static void gen_draw_chunk(void *arg, int c) {
     }
 }
 
+/* ---- recorded decode steps ------------------------------------------------
+ * On a device that pays microseconds per launch (CUDA), a decode step of
+ * ~50 small ops is bound by launching them. There the step runs as: copy
+ * its inputs up (one pinned buffer: tokens, uniforms, position), forward
+ * (model_forward_packed_dev, position read on the device), draw
+ * (sample_dev), copy the tokens down into a pinned buffer; recorded once
+ * (ops.h's graph block) and replayed as ONE launch per step, the host then
+ * waiting once (it needs the tokens for end-of-text and the callback).
+ * Same inputs, same kernels, so the same tokens as op by op. */
+typedef struct {
+    int use_graph;     /* record and replay (else every step op by op) */
+    int nrun;          /* steps run so far */
+    tlm_graph *graph;  /* the recorded step, once recorded */
+    int32_t *host;     /* pinned: tokens[B] | uniforms[B] (floats) | pos | out tokens[B] */
+    int pinned;
+    int32_t *dev;      /* the same layout on the device */
+} gen_fused;
+
+static int gen_env_no_graph(void) {
+    const char *e = getenv("TLM_NO_GRAPH");
+    return e && *e && strcmp(e, "0") != 0;
+}
+
+/* Enqueue one fused step for the inputs in f->host; the tokens land in
+ * f->host + 2B + 1 once it has run (copy_d2h waits unless recording). */
+static int gen_step_enqueue(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *ss, const tlm_kvcache *kv,
+                            const tlm_kv_prefix *pre, const gen_fused *f, int B, int pos0, float *logits_dev,
+                            const tlm_sampler_params *sp) {
+    tlm_ops *o = m->ops;
+    const int V = m->cfg.vocab;
+    const size_t in_bytes = (size_t)(2 * B + 1) * sizeof(int32_t);
+    o->copy_h2d(o, f->dev, f->host, in_bytes);
+    if (model_forward_packed_dev(m, w, ss, kv->k, kv->v, kv->Tmax, pre, f->dev, B, 1, pos0, f->dev + 2 * B,
+                                 logits_dev))
+        return -1;
+    const float *uni_dev = sampler_greedy(sp) ? NULL : (const float *)(f->dev + B);
+    o->sample_dev(o, f->dev + 2 * B + 1, logits_dev, B, V, (size_t)V, uni_dev, sp->temperature, sp->top_k, sp->top_p);
+    o->copy_d2h(o, f->host + 2 * B + 1, f->dev + 2 * B + 1, (size_t)B * sizeof(int32_t));
+    return 0;
+}
+
+/* One step: op by op the first time (it grows every scratch and table the
+ * step needs, which a recording cannot), recorded the second, replayed
+ * after that. A graph the backend refuses as stale (memory it holds was
+ * replaced since) is recorded again; a recording that fails on a healthy
+ * device leaves the rest of the run op by op. */
+static int gen_step_run(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *ss, const tlm_kvcache *kv,
+                        const tlm_kv_prefix *pre, gen_fused *f, int B, int pos0, float *logits_dev,
+                        const tlm_sampler_params *sp, tlm_gen_stats *st) {
+    tlm_ops *o = m->ops;
+    if (!f->use_graph || f->nrun++ == 0) return gen_step_enqueue(m, w, ss, kv, pre, f, B, pos0, logits_dev, sp);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (!f->graph) {
+            if (o->graph_begin(o)) {
+                if (ops_status(o)) return -1;
+                f->use_graph = 0;
+                return gen_step_enqueue(m, w, ss, kv, pre, f, B, pos0, logits_dev, sp);
+            }
+            const int rc = gen_step_enqueue(m, w, ss, kv, pre, f, B, pos0, logits_dev, sp);
+            f->graph = o->graph_end(o); /* always: no recording is left open */
+            if (rc) return -1;
+            if (!f->graph) {
+                if (ops_status(o)) return -1;
+                f->use_graph = 0;
+                return gen_step_enqueue(m, w, ss, kv, pre, f, B, pos0, logits_dev, sp);
+            }
+            st->graph_records++;
+        }
+        if (o->graph_launch(o, f->graph) == 0) {
+            o->sync(o); /* the one wait of the step: the tokens are needed now */
+            st->graph_launches++;
+            return 0;
+        }
+        if (ops_status(o)) return -1;
+        o->graph_destroy(o, f->graph); /* stale: record it again */
+        f->graph = NULL;
+    }
+    return tlm_errorf("generation: the device refused a decode step it had just recorded (%s)", tlm_last_error());
+}
+
 int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, const tlm_gen_params *p,
                  tlm_token_fn on_token, void *user, int32_t *out, int *out_len, tlm_gen_stats *stats) {
     if (generate_validate(m, prompt, nprompt, eot, p)) return -1;
@@ -99,6 +179,9 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
     const int greedy = sampler_greedy(&p->sampling);
     float *uni = NULL;
     int32_t *dtok = NULL;
+    gen_fused fz;
+    memset(&fz, 0, sizeof fz);
+    int fused = 0; /* steps go through gen_step_run */
     /* Packed weights: the caller's, or packed here for this call. */
     tlm_infer_weights own;
     memset(&own, 0, sizeof own);
@@ -144,6 +227,17 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         if (!logits_dev || !logits) goto out;
     }
     for (int b = 0; b < B; b++) generate_seed_rng(&rng[b], p->seed, p->seq_base + b);
+    if (dev_sample && shared && ops->sample_dev && ops->graph_begin && !p->no_graph && !gen_env_no_graph()) {
+        /* pinned, or the recorded copies could not read and write it */
+        fz.host = ops->host_alloc(ops, (size_t)(3 * B + 1) * sizeof(int32_t), &fz.pinned);
+        if (!fz.host) goto out;
+        if (fz.pinned) {
+            fz.dev = ops->alloc(ops, (size_t)(3 * B + 1) * sizeof(int32_t));
+            if (!fz.dev) goto out;
+            fz.use_graph = 1;
+            fused = 1;
+        }
+    }
 
     /* Prompt: every sequence shares it, so compute it once, as one sequence
      * whose caches are the shared prefix (or sequence 0's, copied to the
@@ -170,7 +264,12 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
                        .tok = tok};
     for (int k = 0; k < maxt && live > 0 && !stop; k++) {
         dj.first = k == 0;
-        if (dev_sample) {
+        if (fused && k > 0) {
+            /* drawn by the previous step, right after its forward */
+            const int32_t *got = fz.host + 2 * B + 1;
+            for (int b = 0; b < B; b++)
+                if (!done[b]) tok[b] = got[b];
+        } else if (dev_sample) {
             /* one uniform per live stream, as sampler_sample draws it */
             for (int b = 0; b < B; b++) uni[b] = done[b] || greedy ? 0.0f : tlm_rng_uniform(&rng[b]);
             /* after the prompt every sequence starts from logits row 0 */
@@ -201,6 +300,22 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
         if (stop || live == 0 || k == maxt - 1) break;
         /* Finished sequences are stepped along with the rest (feeding their
          * last token); their outputs are ignored. */
+        if (fused) {
+            /* this step's tokens, and the uniforms of the next draw, drawn
+             * from each live stream's rng as the loop's top would */
+            float *un = (float *)(fz.host + B);
+            for (int b = 0; b < B; b++) {
+                fz.host[b] = tok[b];
+                un[b] = done[b] || greedy ? 0.0f : tlm_rng_uniform(&rng[b]);
+            }
+            fz.host[2 * B] = nprompt + k;
+            if (gen_step_run(m, wts, &ss, &kv, shared ? &pre : NULL, &fz, B, nprompt + k, logits_dev, &p->sampling,
+                             &st))
+                goto out;
+            if (ops_status(ops)) goto out;
+            st.steps++;
+            continue;
+        }
         if (model_forward_packed(m, wts, &ss, kv.k, kv.v, kv.Tmax, shared ? &pre : NULL, tok, B, 1, nprompt + k,
                                  logits_dev))
             goto out;
@@ -216,6 +331,9 @@ int generate_run(tlm_model *m, const int32_t *prompt, int nprompt, int eot, cons
 
 out:
     if (stats) *stats = st;
+    if (fz.graph) ops->graph_destroy(ops, fz.graph);
+    if (fz.dev) ops->free(ops, fz.dev);
+    if (fz.host) ops->host_free(ops, fz.host, fz.pinned);
     if (logits_dev) ops->free(ops, logits_dev);
     tlm_free(logits);
     if (have_sp) model_infer_scratch_free(m, &sp);

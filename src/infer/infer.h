@@ -10,6 +10,9 @@
  * Sampling runs on the CPU on logits copied back (sampler_sample), or on
  * the device where the backend has ops.h's `sample` (only the tokens come
  * back; the uniforms are still drawn here, from each stream's rng).
+ * Where the backend can also record ops (ops.h's graph block, CUDA), a
+ * decode step (inputs up, forward, draw, tokens down) is recorded once and
+ * replayed as one launch per step, with the same tokens.
  */
 #ifndef TLM_INFER_INFER_H
 #define TLM_INFER_INFER_H
@@ -105,6 +108,10 @@ typedef struct {
      * `weights` already holds them, which then decides the format. */
     int dtype;
     const tlm_infer_weights *weights;
+    /* Non-zero: never record the decode step (ops.h's graph block), step
+     * op by op as on a device without graphs. The environment variable
+     * TLM_NO_GRAPH=1 does the same (to compare the two, e.g. in bench). */
+    int no_graph;
 } tlm_gen_params;
 
 typedef struct {
@@ -114,6 +121,8 @@ typedef struct {
     double prompt_seconds;  /* prompt forward (+ cache broadcast) */
     double gen_seconds;     /* sampling + stepping, all sequences */
     int dtype;              /* the number format used (TLM_GEN_F32, _BF16, _I8 or _REF) */
+    int graph_records;      /* decode steps recorded as a graph (1, more when one went stale) */
+    int graph_launches;     /* decode steps run as one graph launch */
 } tlm_gen_stats;
 
 /* Called for every new token of sequence seq (0..B-1), in order; the EOT

@@ -197,14 +197,13 @@ int model_infer_kv_dtype(const tlm_infer_weights *w) {
     return w->dtype == TLM_GEN_BF16 || w->dtype == TLM_GEN_I8 ? TLM_KV_F16 : TLM_KV_F32;
 }
 
-int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
-                         int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens, int B, int T, int pos0,
-                         float *logits_out) {
+/* The step of model_forward_packed(_dev): tokens on the host (tok_host) or
+ * on the device (tok_dev), position pos0 or *pos_dev. */
+static int model_forward_packed_at(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc,
+                                   float **vc, int Tmax, const tlm_kv_prefix *pre, const int32_t *tok_host,
+                                   const int32_t *tok_dev, int B, int T, int pos0, const int32_t *pos_dev,
+                                   float *logits_out) {
     const int P = pre ? pre->P : 0;
-    if (!w || w->dtype == TLM_GEN_REF) {
-        if (P > 0) return tlm_errorf("a shared KV prefix needs packed weights (not --dtype ref)");
-        return model_forward_cached(m, s, kc, vc, Tmax, tokens, B, T, pos0, logits_out);
-    }
     const tlm_config *c = &m->cfg;
     tlm_ops *o = m->ops;
     if (B <= 0 || T <= 0 || B > s->Bmax || T > s->Tchunk)
@@ -216,17 +215,19 @@ int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scr
     const int N = B * T, D = c->dim, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
     const int kvt = model_infer_kv_dtype(w);
-    if (o->embed_rows) {
-        o->embed_rows(o, s->x, tokens, m->wte, N, D);
+    if (tok_dev) {
+        o->embed_fwd(o, s->x, tok_dev, m->wte, N, D);
+    } else if (o->embed_rows) {
+        o->embed_rows(o, s->x, tok_host, m->wte, N, D);
     } else {
-        o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
+        o->copy_h2d(o, s->tokens_dev, tok_host, (size_t)N * sizeof(int32_t));
         o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
     }
     for (int l = 0; l < L; l++) {
         const tlm_layer_params *p = &m->layer[l];
         o->matmul_packed(o, s->qkv, s->x, N, w->wqkv[l], p->attn_norm, eps, 0);
         o->attn_decode(o, s->att, s->qkv, kc[l], vc[l], kvt, P ? pre->k[l] : NULL, P ? pre->v[l] : NULL, P, B, T,
-                       Tmax, H, hd, pos0, theta);
+                       Tmax, H, hd, pos0, pos_dev, theta);
         o->matmul_packed(o, s->x, s->att, N, w->wo[l], NULL, 0.0f, 1);
         o->matmul_packed(o, s->act, s->x, N, w->wgu[l], p->mlp_norm, eps, 0);
         o->matmul_packed(o, s->x, s->act, N, w->wdown[l], NULL, 0.0f, 1);
@@ -241,4 +242,22 @@ int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scr
     }
     o->matmul_packed(o, logits_out, xl, B, w->head, m->final_norm, eps, 0);
     return 0;
+}
+
+int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
+                         int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens, int B, int T, int pos0,
+                         float *logits_out) {
+    if (!w || w->dtype == TLM_GEN_REF) {
+        if (pre && pre->P > 0) return tlm_errorf("a shared KV prefix needs packed weights (not --dtype ref)");
+        return model_forward_cached(m, s, kc, vc, Tmax, tokens, B, T, pos0, logits_out);
+    }
+    return model_forward_packed_at(m, w, s, kc, vc, Tmax, pre, tokens, NULL, B, T, pos0, NULL, logits_out);
+}
+
+int model_forward_packed_dev(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
+                             int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens_dev, int B, int T, int pos0,
+                             const int32_t *pos_dev, float *logits_out) {
+    if (!w || w->dtype == TLM_GEN_REF)
+        return tlm_errorf("a step with its inputs on the device needs packed weights (not --dtype ref)");
+    return model_forward_packed_at(m, w, s, kc, vc, Tmax, pre, NULL, tokens_dev, B, T, pos0, pos_dev, logits_out);
 }

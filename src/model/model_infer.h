@@ -74,6 +74,17 @@ typedef struct {
 int model_forward_packed(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
                          int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens, int B, int T, int pos0,
                          float *logits_out);
+/* model_forward_packed (packed weights only: w of TLM_GEN_REF is an error)
+ * with the step's inputs in DEVICE memory, so that the step can be
+ * recorded once and replayed (ops.h's graph block): tokens_dev [B*T]
+ * int32, and pos_dev (one int32; NULL: use pos0) the position of the
+ * first token, read when the ops run (see attn_decode). pos0 is validated
+ * against the cache as in model_forward_packed either way: pass the
+ * position of the step being enqueued or recorded. Nothing here reads the
+ * host or waits for the device. */
+int model_forward_packed_dev(tlm_model *m, const tlm_infer_weights *w, tlm_infer_scratch *s, float **kc, float **vc,
+                             int Tmax, const tlm_kv_prefix *pre, const int32_t *tokens_dev, int B, int T, int pos0,
+                             const int32_t *pos_dev, float *logits_out);
 
 
 #endif

@@ -44,6 +44,8 @@ enum { TLM_KV_F32 = 1, TLM_KV_F16 = 2 };           /* elements of attn_decode's 
 
 /* A point in a backend's stream of ops (see the upload block of tlm_ops). */
 typedef struct tlm_event tlm_event; /* opaque, owned by the backend that made it */
+/* A recorded sequence of ops (see the graph block of tlm_ops). */
+typedef struct tlm_graph tlm_graph; /* opaque, owned by the backend that recorded it */
 
 struct tlm_ops {
     const char *name;        /* "cpu", "cpu-ref", "cuda" */
@@ -210,9 +212,17 @@ struct tlm_ops {
      * is position P + r (so pos0 >= P and pos0 - P + T <= Tmax). Attention
      * over many streams then reads the prefix once per step (from cache)
      * instead of once per stream (from memory). Keys are visited prefix
-     * first, then the sequence's own rows, whatever B is. */
+     * first, then the sequence's own rows, whatever B is.
+     * pos_dev (DEVICE, one int32; NULL: use pos0): when given, the position
+     * of the first query is *pos_dev as it is WHEN THE OP RUNS, not when it
+     * is enqueued, so a recorded step (graph block below) replays at later
+     * positions; pos0 is then ignored. Tables the op keeps (RoPE angles) are
+     * sized from the cache capacity P + Tmax, never from the position, so a
+     * replay never needs them to grow. A position outside the cache
+     * (< P, or past P + Tmax - T) stores nothing and writes NaN to out. */
     void (*attn_decode)(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
-                        const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta);
+                        const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0,
+                        const int32_t *pos_dev, float theta);
     /* OPTIONAL (NULL: the model uses embed_fwd): out[N,D] = wte[tok[n], :]
      * with tok on the HOST. A step embeds only B rows: the CPU copies them
      * on the calling thread (embed_fwd may start a parallel region, whose
@@ -248,6 +258,15 @@ struct tlm_ops {
      * and the sticky status). */
     void (*sample)(tlm_ops *o, int32_t *tokens_host, const float *logits_dev, int B, int V, size_t ld,
                    const float *uniforms_host, float temperature, int top_k, float top_p);
+    /* OPTIONAL (set where sample is; NULL otherwise): sample with its
+     * inputs and outputs on the DEVICE and nothing waited for: it only
+     * enqueues the draw, so it can be part of a recorded step (graph
+     * block). tokens_dev[B] (int32) receives the tokens; uniforms_dev[B]
+     * (floats, read when the op runs; may be NULL when greedy). The rules,
+     * ld and the result are those of sample; sample is this op between a
+     * copy of the uniforms up and a copy of the tokens down. */
+    void (*sample_dev)(tlm_ops *o, int32_t *tokens_dev, const float *logits_dev, int B, int V, size_t ld,
+                       const float *uniforms_dev, float temperature, int top_k, float top_p);
     /* ==== end of the generation block ==================================== */
 
     /* ==== asynchronous uploads (OPTIONAL: all five set, or all NULL) ======
@@ -276,6 +295,44 @@ struct tlm_ops {
      * (waiting for that point only, not for the whole device) and returns 1. */
     int (*event_done)(tlm_ops *o, tlm_event *e, int wait);
     /* ==== end of the upload block ======================================== */
+
+    /* ==== recorded steps (OPTIONAL: all four set, or all NULL; the CPU
+     * has none) =============================================================
+     * A decode step is ~50 small ops; a device that pays a few microseconds
+     * per launch is bound by launching them. Recording the step once and
+     * replaying it makes it one launch.
+     *
+     * graph_begin: the ops enqueued from now until graph_end are RECORDED,
+     * not run: their arguments (pointers, sizes, scalars) are fixed at that
+     * moment, the memory they read is read when the graph RUNS (so a step
+     * whose varying inputs, tokens and position, live in device memory
+     * replays with new ones: see attn_decode's pos_dev). 0, or -1 + error
+     * (already recording, a failed backend).
+     * While recording:
+     *  - copy_h2d and copy_d2h must use host buffers from host_alloc
+     *    (pinned); they are recorded too, the host buffer being read or
+     *    written when the graph runs, and copy_d2h does not wait;
+     *  - nothing waits for the host: sync does nothing, and an op that would
+     *    have to wait (growing scratch memory or a table, a TLM_CUDA_SYNC
+     *    check) or allocate (alloc, free, pack, pack_free, host_alloc) must
+     *    not be called. So run the step once un-recorded first, which grows
+     *    everything it needs; a recording that breaks these rules fails at
+     *    graph_end (the backend itself is not marked failed);
+     *  - status does not query the device.
+     * graph_end: stop recording; the recorded step, or NULL + error (the
+     * recording is discarded, nothing is left half-recorded).
+     * graph_launch: enqueue the recorded ops, in order, as one launch; the
+     * host waits for it like for any op (sync, copy_d2h). -1 + error, and
+     * nothing enqueued, when the graph is STALE: memory whose address it
+     * holds was replaced since it was recorded (the backend's scratch or
+     * tables grew); record it again. -1 also on a device error (status).
+     * The caller's buffers named by the recorded ops must outlive the graph
+     * and not move. */
+    int (*graph_begin)(tlm_ops *o);
+    tlm_graph *(*graph_end)(tlm_ops *o);
+    int (*graph_launch)(tlm_ops *o, tlm_graph *g);
+    void (*graph_destroy)(tlm_ops *o, tlm_graph *g);
+    /* ==== end of the recorded steps ====================================== */
 
     /* OPTIONAL (NULL: the backend cannot fail after creation, the CPU).
      * 0, or -1 with tlm_errorf set to a one-line message naming the op that

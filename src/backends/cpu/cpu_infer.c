@@ -1153,9 +1153,17 @@ static void ci_attn_chunk(void *arg, int c) {
  * its own head columns only, so the tasks never share a byte and need no
  * barrier between the store and the attention. */
 static void ci_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
-                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
+                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0,
+                           const int32_t *pos_dev, float theta) {
     const int half = hd / 2;
     if (!kp || !vp) P = 0;
+    /* device memory is host memory here and ops run when called: "when the
+     * op runs" is now */
+    if (pos_dev) pos0 = *pos_dev;
+    if (pos0 < P || (long)pos0 - P + T > Tmax) { /* outside the cache: ops.h's NaN */
+        for (size_t i = 0; i < (size_t)B * T * H * hd; i++) out[i] = NAN;
+        return;
+    }
     ci_attn_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .kp = P ? kp : NULL, .vp = P ? vp : NULL, .B = B,
                      .T = T, .Tmax = Tmax, .H = H, .hd = hd, .pos0 = pos0, .P = P, .f16 = kv_dtype == TLM_KV_F16,
                      .scale = 1.0f / sqrtf((float)hd)};

@@ -227,9 +227,15 @@ static void ref_kv_put(void *c, size_t i, float x, int kv_dtype) {
  * caches [B,H,Tmax,hd] (row = position - P), then softmax attention over
  * the shared prefix [H,P,hd] and the sequence's own rows, in double. */
 static void ref_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
-                            const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
+                            const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0,
+                            const int32_t *pos_dev, float theta) {
     const int D = H * hd;
     if (!kp || !vp) P = 0;
+    if (pos_dev) pos0 = *pos_dev; /* host memory, and the op runs now */
+    if (pos0 < P || (long)pos0 - P + T > Tmax) { /* outside the cache: ops.h's NaN */
+        for (size_t i = 0; i < (size_t)B * T * D; i++) out[i] = NAN;
+        return;
+    }
     o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)

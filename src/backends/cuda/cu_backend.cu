@@ -27,6 +27,17 @@
  *   the caller when the source may be rewritten (the trainer releases a
  *   loader slot then).
  *
+ * Recorded steps (ops.h's graph block)
+ *   graph_begin starts a stream capture of the compute stream; ops then
+ *   enqueue into the capture instead of running. While capturing, copies
+ *   out of or into pinned buffers stay on the compute stream (one chain of
+ *   nodes, no event joins with the copy stream), nothing waits, and
+ *   whatever would wait or allocate (scratch or RoPE table growth, sync,
+ *   alloc) breaks the recording (cap_err), not the backend. graph_launch is
+ *   one cudaGraphLaunch. Scratch and the RoPE table are the backend's own
+ *   memory that a graph holds by address: replacing either bumps
+ *   graph_gen, and a graph recorded under an older value is refused.
+ *
  * Errors
  *   Ops have no error return. A failed CUDA or cuBLAS call records one
  *   message (naming the call and the CUDA error) and the backend turns
@@ -80,6 +91,16 @@ void cu_fail(cu_ctx *c, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    if (c->capturing) {
+        /* breaks the recording only: graph_end discards it and reports
+         * this; a real device fault still shows in status afterwards */
+        if (!c->cap_failed) {
+            memcpy(c->cap_err, msg, sizeof msg);
+            c->cap_failed = 1;
+        }
+        cu_report(c->cap_err);
+        return;
+    }
     if (!c->failed) {
         memcpy(c->err, msg, sizeof msg);
         c->failed = 1;
@@ -104,13 +125,19 @@ bool cu_ok_at(cu_ctx *c, cudaError_t e, const char *what, int line) {
 
 void cu_after(cu_ctx *c, const char *op) {
     cudaError_t e = cudaGetLastError();
-    if (e == cudaSuccess && c->sync_check) e = cudaStreamSynchronize(c->stream);
+    /* a recorded op does not run now: nothing to wait for (ops.h) */
+    if (e == cudaSuccess && c->sync_check && !c->capturing) e = cudaStreamSynchronize(c->stream);
     if (e != cudaSuccess)
         cu_fail(c, "CUDA error on cuda:%d in op %s: %s (%s)%s", c->device, op, cudaGetErrorString(e),
                 cudaGetErrorName(e), cu_fix(c));
 }
 
 bool cu_host_wait(cu_ctx *c, cudaStream_t s, const char *what) {
+    if (c->capturing) {
+        cu_fail(c, "%s while recording a graph: a recorded step cannot wait for the device (run it once "
+                   "un-recorded first, so that nothing has to grow)", what);
+        return false;
+    }
     c->host_syncs++;
     return cu_ok_at(c, cudaStreamSynchronize(s), what, __LINE__);
 }
@@ -124,6 +151,12 @@ static bool cu_blas_ok(cu_ctx *c, cublasStatus_t s, const char *what) {
 
 void *cu_scratch(cu_ctx *c, size_t bytes) {
     if (bytes <= c->scratch_bytes) return c->scratch;
+    if (c->capturing) {
+        cu_fail(c, "scratch memory must grow to %zu bytes while recording a graph: run the step once un-recorded "
+                   "first", bytes);
+        return NULL;
+    }
+    c->graph_gen++; /* recorded steps hold the old block's address */
     size_t want = bytes + bytes / 2;
     /* kernels queued earlier may still use the old block */
     if (c->scratch) {
@@ -160,6 +193,10 @@ static void *cu_alloc(tlm_ops *o, size_t bytes) {
         cu_report(c->err);
         return NULL;
     }
+    if (c->capturing) {
+        cu_fail(c, "alloc while recording a graph: allocate before graph_begin");
+        return NULL;
+    }
     void *p = NULL;
     cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
     if (e != cudaSuccess) {
@@ -185,6 +222,9 @@ static void *cu_alloc(tlm_ops *o, size_t bytes) {
 static void cu_free(tlm_ops *o, void *p) {
     cu_ctx *c = cu_of(o);
     if (!p) return;
+    /* cudaFree is refused during a capture and breaks it; freeing is still
+     * the right thing for the memory */
+    if (c->capturing) cu_fail(c, "free while recording a graph: free after graph_end");
     cudaError_t e = cudaFree(p);
     if (e != cudaSuccess && !c->failed) cu_ok_at(c, e, "cudaFree", __LINE__);
 }
@@ -234,7 +274,8 @@ static void *cu_host_alloc(tlm_ops *o, size_t bytes, int *pinned) {
     cu_ctx *c = cu_of(o);
     void *p = NULL;
     size_t n = bytes ? bytes : 1;
-    if (!c->failed && cudaHostAlloc(&p, n, cudaHostAllocPortable) == cudaSuccess) {
+    if (c->capturing) cu_fail(c, "host_alloc while recording a graph: allocate before graph_begin");
+    if (!c->failed && !c->capturing && cudaHostAlloc(&p, n, cudaHostAllocPortable) == cudaSuccess) {
         memset(p, 0, n);
         cu_pin_add(c, p, n);
         if (pinned) *pinned = 1;
@@ -272,6 +313,17 @@ static void cu_host_free(tlm_ops *o, void *p, int pinned) {
 static void cu_copy_h2d(tlm_ops *o, void *dst, const void *src, size_t bytes) {
     cu_ctx *c = cu_of(o);
     if (c->failed || bytes == 0) return;
+    if (c->capturing) {
+        /* Recorded: src is read when the graph runs, so it must stay valid
+         * and be pinned (CUDA refuses to capture a pageable copy). On the
+         * compute stream itself: a recorded step is one chain of nodes,
+         * with no event joins to the copy stream. */
+        if (!cu_pin_find(c, src, bytes))
+            cu_fail(c, "copy_h2d while recording a graph needs a host_alloc (pinned) source");
+        else
+            CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+        return;
+    }
     if (cu_pin_find(c, src, bytes)) {
         CU_OK(c, cudaEventRecord(c->ev_compute, c->stream)) &&
             CU_OK(c, cudaStreamWaitEvent(c->copy, c->ev_compute, 0)) &&
@@ -287,6 +339,15 @@ static void cu_copy_h2d(tlm_ops *o, void *dst, const void *src, size_t bytes) {
 static void cu_copy_d2h(tlm_ops *o, void *dst, const void *src, size_t bytes) {
     cu_ctx *c = cu_of(o);
     if (bytes == 0) return;
+    if (c->capturing) {
+        /* recorded, not waited for: dst is written when the graph runs */
+        if (c->failed) return;
+        if (!cu_pin_find(c, dst, bytes))
+            cu_fail(c, "copy_d2h while recording a graph needs a host_alloc (pinned) destination");
+        else
+            CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+        return;
+    }
     if (!c->failed && CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream)) &&
         cu_host_wait(c, c->stream, "cudaStreamSynchronize (copy_d2h)"))
         return;
@@ -308,7 +369,7 @@ static void cu_zero(tlm_ops *o, void *p, size_t bytes) {
 
 static void cu_sync(tlm_ops *o) {
     cu_ctx *c = cu_of(o);
-    if (c->failed) return;
+    if (c->failed || c->capturing) return; /* nothing recorded has run yet: nothing to wait for */
     cu_host_wait(c, c->copy, "cudaStreamSynchronize (sync, copy stream)") &&
         cu_host_wait(c, c->stream, "cudaStreamSynchronize (sync)");
 }
@@ -348,6 +409,10 @@ static void cu_event_destroy(tlm_ops *o, tlm_event *e) {
 static void cu_event_record(tlm_ops *o, tlm_event *e) {
     cu_ctx *c = cu_of(o);
     if (c->failed || !e) return;
+    if (c->capturing) { /* an event inside a graph is not an upload's point in the stream */
+        cu_fail(c, "event_record while recording a graph is not supported");
+        return;
+    }
     if (CU_OK(c, cudaEventRecord(e->ev, c->stream))) e->recorded = 1;
 }
 
@@ -359,6 +424,10 @@ static void cu_copy_h2d_async(tlm_ops *o, void *dst, const void *src, size_t byt
                               tlm_event *done) {
     cu_ctx *c = cu_of(o);
     if (c->failed) return;
+    if (c->capturing) {
+        cu_fail(c, "copy_h2d_async while recording a graph is not supported: use copy_h2d");
+        return;
+    }
     bool ok = true;
     if (after && after->recorded) ok = CU_OK(c, cudaStreamWaitEvent(c->copy, after->ev, 0));
     if (ok && bytes) ok = CU_OK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->copy));
@@ -389,7 +458,8 @@ static int cu_event_done(tlm_ops *o, tlm_event *e, int wait) {
 
 static int cu_status(tlm_ops *o) {
     cu_ctx *c = cu_of(o);
-    if (!c->failed) {
+    /* querying a capturing stream is refused and would break the recording */
+    if (!c->failed && !c->capturing) {
         /* Not a wait: finds a fault of a kernel that already ran (CUDA
          * reports those at some later call), and says "not ready" for
          * work still queued. */
@@ -401,6 +471,116 @@ static int cu_status(tlm_ops *o) {
     if (!c->failed) return 0;
     cu_report(c->err);
     return -1;
+}
+
+/* ---- recorded steps (graph block) --------------------------------------------------- */
+
+struct tlm_graph {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    unsigned long gen; /* c->graph_gen when recorded */
+};
+
+/* Capture mode ThreadLocal: a call on this thread that is unsafe during a
+ * capture (cudaMalloc, a stream synchronisation, ...) fails and breaks the
+ * recording instead of silently running at record time; the ops already
+ * refuse those themselves, so this only catches what they miss. Other
+ * threads (the data loader's) are not affected, as they would be by
+ * Global. */
+static int cu_graph_begin(tlm_ops *o) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) {
+        cu_report(c->err);
+        return -1;
+    }
+    if (c->capturing) {
+        cu_report("graph_begin: a graph is already being recorded");
+        return -1;
+    }
+    cudaError_t e = cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        char msg[256];
+        snprintf(msg, sizeof msg, "cudaStreamBeginCapture on cuda:%d: %s (%s)", c->device, cudaGetErrorString(e),
+                 cudaGetErrorName(e));
+        cu_report(msg);
+        return -1;
+    }
+    c->capturing = 1;
+    c->cap_failed = 0;
+    c->cap_err[0] = 0;
+    return 0;
+}
+
+static tlm_graph *cu_graph_end(tlm_ops *o) {
+    cu_ctx *c = cu_of(o);
+    if (!c->capturing) {
+        cu_report("graph_end without graph_begin");
+        return NULL;
+    }
+    const unsigned long gen = c->graph_gen;
+    cudaGraph_t g = NULL;
+    /* ends the capture even when it was invalidated: the stream is usable
+     * again whatever happened while recording */
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    c->capturing = 0;
+    char msg[sizeof c->cap_err + 64];
+    if (c->cap_failed || e != cudaSuccess || !g) {
+        if (g) cudaGraphDestroy(g);
+        (void)cudaGetLastError(); /* a capture error is not a device fault */
+        snprintf(msg, sizeof msg, "recording a graph failed: %s",
+                 c->cap_failed ? c->cap_err : e != cudaSuccess ? cudaGetErrorString(e) : "no graph was captured");
+        cu_report(msg);
+        return NULL;
+    }
+    tlm_graph *r = (tlm_graph *)calloc(1, sizeof *r);
+    if (!r) {
+        cudaGraphDestroy(g);
+        cu_report("out of host memory for a recorded graph");
+        return NULL;
+    }
+    e = cudaGraphInstantiate(&r->exec, g, 0);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        cudaGraphDestroy(g);
+        free(r);
+        snprintf(msg, sizeof msg, "cudaGraphInstantiate on cuda:%d: %s (%s)", c->device, cudaGetErrorString(e),
+                 cudaGetErrorName(e));
+        cu_report(msg);
+        return NULL;
+    }
+    r->graph = g;
+    r->gen = gen;
+    return r;
+}
+
+static int cu_graph_launch(tlm_ops *o, tlm_graph *g) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed) {
+        cu_report(c->err);
+        return -1;
+    }
+    if (!g || c->capturing) {
+        cu_report(g ? "graph_launch while recording a graph is not supported" : "graph_launch: no graph");
+        return -1;
+    }
+    if (g->gen != c->graph_gen) {
+        cu_report("graph_launch: the recorded step is stale (scratch memory or the RoPE table was reallocated "
+                  "since it was recorded): record it again");
+        return -1;
+    }
+    if (!CU_OK(c, cudaGraphLaunch(g->exec, c->stream))) return -1;
+    if (c->sync_check && !cu_host_wait(c, c->stream, "cudaStreamSynchronize (graph_launch)")) return -1;
+    return 0;
+}
+
+static void cu_graph_destroy(tlm_ops *o, tlm_graph *g) {
+    (void)o;
+    if (!g) return;
+    /* launches still queued complete: CUDA keeps what they need */
+    cudaGraphExecDestroy(g->exec);
+    cudaGraphDestroy(g->graph);
+    free(g);
 }
 
 /* ---- matrix products ---------------------------------------------------------- */
@@ -672,6 +852,10 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     o->copy_h2d_async = cu_copy_h2d_async;
     o->event_done = cu_event_done;
     o->status = cu_status;
+    o->graph_begin = cu_graph_begin;
+    o->graph_end = cu_graph_end;
+    o->graph_launch = cu_graph_launch;
+    o->graph_destroy = cu_graph_destroy;
     o->matmul = cu_matmul;
     cu_kernels_install(o);
     cu_attn_install(o);

@@ -22,6 +22,18 @@
  * blocks run one at a time. Device memory is host memory; streams and
  * events are no-ops because everything runs in order.
  *
+ * Graphs: while a stream is being captured (cudaStreamBeginCapture), each
+ * kernel launch, memcpy, memset and cuBLAS product on it is RECORDED as a
+ * closure (its arguments copied, its memory read when it runs) instead of
+ * run, and cudaGraphLaunch replays the closures in order. As in CUDA's
+ * ThreadLocal mode, a call that is unsafe during a capture (cudaMalloc,
+ * cudaFree, a synchronisation, a query of the captured stream) fails with
+ * cudaErrorStreamCaptureUnsupported and invalidates the capture, and so
+ * does anything this emulator does not model (events, work on another
+ * stream): cudaStreamEndCapture then returns
+ * cudaErrorStreamCaptureInvalidated, so tests catch a recorded step that
+ * would break on a GPU.
+ *
  * Environment (tests): TLM_CUDA_EMU_NODEV=1 makes cudaGetDeviceCount
  * report no device, to exercise the "no GPU" path.
  */
@@ -36,6 +48,8 @@
 #include <ucontext.h>
 
 #include <functional>
+#include <utility>
+#include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -138,6 +152,8 @@ __attribute__((naked, noinline)) static void emu_switch([[maybe_unused]] void **
 #else
 #define EMU_FAST_SWITCH 0
 #endif
+
+typedef struct emu_stream *cudaStream_t;
 
 namespace emu {
 
@@ -323,7 +339,41 @@ inline void run_block() {
     }
 }
 
-template <class K, class... A> void launch(K kernel, dim3 grid, dim3 block, A... args) {
+/* Stream capture: the one stream being captured and what was recorded. */
+struct capture {
+    bool on = false, invalid = false;
+    cudaStream_t stream = nullptr;
+    std::vector<std::function<void()>> ops;
+};
+inline capture cap;
+inline int last_error = 0; /* what cudaGetLastError hands back (and clears) */
+
+enum { ERR_CAPTURE_UNSUPPORTED = 900, ERR_CAPTURE_INVALIDATED = 901 };
+
+/* A call that is unsafe during a capture: breaks it. The error to return. */
+inline int unsafe_call() {
+    cap.invalid = true;
+    last_error = ERR_CAPTURE_UNSUPPORTED;
+    return ERR_CAPTURE_UNSUPPORTED;
+}
+
+/* Work for stream s: recorded while s is captured, else run now. 0 or an
+ * error (work on another stream during a capture is not modelled). */
+inline int submit(cudaStream_t s, std::function<void()> fn) {
+    if (!cap.on) {
+        fn();
+        return 0;
+    }
+    if (s != cap.stream) return unsafe_call();
+    if (cap.invalid) {
+        last_error = ERR_CAPTURE_INVALIDATED;
+        return ERR_CAPTURE_INVALIDATED;
+    }
+    cap.ops.push_back(std::move(fn));
+    return 0;
+}
+
+template <class K, class... A> void run(K kernel, dim3 grid, dim3 block, A... args) {
     int nt = (int)(block.x * block.y * block.z);
     if (nt <= 0 || nt > 1024 || nt % 32) die("block size must be a multiple of 32 up to 1024");
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) die("empty grid");
@@ -349,6 +399,12 @@ template <class K, class... A> void launch(K kernel, dim3 grid, dim3 block, A...
                 run_block();
             }
     g.body = nullptr;
+}
+
+/* A kernel launch on stream s (CU_LAUNCH): the arguments are copied now,
+ * as CUDA copies kernel parameters at the launch (or the capture). */
+template <class K, class... A> void launch(cudaStream_t s, K kernel, dim3 grid, dim3 block, A... args) {
+    submit(s, [=]() { run(kernel, grid, block, args...); });
 }
 
 } // namespace emu
@@ -400,9 +456,21 @@ enum {
     cudaErrorInvalidDevice = 101,
     cudaErrorNoDevice = 100,
     cudaErrorNotReady = 600,
+    cudaErrorStreamCaptureUnsupported = emu::ERR_CAPTURE_UNSUPPORTED,
+    cudaErrorStreamCaptureInvalidated = emu::ERR_CAPTURE_INVALIDATED,
 };
-typedef struct emu_stream *cudaStream_t;
 typedef struct emu_event *cudaEvent_t;
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2
+};
+/* A captured graph and its executable form: the recorded closures. */
+struct emu_graph {
+    std::vector<std::function<void()>> ops;
+};
+typedef emu_graph *cudaGraph_t;
+typedef emu_graph *cudaGraphExec_t;
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
     cudaMemcpyHostToDevice = 1,
@@ -431,6 +499,8 @@ static inline const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     default: return "unknown error";
     }
 }
@@ -441,6 +511,8 @@ static inline const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     default: return "cudaErrorUnknown";
     }
 }
@@ -472,50 +544,64 @@ static inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total) {
     *total = (size_t)1 << 30;
     return cudaSuccess;
 }
-static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-static inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+static inline cudaError_t cudaGetLastError() {
+    cudaError_t e = emu::last_error;
+    emu::last_error = cudaSuccess;
+    return e;
+}
+static inline cudaError_t cudaDeviceSynchronize() { return emu::cap.on ? emu::unsafe_call() : cudaSuccess; }
 /* Exactly the bytes asked for, so AddressSanitizer sees any overrun. */
 static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
     *p = nullptr;
+    if (emu::cap.on) return emu::unsafe_call();
     if (posix_memalign(p, 256, bytes ? bytes : 1) != 0) return cudaErrorMemoryAllocation;
     memset(*p, 0xA5, bytes); /* device memory starts as garbage */
     return cudaSuccess;
 }
 template <class T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
 static inline cudaError_t cudaFree(void *p) {
-    free(p);
-    return cudaSuccess;
+    free(p); /* still freed: the capture breaks, the memory is gone either way */
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
 }
 static inline cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags) {
     (void)flags;
     *p = nullptr;
+    if (emu::cap.on) return emu::unsafe_call();
     return posix_memalign(p, 4096, bytes ? bytes : 1) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 static inline cudaError_t cudaFreeHost(void *p) {
     free(p);
-    return cudaSuccess;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
 }
 static inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
     (void)k;
-    (void)st;
-    if (n) memmove(d, s, n);
-    return cudaSuccess;
+    return emu::submit(st, [=]() {
+        if (n) memmove(d, s, n);
+    });
 }
 static inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
-    (void)st;
-    if (n) memset(d, v, n);
-    return cudaSuccess;
+    return emu::submit(st, [=]() {
+        if (n) memset(d, v, n);
+    });
 }
+/* Distinct streams, so a capture can tell its own stream's work apart. */
 static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f) {
     (void)f;
-    static int token;
-    *s = (cudaStream_t)(void *)&token;
+    *s = (cudaStream_t)malloc(1);
+    return *s ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+static inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    free((void *)s);
     return cudaSuccess;
 }
-static inline cudaError_t cudaStreamDestroy(cudaStream_t s) { (void)s; return cudaSuccess; }
-static inline cudaError_t cudaStreamSynchronize(cudaStream_t s) { (void)s; return cudaSuccess; }
+static inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    (void)s;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+}
 /* Work runs when it is enqueued, so everything has always finished. */
-static inline cudaError_t cudaStreamQuery(cudaStream_t s) { (void)s; return cudaSuccess; }
+static inline cudaError_t cudaStreamQuery(cudaStream_t s) {
+    return emu::cap.on && s == emu::cap.stream ? emu::unsafe_call() : cudaSuccess;
+}
 static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f) {
     (void)f;
     static int token;
@@ -523,13 +609,65 @@ static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f) {
     return cudaSuccess;
 }
 static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { (void)e; return cudaSuccess; }
-static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) { (void)e; (void)s; return cudaSuccess; }
-static inline cudaError_t cudaEventQuery(cudaEvent_t e) { (void)e; return cudaSuccess; }
-static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) { (void)e; return cudaSuccess; }
+/* Events inside a capture (fork and join of streams) are not modelled. */
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    (void)e;
+    (void)s;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+}
+static inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+    (void)e;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    (void)e;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+}
 static inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned f) {
     (void)s;
     (void)e;
     (void)f;
+    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+}
+
+/* ---- graphs (stream capture) ------------------------------------------------ */
+
+static inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+    (void)mode; /* one thread: ThreadLocal and Global are the same here */
+    if (emu::cap.on) return cudaErrorInvalidValue;
+    emu::cap.on = true;
+    emu::cap.invalid = false;
+    emu::cap.stream = s;
+    emu::cap.ops.clear();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g) {
+    *g = nullptr;
+    if (!emu::cap.on || s != emu::cap.stream) return cudaErrorInvalidValue;
+    emu::cap.on = false;
+    std::vector<std::function<void()>> ops;
+    ops.swap(emu::cap.ops);
+    if (emu::cap.invalid) return cudaErrorStreamCaptureInvalidated;
+    *g = new emu_graph{std::move(ops)};
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t *x, cudaGraph_t g, unsigned long long flags = 0) {
+    (void)flags;
+    *x = new emu_graph{g->ops};
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphLaunch(cudaGraphExec_t x, cudaStream_t s) {
+    (void)s;
+    if (emu::cap.on) return emu::unsafe_call(); /* graphs inside a capture: not modelled */
+    for (auto &fn : x->ops) fn();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t x) {
+    delete x;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+    delete g;
     return cudaSuccess;
 }
 
@@ -577,15 +715,20 @@ static inline const char *cublasGetStatusString(cublasStatus_t s) {
     return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
 }
 
+/* cuBLAS's argument checks of a product, made when it is called. */
+static inline bool emu_gemm_args_ok(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, int lda, int ldb,
+                                    int ldc) {
+    if (m < 0 || n < 0 || k < 0) return false;
+    if (lda < (ta == CUBLAS_OP_N ? (m > 1 ? m : 1) : (k > 1 ? k : 1))) return false;
+    if (ldb < (tb == CUBLAS_OP_N ? (k > 1 ? k : 1) : (n > 1 ? n : 1))) return false;
+    return ldc >= (m > 1 ? m : 1);
+}
+
 /* C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C, column-major; element
- * loaders abstract the data type. Argument checks follow cuBLAS's. */
+ * loaders abstract the data type. Arguments checked by emu_gemm_args_ok. */
 template <class LA, class LB>
-static inline cublasStatus_t emu_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
-                                      LA la, int lda, LB lb, int ldb, float beta, float *C, int ldc) {
-    if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
-    if (lda < (ta == CUBLAS_OP_N ? (m > 1 ? m : 1) : (k > 1 ? k : 1))) return CUBLAS_STATUS_INVALID_VALUE;
-    if (ldb < (tb == CUBLAS_OP_N ? (k > 1 ? k : 1) : (n > 1 ? n : 1))) return CUBLAS_STATUS_INVALID_VALUE;
-    if (ldc < (m > 1 ? m : 1)) return CUBLAS_STATUS_INVALID_VALUE;
+static inline void emu_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, LA la,
+                            int lda, LB lb, int ldb, float beta, float *C, int ldc) {
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
             double acc = 0;
@@ -597,16 +740,22 @@ static inline cublasStatus_t emu_gemm(cublasOperation_t ta, cublasOperation_t tb
             float *c = &C[(size_t)j * ldc + i];
             *c = beta == 0.0f ? (float)(alpha * acc) : (float)(alpha * acc + (double)beta * *c);
         }
-    return CUBLAS_STATUS_SUCCESS;
 }
 
+/* Products run (or are recorded) on the handle's stream, which the backend
+ * sets to the one it captures: emu::cap.stream while capturing. */
 static inline cublasStatus_t cublasSgemm_v2(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                             int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                             const float *beta, float *C, int ldc) {
     (void)h;
-    return emu_gemm(
-        ta, tb, m, n, k, *alpha, [A](size_t i) { return A[i]; }, lda, [B](size_t i) { return B[i]; }, ldb, *beta, C,
-        ldc);
+    if (!emu_gemm_args_ok(ta, tb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
+    const float al = *alpha, be = *beta;
+    int e = emu::submit(emu::cap.stream, [=]() {
+        emu_gemm(
+            ta, tb, m, n, k, al, [A](size_t i) { return A[i]; }, lda, [B](size_t i) { return B[i]; }, ldb, be, C,
+            ldc);
+    });
+    return e ? CUBLAS_STATUS_INVALID_VALUE : CUBLAS_STATUS_SUCCESS;
 }
 
 static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
@@ -618,7 +767,10 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
     if (ct != CUDA_R_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
     if (comp != CUBLAS_COMPUTE_32F && !(comp == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F))
         return CUBLAS_STATUS_INVALID_VALUE;
-    float al = *(const float *)alpha, be = *(const float *)beta;
+    if (!emu_gemm_args_ok(ta, tb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
+    const float al = *(const float *)alpha, be = *(const float *)beta;
+    float *Cf = (float *)C;
+    int e;
     if (comp == CUBLAS_COMPUTE_32F_FAST_TF32) {
         /* the tensor cores read each fp32 operand with 10 mantissa bits:
          * rounded to nearest here (hardware may truncate: within the tests'
@@ -631,20 +783,27 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
             return f;
         };
         const float *a = (const float *)A, *b = (const float *)B;
-        return emu_gemm(
-            ta, tb, m, n, k, al, [a, tf32](size_t i) { return tf32(a[i]); }, lda,
-            [b, tf32](size_t i) { return tf32(b[i]); }, ldb, be, (float *)C, ldc);
-    }
-    if (at == CUDA_R_32F) {
+        e = emu::submit(emu::cap.stream, [=]() {
+            emu_gemm(
+                ta, tb, m, n, k, al, [a, tf32](size_t i) { return tf32(a[i]); }, lda,
+                [b, tf32](size_t i) { return tf32(b[i]); }, ldb, be, Cf, ldc);
+        });
+    } else if (at == CUDA_R_32F) {
         const float *a = (const float *)A, *b = (const float *)B;
-        return emu_gemm(
-            ta, tb, m, n, k, al, [a](size_t i) { return a[i]; }, lda, [b](size_t i) { return b[i]; }, ldb, be,
-            (float *)C, ldc);
+        e = emu::submit(emu::cap.stream, [=]() {
+            emu_gemm(
+                ta, tb, m, n, k, al, [a](size_t i) { return a[i]; }, lda, [b](size_t i) { return b[i]; }, ldb, be, Cf,
+                ldc);
+        });
+    } else {
+        const __nv_bfloat16 *a = (const __nv_bfloat16 *)A, *b = (const __nv_bfloat16 *)B;
+        e = emu::submit(emu::cap.stream, [=]() {
+            emu_gemm(
+                ta, tb, m, n, k, al, [a](size_t i) { return __bfloat162float(a[i]); }, lda,
+                [b](size_t i) { return __bfloat162float(b[i]); }, ldb, be, Cf, ldc);
+        });
     }
-    const __nv_bfloat16 *a = (const __nv_bfloat16 *)A, *b = (const __nv_bfloat16 *)B;
-    return emu_gemm(
-        ta, tb, m, n, k, al, [a](size_t i) { return __bfloat162float(a[i]); }, lda,
-        [b](size_t i) { return __bfloat162float(b[i]); }, ldb, be, (float *)C, ldc);
+    return e ? CUBLAS_STATUS_INVALID_VALUE : CUBLAS_STATUS_SUCCESS;
 }
 
 #endif

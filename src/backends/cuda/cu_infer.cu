@@ -89,6 +89,10 @@ static tlm_packed *cu_pack(tlm_ops *o, const float *w, int N, int K, int dtype, 
         cu_report(msg);
         return NULL;
     }
+    if (c->capturing) {
+        cu_fail(c, "pack: cannot allocate while recording a graph");
+        return NULL;
+    }
     cu_packed *p = (cu_packed *)calloc(1, sizeof *p);
     size_t es = dtype == TLM_PACK_BF16 ? 2 : 4;
     if (!p || cudaMalloc(&p->wt, (size_t)N * K * es) != cudaSuccess) {
@@ -270,11 +274,20 @@ static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
 
 /* ---- attn_decode ------------------------------------------------------------------- */
 
+/* Is [pos0, pos0 + T) inside a cache of P shared and Tmax own positions? */
+static __device__ __forceinline__ bool cu_pos_ok(int pos0, int P, int T, int Tmax) {
+    return pos0 >= P && pos0 - P <= Tmax - T;
+}
+
 /* k, v of qkv[B,T,3D] into the head-major caches [B,H,Tmax,hd], row
- * position - P (P: length of the shared prefix, 0 without one). */
+ * position - P (P: length of the shared prefix, 0 without one). The first
+ * position is *pos_dev when given (read as the kernel runs), else pos0. */
 template <class KV>
 static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, int T, int Tmax, int H, int hd,
-                                     int pos0) {
+                                     int pos0, const int32_t *pos_dev, int P) {
+    if (pos_dev) pos0 = *pos_dev;
+    if (!cu_pos_ok(pos0, P, T, Tmax)) return; /* the attention writes NaN */
+    pos0 -= P;
     const int D = H * hd;
     for (int n = blockIdx.x; n < B * T; n += gridDim.x) {
         const int b = n / T, t = n - b * T;
@@ -296,13 +309,20 @@ static __global__ void k_kv_store_hm(KV *kc, KV *vc, const float *qkv, int B, in
 template <class KV, int NCH>
 static __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, const KV *kp, const KV *vp, int P, int B,
-                  int T, int Tmax, int H, int hd, int pos0, float scale_log2) {
+                  int T, int Tmax, int H, int hd, int pos0, const int32_t *pos_dev, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
     const int w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
     if (task >= B * H * T) return; /* a whole warp; no block barrier below */
     const int h = task % H, bt = task / H, t = bt % T, b = bt / T;
     const int D = H * hd;
+    if (pos_dev) pos0 = *pos_dev; /* as the kernel runs: a recorded step replays at later positions */
+    if (!cu_pos_ok(pos0, P, T, Tmax)) {
+        /* outside the cache (ops.h): NaN rather than reads past it */
+        float *orow = out + ((size_t)b * T + t) * D + (size_t)h * hd;
+        for (int d = threadIdx.x & 31; d < hd; d += 32) orow[d] = __uint_as_float(0x7fc00000u);
+        return;
+    }
     const size_t own = ((size_t)b * H + h) * Tmax * hd, pre = (size_t)h * P * hd;
     const cu_kv_rows_prefixed<KV> rows = {kp + pre, vp + pre, kc + own, vc + own, P, (size_t)hd};
     cu_attn_warp_query<KV, NCH>(out + ((size_t)b * T + t) * D + (size_t)h * hd,
@@ -312,32 +332,34 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
 
 template <class KV>
 static void att_decode_launch(cu_ctx *c, float *out, const float *qkv, void *kc, void *vc, const void *kp,
-                              const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0) {
+                              const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0,
+                              const int32_t *pd) {
     auto ks = k_kv_store_hm<KV>;
-    /* the store kernel indexes rows by position: shift by the prefix */
-    CU_LAUNCH(ks, cu_grid(c, (size_t)B * T, 1), 256, c->stream, (KV *)kc, (KV *)vc, qkv, B, T, Tmax, H, hd, pos0 - P);
+    CU_LAUNCH(ks, cu_grid(c, (size_t)B * T, 1), 256, c->stream, (KV *)kc, (KV *)vc, qkv, B, T, Tmax, H, hd, pos0, pd,
+              P);
     cu_after(c, "attn_decode (store)");
     unsigned blocks = (unsigned)(((size_t)B * H * T + DEC_WARPS - 1) / DEC_WARPS);
     float sl = (1.0f / sqrtf((float)hd)) * CU_LOG2E;
     const KV *k = (const KV *)kc, *v = (const KV *)vc, *pk = (const KV *)kp, *pv = (const KV *)vp;
     if (hd <= 32) {
         auto kern = k_attn_decode<KV, 1>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, pd, sl);
     } else if (hd <= 64) {
         auto kern = k_attn_decode<KV, 2>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, pd, sl);
     } else if (hd <= 96) {
         auto kern = k_attn_decode<KV, 3>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, pd, sl);
     } else {
         auto kern = k_attn_decode<KV, 4>;
-        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, sl);
+        CU_LAUNCH(kern, blocks, DEC_WARPS * 32, c->stream, out, qkv, k, v, pk, pv, P, B, T, Tmax, H, hd, pos0, pd, sl);
     }
     cu_after(c, "attn_decode");
 }
 
 static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *vc, int kv_dtype, const void *kp,
-                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0, float theta) {
+                           const void *vp, int P, int B, int T, int Tmax, int H, int hd, int pos0,
+                           const int32_t *pos_dev, float theta) {
     cu_ctx *c = cu_of(o);
     if (!kp || !vp) P = 0;
     if (c->failed || B <= 0 || T <= 0 || H <= 0) return;
@@ -349,11 +371,13 @@ static void cu_attn_decode(tlm_ops *o, float *out, float *qkv, void *kc, void *v
         cu_fail(c, "attn_decode: unknown cache element type %d", kv_dtype);
         return;
     }
-    o->rope_fwd(o, qkv, B, T, H, hd, pos0, theta);
+    /* the table covers every position of the cache, P + Tmax, whatever
+     * pos0 is now: a recorded step replayed later never needs it to grow */
+    cu_rope_run(c, qkv, B, T, H, hd, pos0, pos_dev, P + Tmax, theta, 1.0f);
     if (kv_dtype == TLM_KV_F16)
-        att_decode_launch<uint16_t>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0);
+        att_decode_launch<uint16_t>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0, pos_dev);
     else
-        att_decode_launch<float>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0);
+        att_decode_launch<float>(c, out, qkv, kc, vc, kp, vp, P, B, T, Tmax, H, hd, pos0, pos_dev);
 }
 
 void cu_infer_install(tlm_ops *o) {

@@ -20,7 +20,7 @@
 #ifdef TLM_CUDA_EMU
 #include "backends/cuda/cu_emu.h"
 #define CU_LAUNCH(kernel, grid, block, stream, ...)                                                            \
-    ((void)(stream), emu::launch(kernel, dim3(grid), dim3(block), __VA_ARGS__))
+    emu::launch((stream), kernel, dim3(grid), dim3(block), __VA_ARGS__)
 #else
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -96,6 +96,19 @@ struct cu_ctx {
     cu_pin *pins;
     int npins, cap_pins;
 
+    /* Recording a graph (ops.h's graph block): ops enqueued on `stream`
+     * are captured, not run. Whatever breaks a recording (an op that would
+     * wait, allocate or grow memory, a CUDA call refused during capture)
+     * goes to cap_err instead of the sticky `failed`: graph_end then
+     * discards the recording and the backend carries on. */
+    int capturing;
+    int cap_failed;
+    char cap_err[512];
+    /* Bumped whenever memory whose address recorded ops hold is replaced
+     * (scratch, the RoPE table): a graph recorded under another value is
+     * stale and graph_launch refuses it. */
+    unsigned long graph_gen;
+
     int started;           /* start-up is over (error messages then say what to do) */
     int failed;            /* sticky: after a device error every op is a no-op */
     char err[512];
@@ -118,6 +131,11 @@ bool cu_host_wait(cu_ctx *c, cudaStream_t s, const char *what);
 /* Scratch device memory of at least `bytes` for the op in progress
  * (valid until the next call). NULL and a recorded error on failure. */
 void *cu_scratch(cu_ctx *c, size_t bytes);
+/* RoPE over qkv[B,T,3D] (dir 1: forward, -1: inverse) with the angle table
+ * grown to npos positions; the first position is *pos_dev (device) when
+ * given, read as the kernel runs, else pos0 (cu_kernels.cu). */
+void cu_rope_run(cu_ctx *c, float *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev, int npos,
+                 float theta, float dir);
 /* Grid size for a grid-stride loop over n items with `per_block` items
  * handled per block and pass. */
 unsigned cu_grid(const cu_ctx *c, size_t n, unsigned per_block);

@@ -230,8 +230,14 @@ static __global__ void k_rope_table(float2 *tab, int len, int half, int hd, floa
     tab[i] = make_float2((float)cos(ang), (float)sin(ang));
 }
 
-/* One thread per rotated pair: (b, t, head of q or k, i < hd/2). */
-static __global__ void k_rope(float *qkv, const float2 *tab, int B, int T, int H, int hd, int pos0, float dir) {
+/* One thread per rotated pair: (b, t, head of q or k, i < hd/2). The first
+ * position is *pos_dev when given (read as the kernel runs: a recorded
+ * step replays at later positions), else pos0; positions past the table's
+ * npos rows leave qkv as it is (attn_decode then writes NaN). */
+static __global__ void k_rope(float *qkv, const float2 *tab, int B, int T, int H, int hd, int pos0,
+                              const int32_t *pos_dev, int npos, float dir) {
+    if (pos_dev) pos0 = *pos_dev;
+    if (pos0 < 0 || pos0 > npos - T) return;
     const int half = hd / 2, D = H * hd;
     const size_t total = (size_t)B * T * 2 * H * half;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -257,6 +263,13 @@ static int cu_rope_prepare(cu_ctx *c, int hd, float theta, int npos) {
     int len = 1024;
     while (len < npos) len *= 2;
     int half = hd / 2;
+    if (c->capturing) {
+        /* a recording cannot allocate or wait: ops.h's graph block */
+        cu_fail(c, "the RoPE table must grow to %d positions while recording a graph: run the step once "
+                   "un-recorded first", npos);
+        return -1;
+    }
+    c->graph_gen++; /* recorded steps hold the old table's address */
     if (c->rope_tab) {
         cu_host_wait(c, c->stream, "cudaStreamSynchronize (growing the RoPE table)");
         CU_OK(c, cudaFree(c->rope_tab));
@@ -276,21 +289,22 @@ static int cu_rope_prepare(cu_ctx *c, int hd, float theta, int npos) {
     return c->failed ? -1 : 0;
 }
 
-static void cu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta, float dir) {
-    cu_ctx *c = cu_of(o);
+void cu_rope_run(cu_ctx *c, float *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev, int npos,
+                 float theta, float dir) {
     if (c->failed || B <= 0 || T <= 0 || hd < 2) return;
-    if (cu_rope_prepare(c, hd, theta, pos0 + T)) return;
+    if (cu_rope_prepare(c, hd, theta, npos)) return;
     size_t total = (size_t)B * T * 2 * H * (hd / 2);
-    CU_LAUNCH(k_rope, cu_grid(c, total, CU_THREADS), CU_THREADS, c->stream, qkv, c->rope_tab, B, T, H, hd, pos0, dir);
+    CU_LAUNCH(k_rope, cu_grid(c, total, CU_THREADS), CU_THREADS, c->stream, qkv, c->rope_tab, B, T, H, hd, pos0,
+              pos_dev, c->rope_len, dir);
     cu_after(c, "rope");
 }
 
 static void cu_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
-    cu_rope(o, qkv, B, T, H, hd, pos0, theta, 1.0f);
+    cu_rope_run(cu_of(o), qkv, B, T, H, hd, pos0, NULL, pos0 + T, theta, 1.0f);
 }
 
 static void cu_rope_bwd(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
-    cu_rope(o, dqkv, B, T, H, hd, pos0, theta, -1.0f);
+    cu_rope_run(cu_of(o), dqkv, B, T, H, hd, pos0, NULL, pos0 + T, theta, -1.0f);
 }
 
 /* ---- KV cache ------------------------------------------------------------- */

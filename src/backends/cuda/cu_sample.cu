@@ -325,13 +325,37 @@ static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t
     if (threadIdx.x == 0) tok[b] = t;
 }
 
+/* Enqueue the draw (ops.h sample_dev): nothing waits, so it may be recorded. */
+static void cu_sample_dev(tlm_ops *o, int32_t *tokens_dev, const float *logits, int B, int V, size_t ld,
+                          const float *u_dev, float temperature, int top_k, float top_p) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || B <= 0) return;
+    const int greedy = temperature == 0.0f || top_k == 1;
+    if (V < 1) {
+        cu_fail(c, "sample: vocabulary size %d must be positive", V);
+        return;
+    }
+    if (!greedy && !u_dev) {
+        cu_fail(c, "sample: a draw at temperature %g needs uniforms", temperature);
+        return;
+    }
+    /* wide digits while every row's block is resident at once (2 per SM),
+     * narrow ones (more blocks per SM) beyond */
+    void (*kern)(int32_t *, const float *, int, size_t, const float *, float, int, float, int) =
+        B <= 2 * c->sm_count ? k_sample<4> : k_sample<2>;
+    CU_LAUNCH(kern, (unsigned)B, SAMPLE_THREADS, c->stream, tokens_dev, logits, V, ld, u_dev,
+              greedy ? 0.0f : 1.0f / temperature, top_k, top_p, greedy);
+    cu_after(c, "sample");
+}
+
+/* sample_dev between the uniforms' copy up and the tokens' copy down, both
+ * through scratch (so the caller's host buffers may be ordinary memory). */
 static void cu_sample(tlm_ops *o, int32_t *tokens, const float *logits, int B, int V, size_t ld, const float *u,
                       float temperature, int top_k, float top_p) {
     cu_ctx *c = cu_of(o);
     if (B <= 0) return;
     const size_t tb = (size_t)B * sizeof(int32_t);
     const int greedy = temperature == 0.0f || top_k == 1;
-    if (!c->failed && V < 1) cu_fail(c, "sample: vocabulary size %d must be positive", V);
     /* tokens, then the uniforms (4-byte aligned after B int32s) */
     char *s = c->failed ? NULL : (char *)cu_scratch(c, 2 * tb);
     if (s) {
@@ -339,15 +363,7 @@ static void cu_sample(tlm_ops *o, int32_t *tokens, const float *logits, int B, i
         float *du = (float *)(s + tb);
         /* the uniforms ride the stream with the step's other small copies */
         if (!greedy) CU_OK(c, cudaMemcpyAsync(du, u, tb, cudaMemcpyHostToDevice, c->stream));
-        if (!c->failed) {
-            /* wide digits while every row's block is resident at once
-             * (2 per SM), narrow ones (more blocks per SM) beyond */
-            void (*kern)(int32_t *, const float *, int, size_t, const float *, float, int, float, int) =
-                B <= 2 * c->sm_count ? k_sample<4> : k_sample<2>;
-            CU_LAUNCH(kern, (unsigned)B, SAMPLE_THREADS, c->stream, dtok, logits, V, ld, (const float *)du,
-                      greedy ? 0.0f : 1.0f / temperature, top_k, top_p, greedy);
-            cu_after(c, "sample");
-        }
+        cu_sample_dev(o, dtok, logits, B, V, ld, greedy ? NULL : du, temperature, top_k, top_p);
         if (!c->failed && CU_OK(c, cudaMemcpyAsync(tokens, dtok, tb, cudaMemcpyDeviceToHost, c->stream)) &&
             cu_host_wait(c, c->stream, "cudaStreamSynchronize (sample)"))
             return;
@@ -356,4 +372,7 @@ static void cu_sample(tlm_ops *o, int32_t *tokens, const float *logits, int B, i
     cu_report(c->err);
 }
 
-void cu_sample_install(tlm_ops *o) { o->sample = cu_sample; }
+void cu_sample_install(tlm_ops *o) {
+    o->sample = cu_sample;
+    o->sample_dev = cu_sample_dev;
+}
