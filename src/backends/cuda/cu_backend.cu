@@ -211,8 +211,11 @@ static void *cu_alloc(tlm_ops *o, size_t bytes) {
         cu_report(msg);
         return NULL;
     }
-    /* zero-filled, as the interface promises; ordered before every later op */
-    if (!CU_OK(c, cudaMemsetAsync(p, 0, bytes, c->stream))) {
+    /* zero-filled, as the interface promises; ordered before every later op,
+     * the copy stream's included: an upload into a fresh buffer (the first
+     * batch) must not be overwritten by its zero fill */
+    if (!CU_OK(c, cudaMemsetAsync(p, 0, bytes, c->stream)) || !CU_OK(c, cudaEventRecord(c->ev_compute, c->stream)) ||
+        !CU_OK(c, cudaStreamWaitEvent(c->copy, c->ev_compute, 0))) {
         cudaFree(p);
         return NULL;
     }
