@@ -4,7 +4,8 @@
 # the benchmark beside PyTorch, and a short table printed LAST. Logs go to
 # $OUT (the device tool's folder that comes back) or build-gpu/logs.
 #
-# usage: bash bench/gpu_check.sh                 # on the GPU machine
+# usage: bash bench/gpu_check.sh                 # on the GPU machine: part 1, the figures
+#        bash bench/gpu_check.sh --checks        # on the GPU machine: part 2, the checks
 #        bash bench/gpu_check.sh --prepare-deps  # here, before: see below
 #
 # The GPU machine has the CUDA toolkit, CMake and PyTorch but maybe not the
@@ -13,32 +14,39 @@
 # development machine, packs this machine's copies (headers, shared
 # libraries, pkg-config files, pkgconf) into build-gpudeps/deps.tar.xz
 # (about 5 MB); the GPU run unpacks it into /tmp when a library is missing.
-# The device call then carries it:
+# The device calls then carry it (the build folder stays on the machine
+# between calls, so part 2 only relinks):
 #     run(command="bash bench/gpu_check.sh", carry=["build-gpudeps", "data/sotu-prep"], timeout_s=540)
+#     run(command="bash bench/gpu_check.sh --checks", carry=["build-gpudeps", "data/sotu-prep"], timeout_s=400)
 #
-# Steps, in this order, with their time limits (about 7 minutes in all on an
-# H100 with 16 cores; a step that would end past TLM_GPU_CHECK_BUDGET seconds,
-# default 450, is cut short or skipped, so the call ends by ~8 minutes):
+# Each part stops starting steps past TLM_GPU_CHECK_BUDGET seconds (default
+# 450) and cuts the last one short, so a call ends by ~8 minutes; the
+# steps go most important first, with their time limits:
+# part 1 (default), the figures:
 #   build (Release, TLM_CUDA=ON)                                      180 s
-#   test_cuda on the GPU (max errors printed: TLM_TEST_VERBOSE)        120 s
-#   compute-sanitizer memcheck + racecheck on 3 (2) training steps and a
-#     short generation of the tiny preset                          4 x 75 s
-#   a GPU-trained run resumed on the CPU and a CPU-trained one on the GPU
-#     (same checkpoint files)                                        4 x 60 s
-#   tinylm bench --device cuda, seed preset, context 256: training at batch
-#     64 and 256 in fp32, tf32 and bf16 (TLM_CUDA_DTYPE), generation with 1 and
-#     1024 streams, the fp32 sgemm peak                         ~ 8 x 60 s
-#   tinylm bench --only loader at batch 64 and 256 (bf16): steps fed by the
-#     real loader vs the batch already on the device (target <= 1.02)  2 x 60 s
-#   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
-#     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
+#   test_cuda on the GPU: every op against the CPU reference in fp32, tf32
+#     and bf16, graphs, sampling (max errors printed: TLM_TEST_VERBOSE)  90 s
 #   200 training steps on the default corpus in bf16 on the GPU, val
 #     losses against the CPU's fp32 run (bench/results/cpu200-metrics.jsonl;
-#     needs data/sotu-prep carried), within 1% at every eval           120 s
-#   ctest, everything else (its CLI tests run on the GPU: --device auto) 120 s
-# A step that fails or times out is reported in the table; the rest still run.
-# Environment: TLM_GPU_CHECK_QUICK=1 skips the sanitizers and ctest (a
-# benchmark-only rerun); TLM_TORCH_COMPILE=1 adds torch.compile (slow).
+#     needs data/sotu-prep carried), within 1% at every eval            90 s
+#   tinylm bench --device cuda, seed preset, context 256: training at batch
+#     256 and 64 in bf16, tf32 and fp32 (TLM_CUDA_DTYPE)            6 x 45 s
+#   generation with 1 and 1024 streams, with the decode step as a CUDA
+#     graph and without (TLM_NO_GRAPH=1)                            2 x 60 s
+#   tinylm bench --only loader at batch 256 and 64 (bf16): steps fed by the
+#     real loader vs the batch already on the device (target <= 1.02) 2 x 45 s
+#   the fp32 sgemm peak                                                45 s
+#   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
+#     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
+# part 2 (--checks):
+#   compute-sanitizer memcheck, racecheck (training and generation) and
+#     synccheck (generation) on a tiny model                       5 x 75 s
+#   a GPU-trained run resumed on the CPU and a CPU-trained one on the GPU
+#     (same checkpoint files)                                        4 x 60 s
+#   ctest, everything but test_cuda (its CLI tests run on the GPU:
+#     --device auto)                                                  150 s
+# A step that fails or times out is reported in the table; the rest still
+# run. TLM_TORCH_COMPILE=1 adds torch.compile to the PyTorch side (slow).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -88,6 +96,12 @@ if [ "${1:-}" = "--prepare-deps" ]; then
 fi
 
 # ---- the GPU run -------------------------------------------------------------------
+part=bench
+case "${1:-}" in
+  "") ;;
+  --checks) part=checks ;;
+  *) echo "gpu_check: unknown argument '$1': use --checks, --prepare-deps or nothing" >&2; exit 2 ;;
+esac
 logs="${OUT:-$root/build-gpu/logs}"
 mkdir -p "$logs"
 build="$root/build-gpu"
@@ -112,7 +126,7 @@ step() {
   return $rc
 }
 
-log "start on $(hostname), $(nproc) cores"
+log "start ($part) on $(hostname), $(nproc) cores"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null ||
   echo "no GPU (nvidia-smi failed)"; } | tee "$logs/gpu.txt"
 gpu_name="$(head -1 "$logs/gpu.txt" | cut -d, -f1)"
@@ -146,76 +160,23 @@ else
   log "cannot continue without a build"
 fi
 bin="$build/tinylm"
-
+# a tiny corpus for the short runs (sanitizers, resume)
+w="$build/check"
 if [ -x "$bin" ]; then
-  # ---- tests ----
-  TLM_TEST_VERBOSE=1 step test_cuda 120 "$build/test_cuda"
-  RES[test_cuda]="$(grep -E '^\[  (PASSED|FAILED|SKIPPED) *\]' "$logs/test_cuda.log" | grep -E 'test\(s\)|PASSED' | head -3 | tr -s ' ' | tr '\n' ' ')"
-  grep -q '^SKIPPED: no CUDA GPU' "$logs/test_cuda.log" && RES[test_cuda]="$(grep '^SKIPPED' "$logs/test_cuda.log")"
-
-  # ---- a tiny corpus, a short run, compute-sanitizer ----
-  w="$build/check"
   rm -rf "$w" && mkdir -p "$w/corpus"
   for d in 1 2 3 4 5 6 7 8; do
     for i in $(seq 1 80); do echo "Document $d, line $i: the quick brown fox jumps over the lazy dog $((d*i)) times."; done \
       >"$w/corpus/doc$d.txt"
   done
-  step prepare 60 "$bin" prepare --input "$w/corpus" --out "$w/data" --vocab 300 --val-fraction 0.2
-  TR=(train --data "$w/data" --preset tiny --batch 4 --eval-every 3 --eval-batches 1 --log-every 1 --device cuda)
-  if [ "${TLM_GPU_CHECK_QUICK:-0}" != 1 ]; then
-    cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
-    if [ -n "$cs" ]; then
-      san() { # san NAME TOOL CMD...
-        local name="$1" tool="$2"; shift 2
-        step "$name" 75 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
-        local rc=$?
-        local errs; errs="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error|RACECHECK SUMMARY: [0-9]+ hazard' "$logs/$name.log" | tail -1)"
-        RES[$name]="${errs:-no summary} (rc $rc)"
-      }
-      san memcheck_train memcheck "$bin" "${TR[@]}" --out "$w/run_mc" --max-steps 3
-      san racecheck_train racecheck "$bin" "${TR[@]}" --out "$w/run_rc" --max-steps 2
-      if [ -d "$w/run_mc" ]; then
-        san memcheck_generate memcheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 12 --samples 3 --device cuda --seed 1
-        san racecheck_generate racecheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 6 --samples 2 --device cuda --seed 1
-      fi
-    else
-      RES[memcheck_train]="compute-sanitizer not found"
-    fi
-    # the same checkpoint files: trained on the GPU, resumed on the CPU,
-    # and the other way round
-    if step resume_gpu 60 "$bin" "${TR[@]}" --out "$w/run_x" --max-steps 4 &&
-       step resume_cpu 60 "$bin" train --data "$w/data" --out "$w/run_x" --resume --max-steps 6 --device cpu; then
-      RES[gpu_to_cpu_resume]="ok"
-    else
-      RES[gpu_to_cpu_resume]="FAILED"
-    fi
-    if step resume_cpu0 60 "$bin" train --data "$w/data" --out "$w/run_y" --preset tiny --batch 4 --eval-every 3 \
-         --eval-batches 1 --log-every 1 --max-steps 4 --device cpu &&
-       step resume_gpu2 60 "$bin" train --data "$w/data" --out "$w/run_y" --resume --max-steps 6 --device cuda; then
-      RES[cpu_to_gpu_resume]="ok"
-    else
-      RES[cpu_to_gpu_resume]="FAILED"
-    fi
-  fi
+  [ "$part" = checks ] && step prepare 60 "$bin" prepare --input "$w/corpus" --out "$w/data" --vocab 300 --val-fraction 0.2
+fi
+TR=(train --data "$w/data" --preset tiny --batch 4 --eval-every 3 --eval-batches 1 --log-every 1 --device cuda)
 
-  # ---- benchmark: tinylm ----
-  B=(bench --device cuda --preset seed --json --warmup-steps 3 --steps 10)
-  for dt in fp32 tf32 bf16; do
-    for b in 64 256; do
-      TLM_CUDA_DTYPE=$dt step "bench_train_${dt}_b$b" 60 "$bin" "${B[@]}" --only train --batch $b
-    done
-  done
-  # generation runs the packed path (bf16 weights, fp16 KV cache: --dtype
-  # auto of generation), whatever TLM_CUDA_DTYPE says
-  step bench_gen 90 "$bin" "${B[@]}" --only gen,prompt --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
-  step bench_sgemm 60 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
-  # the data pipeline: steps fed by the loader (pinned ring, uploads on the
-  # copy stream) against steps on a batch already on the device, alternating
-  # blocks; the real corpus when carried, else synthetic tokens
-  LD=(); [ -f "$root/data/sotu-prep/train.bin" ] && LD=(--data "$root/data/sotu-prep")
-  for b in 64 256; do
-    TLM_CUDA_DTYPE=bf16 step "bench_loader_b$b" 60 "$bin" "${B[@]}" --only loader --batch $b --loader-rounds 3 "${LD[@]}"
-  done
+if [ -x "$bin" ] && [ "$part" = bench ]; then
+  # ---- the GPU tests: every op against the CPU reference, graphs, sampling ----
+  TLM_TEST_VERBOSE=1 step test_cuda 90 "$build/test_cuda"
+  RES[test_cuda]="$(grep -E '^\[  (PASSED|FAILED|SKIPPED) *\]' "$logs/test_cuda.log" | grep -E 'test\(s\)|PASSED' | head -3 | tr -s ' ' | tr '\n' ' ')"
+  grep -q '^SKIPPED: no CUDA GPU' "$logs/test_cuda.log" && RES[test_cuda]="$(grep '^SKIPPED' "$logs/test_cuda.log")"
 
   # ---- 200 steps on the default corpus: the GPU (bf16) curve against the
   # CPU's (fp32), committed in bench/results/cpu200-metrics.jsonl; needs the
@@ -223,7 +184,7 @@ if [ -x "$bin" ]; then
   ref="$root/bench/results/cpu200-metrics.jsonl"
   if [ -f "$root/data/sotu-prep/train.bin" ] && [ -f "$ref" ]; then
     rm -rf "$w/run200"
-    if step curve200 120 "$bin" train --data "$root/data/sotu-prep" --out "$w/run200" --preset seed --batch 16 \
+    if step curve200 90 "$bin" train --data "$root/data/sotu-prep" --out "$w/run200" --preset seed --batch 16 \
          --lr 1e-3 --min-lr 1e-4 --warmup 100 --max-steps 200 --eval-every 50 --seed 1337 --device cuda; then
       RES[curve200_bf16_vs_cpu]="$(python3 - "$ref" "$w/run200/metrics.jsonl" <<'EOF2'
 import json, sys
@@ -242,21 +203,78 @@ EOF2
   else
     RES[curve200_bf16_vs_cpu]="skipped: carry data/sotu-prep (and bench/results/cpu200-metrics.jsonl)"
   fi
+
+  # ---- benchmark: tinylm, the targets' rows first ----
+  B=(bench --device cuda --preset seed --json --warmup-steps 3 --steps 10)
+  for cfg in bf16:256 bf16:64 tf32:256 tf32:64 fp32:64 fp32:256; do
+    dt="${cfg%%:*}" b="${cfg##*:}"
+    TLM_CUDA_DTYPE=$dt step "bench_train_${dt}_b$b" 45 "$bin" "${B[@]}" --only train --batch $b
+  done
+  # generation runs the packed path (bf16 weights, fp16 KV cache: --dtype
+  # auto of generation), whatever TLM_CUDA_DTYPE says; the decode step as a
+  # CUDA graph, then op by op (TLM_NO_GRAPH=1) for the comparison
+  step bench_gen 60 "$bin" "${B[@]}" --only gen,prompt --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
+  TLM_NO_GRAPH=1 step bench_gen_nograph 60 "$bin" "${B[@]}" --only gen --streams 1,1024 --gen-tokens 48 --prompt-tokens 128
+  # the data pipeline: steps fed by the loader (pinned ring, uploads on the
+  # copy stream) against steps on a batch already on the device, alternating
+  # blocks; the real corpus when carried, else synthetic tokens
+  LD=(); [ -f "$root/data/sotu-prep/train.bin" ] && LD=(--data "$root/data/sotu-prep")
+  for b in 256 64; do
+    TLM_CUDA_DTYPE=bf16 step "bench_loader_b$b" 45 "$bin" "${B[@]}" --only loader --batch $b --loader-rounds 3 "${LD[@]}"
+  done
+  step bench_sgemm 45 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
+
+  # ---- benchmark: PyTorch ----
+  py="$(command -v python3 || true)"
+  if [ -n "$py" ] && LD_LIBRARY_PATH="$orig_ld" "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    targs=(--json --batches 64,256 --streams 1,1024 --gen-tokens 48 --prompt-tokens 128)
+    [ "${TLM_TORCH_COMPILE:-0}" = 1 ] && targs+=(--compile)
+    LD_LIBRARY_PATH="$orig_ld" step torch 150 "$py" "$root/dev/bench_torch_gpu.py" "${targs[@]}"
+  else
+    echo '{"error": "python3 with CUDA PyTorch not available"}' >"$logs/torch.log"
+  fi
 fi
 
-# ---- benchmark: PyTorch ----
-py="$(command -v python3 || true)"
-if [ -n "$py" ] && LD_LIBRARY_PATH="$orig_ld" "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  targs=(--json --batches 64,256 --streams 1,1024 --gen-tokens 48 --prompt-tokens 128)
-  [ "${TLM_TORCH_COMPILE:-0}" = 1 ] && targs+=(--compile)
-  LD_LIBRARY_PATH="$orig_ld" step torch 150 "$py" "$root/dev/bench_torch_gpu.py" "${targs[@]}"
-else
-  echo '{"error": "python3 with CUDA PyTorch not available"}' >"$logs/torch.log"
-fi
-
-# ---- the rest of the test suite (its CLI tests run on the GPU too: --device auto) ----
-if [ -x "$bin" ] && [ "${TLM_GPU_CHECK_QUICK:-0}" != 1 ]; then
-  (cd "$build" && step ctest 120 ctest -j8 --output-on-failure -E '^test_cuda$')
+if [ -x "$bin" ] && [ "$part" = checks ]; then
+  # ---- compute-sanitizer on a tiny model: training and generation ----
+  cs="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+  if [ -n "$cs" ]; then
+    san() { # san NAME TOOL CMD...
+      local name="$1" tool="$2"; shift 2
+      step "$name" 75 "$cs" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
+      local rc=$?
+      local errs; errs="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error|RACECHECK SUMMARY: [0-9]+ hazard' "$logs/$name.log" | tail -1)"
+      RES[$name]="${errs:-no summary} (rc $rc)"
+    }
+    san memcheck_train memcheck "$bin" "${TR[@]}" --out "$w/run_mc" --max-steps 3
+    san racecheck_train racecheck "$bin" "${TR[@]}" --out "$w/run_rc" --max-steps 2
+    if [ -d "$w/run_mc" ]; then
+      san memcheck_generate memcheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 12 --samples 3 --device cuda --seed 1
+      san racecheck_generate racecheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 6 --samples 2 --device cuda --seed 1
+      san synccheck_generate synccheck "$bin" generate --model "$w/run_mc" --prompt "the quick" --max-tokens 6 --samples 2 --device cuda --seed 1
+    fi
+  else
+    RES[memcheck_train]="compute-sanitizer not found"
+  fi
+  # ---- the same checkpoint files: trained on the GPU, resumed on the CPU,
+  # and the other way round ----
+  if step resume_gpu 60 "$bin" "${TR[@]}" --out "$w/run_x" --max-steps 4 &&
+     step resume_cpu 60 "$bin" train --data "$w/data" --out "$w/run_x" --resume --max-steps 6 --device cpu; then
+    RES[gpu_to_cpu_resume]="ok"
+  else
+    RES[gpu_to_cpu_resume]="FAILED"
+  fi
+  if step resume_cpu0 60 "$bin" train --data "$w/data" --out "$w/run_y" --preset tiny --batch 4 --eval-every 3 \
+       --eval-batches 1 --log-every 1 --max-steps 4 --device cpu &&
+     step resume_gpu2 60 "$bin" train --data "$w/data" --out "$w/run_y" --resume --max-steps 6 --device cuda; then
+    RES[cpu_to_gpu_resume]="ok"
+  else
+    RES[cpu_to_gpu_resume]="FAILED"
+  fi
+  # ---- the rest of the test suite (its CLI tests run on the GPU too:
+  # --device auto); not test_cuda (the other part ran it) nor its emulator
+  # run (CPU only) ----
+  (cd "$build" && step ctest 150 ctest -j8 --output-on-failure -E '^test_cuda')
   RES[ctest]="$(grep -E 'tests passed|tests failed' "$logs/ctest.log" | tail -1)"
 fi
 
@@ -265,11 +283,11 @@ log "done in $(( $(date +%s) - t_start ))s"
 {
 echo
 echo "==================== gpu_check: $gpu_name, $(date -u +%Y-%m-%d) ===================="
-for k in build test_cuda ctest memcheck_train racecheck_train memcheck_generate racecheck_generate gpu_to_cpu_resume \
-         cpu_to_gpu_resume curve200_bf16_vs_cpu; do
+for k in build test_cuda curve200_bf16_vs_cpu ctest memcheck_train racecheck_train memcheck_generate \
+         racecheck_generate synccheck_generate gpu_to_cpu_resume cpu_to_gpu_resume; do
   [ -n "${RES[$k]:-}" ] && printf '%-20s %s\n' "$k" "${RES[$k]}"
 done
-python3 - "$logs" <<'EOF'
+[ "$part" = bench ] && python3 - "$logs" <<'EOF'
 import json, os, sys
 d = sys.argv[1]
 def load(name):
@@ -288,7 +306,7 @@ def load(name):
     return None
 tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_tf32_b64",
                            "bench_train_tf32_b256", "bench_train_bf16_b64", "bench_train_bf16_b256", "bench_gen",
-                           "bench_sgemm"]}
+                           "bench_gen_nograph", "bench_sgemm"]}
 pt = load("torch") or {}
 peak_bf16 = (pt.get("peak") or {}).get("bf16_tflops")
 fpt = next((v["flops_per_token"] for v in tl.values() if v and "flops_per_token" in v), pt.get("flops_per_token"))
@@ -331,6 +349,8 @@ for name, k, mode, b, target in rows:
 for s, target in ((1, ">= 5,000"), (1024, ">= 1.25M")):
     print(f"{'gen tok/s ' + str(s) + ' stream' + ('s' if s > 1 else '') + ' (bf16)':34} "
           f"{fmt(tl_gen('bench_gen', s)):>10} {'':>6} {fmt(torch_gen(s)):>10}  {target}")
+for s in (1, 1024):
+    print(f"{'  ' + str(s) + ' stream' + ('s' if s > 1 else '') + ', no CUDA graph':34} {fmt(tl_gen('bench_gen_nograph', s)):>10}")
 for b in (64, 256):
     l = (load(f"bench_loader_b{b}") or {}).get("loader") or {}
     r = l.get("ratio")
