@@ -1605,14 +1605,16 @@ static void test_sample_rows(void **state) {
     const float Ts[] = {0.0f, 0.7f, 1.0f, 2.0f};
     const int Ks[] = {0, 1, 5, 50};
     const float Ps[] = {1.0f, 0.9f, 0.5f};
-    /* 3 rows take the wide-digit kernel (rows <= 2 per SM; the emulator has
-     * 2 SMs), 8 the narrow one */
+    /* both kernels, whatever the device's SM count: the wide-digit one
+     * (all rows, then 3), then the narrow one */
     enum { BMAX = 8 };
-    const int Bs[] = {3, BMAX};
+    const int Bs[] = {BMAX, 3, BMAX};
+    const char *wide[] = {"1000000", "1000000", "0"};
     long rows = 0, near = 0;
     for (size_t ib = 0; ib < sizeof Bs / sizeof *Bs; ib++)
     for (size_t iv = 0; iv < sizeof Vs / sizeof *Vs; iv++) {
         const int B = Bs[ib];
+        setenv("TLM_CUDA_SAMPLE_WIDE_ROWS", wide[ib], 1);
         const int V = Vs[iv];
         float *lg = malloc(sizeof(float) * B * V);
         assert_non_null(lg);
@@ -1667,6 +1669,7 @@ static void test_sample_rows(void **state) {
         g_gpu->free(g_gpu, d);
         free(lg);
     }
+    unsetenv("TLM_CUDA_SAMPLE_WIDE_ROWS");
     printf("  sample: %ld rows, %ld within rounding of a boundary\n", rows, near);
     /* a handful at most: a boundary within 1e-5 of the uniform is rare */
     if (near * 100 > rows) fail_msg("%ld of %ld draws differ from the host's (at boundaries)", near, rows);

@@ -38,6 +38,7 @@
  */
 #include "backends/cuda/cu_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define SAMPLE_THREADS 256
@@ -340,9 +341,12 @@ static void cu_sample_dev(tlm_ops *o, int32_t *tokens_dev, const float *logits, 
         return;
     }
     /* wide digits while every row's block is resident at once (2 per SM),
-     * narrow ones (more blocks per SM) beyond */
+     * narrow ones (more blocks per SM) beyond; TLM_CUDA_SAMPLE_WIDE_ROWS
+     * moves the limit (tests run both kernels at any B with it) */
+    const char *wr = getenv("TLM_CUDA_SAMPLE_WIDE_ROWS");
+    const long wide_rows = wr && *wr ? strtol(wr, NULL, 10) : 2L * c->sm_count;
     void (*kern)(int32_t *, const float *, int, size_t, const float *, float, int, float, int) =
-        B <= 2 * c->sm_count ? k_sample<4> : k_sample<2>;
+        B <= wide_rows ? k_sample<4> : k_sample<2>;
     CU_LAUNCH(kern, (unsigned)B, SAMPLE_THREADS, c->stream, tokens_dev, logits, V, ld, u_dev,
               greedy ? 0.0f : 1.0f / temperature, top_k, top_p, greedy);
     cu_after(c, "sample");
