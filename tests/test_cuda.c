@@ -334,7 +334,8 @@ static void test_embed(void **state) {
         o->free(o, dt), o->free(o, dwte), o->free(o, dd), o->free(o, dw), o->free(o, out);
     }
     assert_memory_equal(res[0][0], res[1][0], (size_t)N * D * sizeof(float)); /* a gather is exact */
-    check_close("embed_bwd", res[0][1], res[1][1], (size_t)V * D, TOL, 1e-3);
+    /* each row summed in position order on both sides (fp32 adds, no FMA): the same bits */
+    assert_memory_equal(res[0][1], res[1][1], (size_t)V * D * sizeof(float));
     for (int k = 0; k < 2; k++) free(res[k][0]), free(res[k][1]);
     free(tok), free(wte), free(dout), free(dw0);
 }

@@ -59,12 +59,19 @@ static void cu_embed_fwd(tlm_ops *o, float *out, const int32_t *tok, const float
  * only and receives its tokens in increasing position order, so the sums
  * are the same whatever G is, run after run, with no atomics. Within a
  * block thread t always owns columns t, t+256, ..., so consecutive
- * additions into the same row need no barrier. */
+ * additions into the same row need no barrier.
+ * A chunk's list is sorted by (token, position) before the additions, so
+ * each token's rows are summed in a register and its dwte row is read and
+ * written once per chunk: a frequent token (a few % of all positions, all
+ * in one block) is then a run of independent loads instead of thousands of
+ * dependent read-modify-writes through memory. Each row's sum is the same
+ * chain of additions in position order as before, so the bits are too. */
 #define EMB_PER 8
 #define EMB_CHUNK (CU_THREADS * EMB_PER)
 static __global__ void __launch_bounds__(CU_THREADS) k_embed_bwd(float *dwte, const int32_t *tok, const float *dout,
                                                                   int N, int D) {
-    __shared__ int list[EMB_CHUNK];
+    /* (token << 32 | position) of the chunk's positions this block owns */
+    __shared__ unsigned long long key[EMB_CHUNK];
     __shared__ int warp_off[CU_THREADS / 32];
     __shared__ int total;
     const int G = gridDim.x, g = blockIdx.x;
@@ -100,16 +107,40 @@ static __global__ void __launch_bounds__(CU_THREADS) k_embed_bwd(float *dwte, co
         __syncthreads();
         int pos = warp_off[w] + incl - cnt;
         for (int k = 0; k < EMB_PER; k++)
-            if (mine[k] >= 0) list[pos++] = mine[k];
+            if (mine[k] >= 0) key[pos++] = (unsigned long long)(uint32_t)tok[mine[k]] << 32 | (uint32_t)mine[k];
         __syncthreads();
         const int nlist = total;
-        for (int i = 0; i < nlist; i++) {
-            int n = list[i];
-            const float *src = dout + (size_t)n * D;
-            float *dst = dwte + (size_t)tok[n] * D;
-            for (int d = tid; d < D; d += CU_THREADS) dst[d] += src[d];
-        }
-        __syncthreads(); /* list, warp_off and total are reused */
+        /* bitonic sort of the list, padded to a power of two with keys that
+         * sort last (block-uniform loop bounds: every thread reaches each
+         * barrier) */
+        int P = 1;
+        while (P < nlist) P <<= 1;
+        for (int i = nlist + tid; i < P; i += CU_THREADS) key[i] = ~0ull;
+        __syncthreads();
+        for (int k = 2; k <= P; k <<= 1)
+            for (int j = k >> 1; j > 0; j >>= 1) {
+                for (int i = tid; i < P; i += CU_THREADS) {
+                    const int ixj = i ^ j;
+                    if (ixj > i) {
+                        const unsigned long long a = key[i], b = key[ixj];
+                        if ((a > b) == ((i & k) == 0)) {
+                            key[i] = b;
+                            key[ixj] = a;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        for (int d = tid; d < D; d += CU_THREADS)
+            for (int i = 0; i < nlist;) {
+                const uint32_t t = (uint32_t)(key[i] >> 32);
+                float *dst = dwte + (size_t)t * D + d;
+                float acc = *dst;
+                for (; i < nlist && (uint32_t)(key[i] >> 32) == t; i++)
+                    acc += dout[(size_t)(uint32_t)key[i] * D + d];
+                *dst = acc;
+            }
+        __syncthreads(); /* key, warp_off and total are reused */
     }
 }
 
