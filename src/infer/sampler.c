@@ -220,10 +220,13 @@ int32_t sampler_sample_u(tlm_sampler *s, const float *logits, float u) {
         const int n = p->top_k;
         select_top_k(logits, V, n, idx);
         const float mx = logits[idx[0]];
-        /* exp((l - max) / T): the max subtraction keeps every term in (0, 1]. */
+        /* exp((l - max) / T): the max subtraction keeps every term in (0, 1].
+         * tlm_expf, as on the whole-vocabulary path: a device sampler that
+         * reproduces it operation for operation gets the same bits, where
+         * two libraries' expf may differ in the last one. */
         double sum = 0;
         for (int j = 0; j < n; j++) {
-            prob[j] = expf((logits[idx[j]] - mx) * invT);
+            prob[j] = tlm_expf((logits[idx[j]] - mx) * invT);
             sum += prob[j];
         }
         int hi = n;

@@ -22,10 +22,10 @@
  *
  * Probabilities are recomputed from the logits in every pass rather than
  * stored: a pass is then one read of the row (L2 resident for a block)
- * and gives bit-identical values each time. The whole-vocabulary path
- * uses the host's own exp polynomial (tlm_expf, util/fastexp.h) with unfused
- * operations, so its probabilities are bitwise the host's; the top-k path
- * uses expf like the host (the device's may differ by an ulp).
+ * and gives bit-identical values each time. Both paths use the host's own
+ * exp polynomial (tlm_expf, util/fastexp.h) with unfused operations, so
+ * the probabilities are bitwise the host's (the device's expf could differ
+ * from the host library's in the last bit and move a boundary draw).
  *
  * Searches go a digit of DB bits (or a 2^DB-way split of an id range) at a
  * time: one pass sums the weight at 2^DB - 1 candidate cuts together (each
@@ -107,7 +107,7 @@ static __device__ __forceinline__ double cu_item(const srow &s, int i, int wm, u
         *key = k;
         if (!(k > s.kkey || (k == s.kkey && i <= s.kid))) return 0.0;
         if (wm == W_ONE_K) return 1.0;
-        p = expf((l - s.mx) * s.invT);
+        p = cu_sampler_expf((l - s.mx) * s.invT);
     } else {
         p = cu_sampler_expf((l - s.mx) * s.invT);
         *key = __float_as_uint(p); /* p > 0: its bits order like it */
