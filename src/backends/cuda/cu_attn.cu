@@ -102,6 +102,7 @@ static __global__ void __launch_bounds__(ATT_THREADS)
     k_attn_fwd(float *out, float *lse, const float *qkv, int T, int H, int hd, float scale_log2) {
     typedef att_geo<TPR> G;
     __shared__ float4 Ks[G::KT][G::NC], Vs[G::KT][G::NC];
+    CU_SHARED_POISON(Ks, Vs);
     const int D = H * hd;
     const size_t rs = (size_t)3 * D;
     const int b = blockIdx.x / H, h = blockIdx.x - (blockIdx.x / H) * H;
@@ -162,6 +163,7 @@ static __global__ void __launch_bounds__(ATT_THREADS)
                  const float *qkv, int T, int H, int hd, float scale, float scale_log2) {
     typedef att_geo<TPR> G;
     __shared__ float4 Ks[G::KT][G::NC], Vs[G::KT][G::NC];
+    CU_SHARED_POISON(Ks, Vs);
     const int D = H * hd;
     const size_t rs = (size_t)3 * D;
     const int b = blockIdx.x / H, h = blockIdx.x - (blockIdx.x / H) * H;
@@ -222,6 +224,7 @@ static __global__ void __launch_bounds__(ATT_THREADS)
     typedef att_geo<TPR> G;
     __shared__ float4 Qs[G::KT][G::NC], Gs[G::KT][G::NC];
     __shared__ float Ls[G::KT], Ds[G::KT];
+    CU_SHARED_POISON(Qs, Gs, Ls, Ds);
     const int D = H * hd;
     const size_t rs = (size_t)3 * D;
     const int b = blockIdx.x / H, h = blockIdx.x - (blockIdx.x / H) * H;
@@ -299,6 +302,7 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_cached(float *out, const float *qkv, const float *kc, const float *vc, int B, int T, int Tmax, int H,
                   int hd, int pos0, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
+    CU_SHARED_POISON(sq);
     const int w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
     if (task >= B * H * T) return; /* a whole warp; no block barrier below */

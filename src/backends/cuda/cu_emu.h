@@ -19,8 +19,19 @@
  * full-mask warp operation that some threads can never reach (they
  * exited, or wait elsewhere) aborts with a message instead of hanging.
  * `__shared__` becomes `static`, which is exactly block-shared storage when
- * blocks run one at a time. Device memory is host memory; streams and
- * events are no-ops because everything runs in order.
+ * blocks run one at a time. Device memory is host memory.
+ *
+ * Where a GPU gives no guarantee, this emulator picks the less convenient
+ * answer, so code that leans on luck fails here rather than on the GPU:
+ * - the threads of a block run in a shuffled order between scheduling
+ *   points, and the blocks of a grid in a shuffled order (deterministic:
+ *   TLM_CUDA_EMU_SEED picks another);
+ * - shared arrays named in CU_SHARED_POISON start every block as 0xFF bytes;
+ * - a stream's work is queued and runs only when something waits for it,
+ *   and work another stream waits for runs first (see emu_stream), so a
+ *   missing event between streams reorders their work;
+ * - a launch over the hardware's limits (1,024 threads a block, grid y and
+ *   z 65,535) is not run and is a launch error, as on a GPU.
  *
  * Graphs: while a stream is being captured (cudaStreamBeginCapture), each
  * kernel launch, memcpy, memset and cuBLAS product on it is RECORDED as a
@@ -47,7 +58,10 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include <deque>
 #include <functional>
+#include <map>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -64,7 +78,18 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+/* `__shared__` is a block-scope static: block-shared storage, as blocks run
+ * one at a time. A GPU's shared memory starts each block as garbage; the
+ * kernels name their arrays in CU_SHARED_POISON right after declaring
+ * them, so each block here starts with them full of 0xFF bytes (NaN
+ * floats, -1 ints) and a read before the first write shows. (Registering
+ * from the __shared__ macro itself would need the array's name; GCC drops
+ * section attributes of static locals in templates, which ruled out
+ * finding them by section.) */
 #define __shared__ static
+#define EMU_CAT2(a, b) a##b
+#define EMU_CAT(a, b) EMU_CAT2(a, b)
+#define CU_SHARED_POISON(...) static emu::shared_reg EMU_CAT(emu_shreg_, __LINE__)(emu::shared_spans(__VA_ARGS__))
 #define __launch_bounds__(...)
 
 struct dim3 {
@@ -187,10 +212,50 @@ struct state {
     const void *sched_bottom = nullptr;
     size_t sched_size = 0;
     void *sched_fake = nullptr;
+    /* The order the scheduler visits the block's threads in: shuffled for
+     * every block, so code that relies on ascending thread order between
+     * barriers fails here as it may on a GPU. */
+    std::vector<int> order;
+    uint64_t rng = 0;
+    /* The running kernel's __shared__ byte ranges, poisoned at each block
+     * start; a declaration met for the first time appends itself. */
+    std::vector<std::pair<char *, char *>> *shm = nullptr;
 };
 
 inline state g;
 constexpr size_t kStack = 256 * 1024;
+
+/* splitmix64: deterministic (seeded by TLM_CUDA_EMU_SEED, default 1), so a
+ * failure found with one order repeats with the same seed. */
+inline uint64_t rand64() {
+    if (g.rng == 0) {
+        const char *e = getenv("TLM_CUDA_EMU_SEED");
+        g.rng = (e && *e ? strtoull(e, nullptr, 0) : 1) * 0x9E3779B97F4A7C15ull | 1;
+    }
+    uint64_t z = (g.rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Shared arrays per kernel (keyed by the kernel's address). */
+inline std::map<const void *, std::vector<std::pair<char *, char *>>> shm_by_kernel;
+
+/* The byte ranges of a kernel's __shared__ arrays. */
+template <class... T> std::vector<std::pair<char *, char *>> shared_spans(T &...a) {
+    return {std::pair<char *, char *>((char *)&a, (char *)&a + sizeof a)...};
+}
+/* A kernel's arrays (CU_SHARED_POISON): registered for the kernel that
+ * meets them first, and poisoned right away, since this block's start has
+ * passed already (the first thread to get here is the first to use them). */
+struct shared_reg {
+    explicit shared_reg(std::vector<std::pair<char *, char *>> r) {
+        for (auto &x : r) {
+            if (g.shm) g.shm->push_back(x);
+            memset(x.first, 0xFF, (size_t)(x.second - x.first));
+        }
+    }
+};
 
 [[noreturn]] inline void die(const char *msg) {
     fprintf(stderr, "cuda emulator: %s (block %u,%u,%u)\n", msg, g.bidx.x, g.bidx.y, g.bidx.z);
@@ -281,6 +346,11 @@ inline int resolve_warp(int w) {
 }
 
 inline void run_block() {
+    for (auto &r : *g.shm) memset(r.first, 0xFF, (size_t)(r.second - r.first));
+    for (int i = g.nf - 1; i > 0; i--) { /* Fisher-Yates */
+        int j = (int)(rand64() % (uint64_t)(i + 1));
+        std::swap(g.order[i], g.order[j]);
+    }
     for (int i = 0; i < g.nf; i++) {
         fiber &f = g.f[i];
         unsigned x = g.bdim.x, y = g.bdim.y;
@@ -306,7 +376,8 @@ inline void run_block() {
 #endif
     }
     for (;;) {
-        for (int i = 0; i < g.nf; i++) {
+        for (int k = 0; k < g.nf; k++) {
+            const int i = g.order[k];
             if (g.f[i].state != RUN) continue;
             g.cur = i;
 #if EMU_ASAN
@@ -348,7 +419,7 @@ struct capture {
 inline capture cap;
 inline int last_error = 0; /* what cudaGetLastError hands back (and clears) */
 
-enum { ERR_CAPTURE_UNSUPPORTED = 900, ERR_CAPTURE_INVALIDATED = 901 };
+enum { ERR_INVALID_CONFIGURATION = 9, ERR_CAPTURE_UNSUPPORTED = 900, ERR_CAPTURE_INVALIDATED = 901 };
 
 /* A call that is unsafe during a capture: breaks it. The error to return. */
 inline int unsafe_call() {
@@ -357,11 +428,92 @@ inline int unsafe_call() {
     return ERR_CAPTURE_UNSUPPORTED;
 }
 
-/* Work for stream s: recorded while s is captured, else run now. 0 or an
- * error (work on another stream during a capture is not modelled). */
+} // namespace emu
+
+/* ---- streams: work runs late, and streams overtake each other ------------ */
+
+/* A GPU runs a stream's work some time after it was enqueued, and two
+ * streams with no event between them in any relative order. Running each
+ * call at once would hide every missing event or synchronisation, so here
+ * a stream is a queue that runs only when something forces it: a
+ * synchronisation of it or of the device, a query or synchronisation of an
+ * event recorded on it, a copy into pageable host memory, cudaFree. Work a
+ * queue waits for on another stream (cudaStreamWaitEvent) runs as early as
+ * possible, before the waiting stream's own earlier work: so a copy stream
+ * that is not told to wait for a zero fill on the compute stream really
+ * lands first, as it can on a GPU. */
+struct emu_op {
+    std::function<void()> fn;      /* the work, or empty for a wait */
+    struct emu_stream *wait_on;    /* a wait: that stream up to wait_n */
+    uint64_t wait_n;
+};
+struct emu_stream {
+    std::deque<emu_op> q;
+    uint64_t submitted = 0, done = 0; /* ops enqueued and run so far */
+    bool blocking = true;             /* synchronises with the legacy stream */
+};
+/* A recorded point in a stream: the work enqueued there before the record. */
+struct emu_event {
+    emu_stream *s = nullptr; /* never recorded: complete */
+    uint64_t n = 0;
+};
+
+namespace emu {
+
+inline emu_stream legacy;                /* the NULL stream */
+inline std::vector<emu_stream *> streams; /* created ones */
+inline std::vector<emu_event *> events;
+
+inline emu_stream *S(cudaStream_t s) { return s ? s : &legacy; }
+
+/* Run stream s until its first n ops have run, and whatever they wait for
+ * on other streams, that first. Waits only ever name points enqueued
+ * earlier, so the recursion ends. */
+inline void drain(emu_stream *s, uint64_t n) {
+    if (s->done >= n) return;
+    std::vector<std::pair<emu_stream *, uint64_t>> deps;
+    for (size_t i = 0; i < s->q.size() && s->done + i < n; i++)
+        if (!s->q[i].fn) deps.emplace_back(s->q[i].wait_on, s->q[i].wait_n);
+    for (auto &d : deps) drain(d.first, d.second);
+    while (s->done < n) {
+        emu_op o = std::move(s->q.front());
+        s->q.pop_front();
+        s->done++;
+        if (o.fn) o.fn();
+        else drain(o.wait_on, o.wait_n);
+    }
+}
+inline void drain_all(emu_stream *s) { drain(s, s->submitted); }
+/* Newest stream first: the order of the calls is the one thing not to keep. */
+inline void drain_device() {
+    for (size_t i = streams.size(); i-- > 0;) drain_all(streams[i]);
+    drain_all(&legacy);
+}
+inline bool pending(emu_stream *s) { return s->done < s->submitted; }
+
+inline void enqueue(emu_stream *s, emu_op o) {
+    s->q.push_back(std::move(o));
+    s->submitted++;
+}
+/* Later work on t waits for what p has enqueued so far. */
+inline void wait_for(emu_stream *t, emu_stream *p) {
+    if (t != p && pending(p)) enqueue(t, emu_op{nullptr, p, p->submitted});
+}
+
+/* Work for stream s: recorded while s is captured, else queued on s. 0 or
+ * an error (work on another stream during a capture is not modelled). The
+ * legacy stream and the blocking streams wait for each other; the
+ * backend's streams are non-blocking, so none of that touches them. */
 inline int submit(cudaStream_t s, std::function<void()> fn) {
     if (!cap.on) {
-        fn();
+        emu_stream *q = S(s);
+        if (q == &legacy) {
+            for (emu_stream *b : streams)
+                if (b->blocking) wait_for(q, b);
+        } else if (q->blocking) {
+            wait_for(q, &legacy);
+        }
+        enqueue(q, emu_op{std::move(fn), nullptr, 0});
         return 0;
     }
     if (s != cap.stream) return unsafe_call();
@@ -373,10 +525,20 @@ inline int submit(cudaStream_t s, std::function<void()> fn) {
     return 0;
 }
 
+/* Pinned host blocks (cudaHostAlloc), start -> size: copies to and from
+ * them are asynchronous, others are not (see cudaMemcpyAsync). */
+inline std::map<uintptr_t, size_t> pinned;
+inline bool is_pinned(const void *p, size_t n) {
+    auto it = pinned.upper_bound((uintptr_t)p);
+    if (it == pinned.begin()) return false;
+    --it;
+    return (uintptr_t)p + n <= it->first + it->second;
+}
+
+/* Run a launch (checked by launch()). */
 template <class K, class... A> void run(K kernel, dim3 grid, dim3 block, A... args) {
     int nt = (int)(block.x * block.y * block.z);
-    if (nt <= 0 || nt > 1024 || nt % 32) die("block size must be a multiple of 32 up to 1024");
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0) die("empty grid");
+    if (nt % 32) die("block size must be a multiple of 32 (a limit of this emulator only)");
     if (nt > g.cap) {
         for (int i = 0; i < g.cap; i++) free(g.f[i].stack);
         free(g.f);
@@ -391,19 +553,47 @@ template <class K, class... A> void run(K kernel, dim3 grid, dim3 block, A... ar
     g.nf = nt;
     g.bdim = block;
     g.gdim = grid;
+    g.order.resize((size_t)nt);
+    for (int i = 0; i < nt; i++) g.order[(size_t)i] = i;
+    g.shm = &shm_by_kernel[reinterpret_cast<const void *>(kernel)];
     g.body = [=]() { kernel(args...); };
-    for (unsigned z = 0; z < grid.z; z++)
-        for (unsigned y = 0; y < grid.y; y++)
-            for (unsigned x = 0; x < grid.x; x++) {
-                g.bidx = dim3(x, y, z);
-                run_block();
-            }
+    /* Blocks in a pseudo-random order too: block i of the walk is
+     * (a i + c) mod nb, a bijection as gcd(a, nb) = 1. */
+    const uint64_t nb = (uint64_t)grid.x * grid.y * grid.z;
+    uint64_t a = 1, c = rand64() % nb;
+    for (int t = 0; t < 8 && nb > 2; t++) {
+        const uint64_t x = 1 + rand64() % (nb - 1);
+        uint64_t u = x, v = nb;
+        while (v) { /* gcd(x, nb) */
+            const uint64_t r = u % v;
+            u = v;
+            v = r;
+        }
+        if (u == 1) {
+            a = x;
+            break;
+        }
+    }
+    for (uint64_t i = 0; i < nb; i++) {
+        const uint64_t b = (uint64_t)(((unsigned __int128)a * i + c) % nb);
+        g.bidx = dim3((unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y));
+        run_block();
+    }
     g.body = nullptr;
+    g.shm = nullptr;
 }
 
 /* A kernel launch on stream s (CU_LAUNCH): the arguments are copied now,
- * as CUDA copies kernel parameters at the launch (or the capture). */
+ * as CUDA copies kernel parameters at the launch (or the capture). A bad
+ * configuration is not launched and is a launch error, which
+ * cudaGetLastError hands back, as on a GPU. */
 template <class K, class... A> void launch(cudaStream_t s, K kernel, dim3 grid, dim3 block, A... args) {
+    const uint64_t nt = (uint64_t)block.x * block.y * block.z;
+    if (nt == 0 || nt > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+        grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        last_error = ERR_INVALID_CONFIGURATION;
+        return;
+    }
     submit(s, [=]() { run(kernel, grid, block, args...); });
 }
 
@@ -453,6 +643,7 @@ enum {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = emu::ERR_INVALID_CONFIGURATION,
     cudaErrorInvalidDevice = 101,
     cudaErrorNoDevice = 100,
     cudaErrorNotReady = 600,
@@ -497,6 +688,7 @@ static inline const char *cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
@@ -509,6 +701,7 @@ static inline const char *cudaGetErrorName(cudaError_t e) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
@@ -549,7 +742,11 @@ static inline cudaError_t cudaGetLastError() {
     emu::last_error = cudaSuccess;
     return e;
 }
-static inline cudaError_t cudaDeviceSynchronize() { return emu::cap.on ? emu::unsafe_call() : cudaSuccess; }
+static inline cudaError_t cudaDeviceSynchronize() {
+    if (emu::cap.on) return emu::unsafe_call();
+    emu::drain_device();
+    return cudaSuccess;
+}
 /* Exactly the bytes asked for, so AddressSanitizer sees any overrun. */
 static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
     *p = nullptr;
@@ -559,7 +756,11 @@ static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
     return cudaSuccess;
 }
 template <class T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
+/* cudaFree and cudaFreeHost wait for the whole device, as CUDA's do: queued
+ * work may still use the memory. (During a capture nothing is waited for,
+ * and the capture breaks.) */
 static inline cudaError_t cudaFree(void *p) {
+    if (!emu::cap.on) emu::drain_device();
     free(p); /* still freed: the capture breaks, the memory is gone either way */
     return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
 }
@@ -567,67 +768,106 @@ static inline cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned flags) 
     (void)flags;
     *p = nullptr;
     if (emu::cap.on) return emu::unsafe_call();
-    return posix_memalign(p, 4096, bytes ? bytes : 1) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
+    if (posix_memalign(p, 4096, bytes ? bytes : 1) != 0) return cudaErrorMemoryAllocation;
+    emu::pinned[(uintptr_t)*p] = bytes ? bytes : 1;
+    return cudaSuccess;
 }
 static inline cudaError_t cudaFreeHost(void *p) {
+    if (!emu::cap.on) emu::drain_device();
+    emu::pinned.erase((uintptr_t)p);
     free(p);
     return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
 }
+/* As CUDA does with pageable host memory: a copy from it takes the bytes
+ * at the call (staged), a copy into it returns once it has landed. Pinned
+ * memory is read and written when the copy runs, so the host must wait
+ * for an event before it reuses it. A capture refuses pageable memory. */
 static inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
-    (void)k;
-    return emu::submit(st, [=]() {
-        if (n) memmove(d, s, n);
-    });
+    const bool from_host = k == cudaMemcpyHostToDevice || k == cudaMemcpyHostToHost;
+    const bool to_host = k == cudaMemcpyDeviceToHost || k == cudaMemcpyHostToHost;
+    const bool pageable_src = from_host && !emu::is_pinned(s, n), pageable_dst = to_host && !emu::is_pinned(d, n);
+    if (emu::cap.on && st == emu::cap.stream && n && (pageable_src || pageable_dst)) return emu::unsafe_call();
+    int e;
+    if (pageable_src && n) {
+        std::shared_ptr<std::vector<char>> stage = std::make_shared<std::vector<char>>((const char *)s,
+                                                                                       (const char *)s + n);
+        e = emu::submit(st, [=]() { memcpy(d, stage->data(), n); });
+    } else {
+        e = emu::submit(st, [=]() {
+            if (n) memmove(d, s, n);
+        });
+    }
+    if (e == 0 && pageable_dst && !emu::cap.on) emu::drain_all(emu::S(st));
+    return e;
 }
 static inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
     return emu::submit(st, [=]() {
         if (n) memset(d, v, n);
     });
 }
-/* Distinct streams, so a capture can tell its own stream's work apart. */
 static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned f) {
-    (void)f;
-    *s = (cudaStream_t)malloc(1);
-    return *s ? cudaSuccess : cudaErrorMemoryAllocation;
+    *s = new emu_stream;
+    (*s)->blocking = !(f & cudaStreamNonBlocking);
+    emu::streams.push_back(*s);
+    return cudaSuccess;
 }
+/* Waits for the whole device, so no queued wait still names s. */
 static inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    free((void *)s);
+    if (emu::cap.on) return emu::unsafe_call();
+    emu::drain_device();
+    for (emu_event *e : emu::events)
+        if (e->s == s) e->s = nullptr;
+    for (size_t i = 0; i < emu::streams.size(); i++)
+        if (emu::streams[i] == s) emu::streams.erase(emu::streams.begin() + (long)i);
+    delete s;
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    (void)s;
-    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+    if (emu::cap.on) return emu::unsafe_call();
+    emu::drain_all(emu::S(s));
+    return cudaSuccess;
 }
-/* Work runs when it is enqueued, so everything has always finished. */
+/* A query does not make the work run: queued work is "not ready". */
 static inline cudaError_t cudaStreamQuery(cudaStream_t s) {
-    return emu::cap.on && s == emu::cap.stream ? emu::unsafe_call() : cudaSuccess;
+    if (emu::cap.on && s == emu::cap.stream) return emu::unsafe_call();
+    return emu::pending(emu::S(s)) ? cudaErrorNotReady : cudaSuccess;
 }
 static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned f) {
     (void)f;
-    static int token;
-    *e = (cudaEvent_t)(void *)&token;
+    *e = new emu_event;
+    emu::events.push_back(*e);
     return cudaSuccess;
 }
-static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { (void)e; return cudaSuccess; }
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    for (size_t i = 0; i < emu::events.size(); i++)
+        if (emu::events[i] == e) emu::events.erase(emu::events.begin() + (long)i);
+    delete e;
+    return cudaSuccess;
+}
 /* Events inside a capture (fork and join of streams) are not modelled. */
 static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    (void)e;
-    (void)s;
-    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+    if (emu::cap.on) return emu::unsafe_call();
+    e->s = emu::S(s);
+    e->n = e->s->submitted;
+    return cudaSuccess;
 }
+/* The host polling an event is where the device catches up with it: the
+ * work before the recorded point runs, and the event has passed. (Saying
+ * "not ready" forever would hang a poll loop; the GPU does finish.) */
 static inline cudaError_t cudaEventQuery(cudaEvent_t e) {
-    (void)e;
-    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+    if (emu::cap.on) return emu::unsafe_call();
+    if (e->s) emu::drain(e->s, e->n);
+    return cudaSuccess;
 }
-static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-    (void)e;
-    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
-}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaEventQuery(e); }
+/* Later work on s waits for the point recorded last in e (the record as of
+ * this call: re-recording e later does not move the wait). */
 static inline cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned f) {
-    (void)s;
-    (void)e;
     (void)f;
-    return emu::cap.on ? emu::unsafe_call() : cudaSuccess;
+    if (emu::cap.on) return emu::unsafe_call();
+    emu_stream *q = emu::S(s);
+    if (e->s && e->s != q && e->s->done < e->n) emu::enqueue(q, emu_op{nullptr, e->s, e->n});
+    return cudaSuccess;
 }
 
 /* ---- graphs (stream capture) ------------------------------------------------ */
@@ -656,10 +896,15 @@ static inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t *x, cudaGraph_t g
     *x = new emu_graph{g->ops};
     return cudaSuccess;
 }
+/* The replay is one more piece of queued work on s; it copies the closures,
+ * so destroying the executable graph meanwhile is safe, as in CUDA. */
 static inline cudaError_t cudaGraphLaunch(cudaGraphExec_t x, cudaStream_t s) {
-    (void)s;
     if (emu::cap.on) return emu::unsafe_call(); /* graphs inside a capture: not modelled */
-    for (auto &fn : x->ops) fn();
+    std::shared_ptr<std::vector<std::function<void()>>> ops =
+        std::make_shared<std::vector<std::function<void()>>>(x->ops);
+    emu::submit(s, [ops]() {
+        for (auto &fn : *ops) fn();
+    });
     return cudaSuccess;
 }
 static inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t x) {
@@ -684,15 +929,20 @@ typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType;
 typedef enum { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_TF32 = 77 } cublasComputeType_t;
 typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
 
+/* A handle remembers its stream: products are queued there. */
+struct emu_blas {
+    cudaStream_t stream = nullptr;
+};
 static inline cublasStatus_t cublasCreate_v2(cublasHandle_t *h) {
-    static int token;
-    *h = (cublasHandle_t)(void *)&token;
+    *h = new emu_blas;
     return CUBLAS_STATUS_SUCCESS;
 }
-static inline cublasStatus_t cublasDestroy_v2(cublasHandle_t h) { (void)h; return CUBLAS_STATUS_SUCCESS; }
+static inline cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
 static inline cublasStatus_t cublasSetStream_v2(cublasHandle_t h, cudaStream_t s) {
-    (void)h;
-    (void)s;
+    h->stream = s;
     return CUBLAS_STATUS_SUCCESS;
 }
 static inline cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m) {
@@ -742,15 +992,13 @@ static inline void emu_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, i
         }
 }
 
-/* Products run (or are recorded) on the handle's stream, which the backend
- * sets to the one it captures: emu::cap.stream while capturing. */
+/* Products are queued (or recorded) on the handle's stream. */
 static inline cublasStatus_t cublasSgemm_v2(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                             int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                             const float *beta, float *C, int ldc) {
-    (void)h;
     if (!emu_gemm_args_ok(ta, tb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
     const float al = *alpha, be = *beta;
-    int e = emu::submit(emu::cap.stream, [=]() {
+    int e = emu::submit(h->stream, [=]() {
         emu_gemm(
             ta, tb, m, n, k, al, [A](size_t i) { return A[i]; }, lda, [B](size_t i) { return B[i]; }, ldb, be, C,
             ldc);
@@ -762,7 +1010,6 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
                                           int k, const void *alpha, const void *A, cudaDataType at, int lda,
                                           const void *B, cudaDataType bt, int ldb, const void *beta, void *C,
                                           cudaDataType ct, int ldc, cublasComputeType_t comp, cublasGemmAlgo_t algo) {
-    (void)h;
     (void)algo;
     if (ct != CUDA_R_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
     if (comp != CUBLAS_COMPUTE_32F && !(comp == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F))
@@ -783,21 +1030,21 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
             return f;
         };
         const float *a = (const float *)A, *b = (const float *)B;
-        e = emu::submit(emu::cap.stream, [=]() {
+        e = emu::submit(h->stream, [=]() {
             emu_gemm(
                 ta, tb, m, n, k, al, [a, tf32](size_t i) { return tf32(a[i]); }, lda,
                 [b, tf32](size_t i) { return tf32(b[i]); }, ldb, be, Cf, ldc);
         });
     } else if (at == CUDA_R_32F) {
         const float *a = (const float *)A, *b = (const float *)B;
-        e = emu::submit(emu::cap.stream, [=]() {
+        e = emu::submit(h->stream, [=]() {
             emu_gemm(
                 ta, tb, m, n, k, al, [a](size_t i) { return a[i]; }, lda, [b](size_t i) { return b[i]; }, ldb, be, Cf,
                 ldc);
         });
     } else {
         const __nv_bfloat16 *a = (const __nv_bfloat16 *)A, *b = (const __nv_bfloat16 *)B;
-        e = emu::submit(emu::cap.stream, [=]() {
+        e = emu::submit(h->stream, [=]() {
             emu_gemm(
                 ta, tb, m, n, k, al, [a](size_t i) { return __bfloat162float(a[i]); }, lda,
                 [b](size_t i) { return __bfloat162float(b[i]); }, ldb, be, Cf, ldc);

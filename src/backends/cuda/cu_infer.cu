@@ -168,6 +168,7 @@ static __global__ void __launch_bounds__(MP_WARPS * 32)
     k_matmul_packed(float *y, const float *xn, const WT *wt, int M, int N, int K, int accumulate) {
     __shared__ float4 xs[MP_ROWS][MP_KC / 4];
     __shared__ float part[SWIGLU ? 2 : 1][MP_WARPS][MP_ROWS][33];
+    CU_SHARED_POISON(xs, part);
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int nout = SWIGLU ? N / 2 : N;
     const int n = blockIdx.x * 32 + lane, m0 = blockIdx.y * MP_ROWS;
@@ -311,6 +312,7 @@ static __global__ void __launch_bounds__(DEC_WARPS * 32)
     k_attn_decode(float *out, const float *qkv, const KV *kc, const KV *vc, const KV *kp, const KV *vp, int P, int B,
                   int T, int Tmax, int H, int hd, int pos0, const int32_t *pos_dev, float scale_log2) {
     __shared__ float sq[DEC_WARPS][32 * NCH];
+    CU_SHARED_POISON(sq);
     const int w = threadIdx.x >> 5;
     const int task = blockIdx.x * DEC_WARPS + w;
     if (task >= B * H * T) return; /* a whole warp; no block barrier below */

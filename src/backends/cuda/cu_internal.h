@@ -28,6 +28,9 @@
 /* `kernel` is a plain name or a function-pointer variable (templates are
  * bound to a variable first, so their commas never reach the macro). */
 #define CU_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+/* The emulator fills these __shared__ arrays with garbage at each block
+ * start (cu_emu.h); on a GPU they start as garbage anyway. */
+#define CU_SHARED_POISON(...)
 #endif
 
 extern "C" {

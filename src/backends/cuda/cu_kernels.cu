@@ -74,6 +74,7 @@ static __global__ void __launch_bounds__(CU_THREADS) k_embed_bwd(float *dwte, co
     __shared__ unsigned long long key[EMB_CHUNK];
     __shared__ int warp_off[CU_THREADS / 32];
     __shared__ int total;
+    CU_SHARED_POISON(list, warp_off, total);
     const int G = gridDim.x, g = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     for (int c0 = 0; c0 < N; c0 += EMB_CHUNK) {
@@ -202,6 +203,7 @@ static __global__ void k_rmsnorm_bwd_dx(float *dx, const float *dout, const floa
 static __global__ void k_rmsnorm_bwd_dw_part(float *part, const float *dout, const float *x, const float *rstd, int N,
                                              int D, int rows) {
     __shared__ float s[8][33];
+    CU_SHARED_POISON(s);
     const int col = blockIdx.x * 32 + threadIdx.x, p = blockIdx.y;
     const int r0 = p * rows, r1 = cu_imin(N, r0 + rows);
     float acc = 0;
@@ -402,6 +404,7 @@ static void cu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *
 static __global__ void __launch_bounds__(CU_THREADS) k_xent(float *logits, float *losses, const int32_t *targets,
                                                              int N, int V, float dscale, int want_grad) {
     __shared__ float red[32];
+    CU_SHARED_POISON(red);
     const int tid = threadIdx.x;
     for (int n = blockIdx.x; n < N; n += gridDim.x) {
         float *x = logits + (size_t)n * V;
@@ -446,6 +449,7 @@ static void cu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *tar
 static __global__ void __launch_bounds__(CU_THREADS) k_loss_mean(float *out, const float *losses,
                                                                   const int32_t *targets, int N) {
     __shared__ double red[32];
+    CU_SHARED_POISON(red);
     double s = 0, n = 0;
     for (int i = threadIdx.x; i < N; i += blockDim.x)
         if (targets[i] >= 0) {
@@ -471,6 +475,7 @@ static void cu_loss_mean(tlm_ops *o, float *out, const float *losses, const int3
 #define SUMSQ_BLOCKS 512
 static __global__ void __launch_bounds__(CU_THREADS) k_sumsq_part(double *part, const float *x, size_t n) {
     __shared__ double red[32];
+    CU_SHARED_POISON(red);
     double s = 0;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) s += (double)x[i] * x[i];
@@ -481,6 +486,7 @@ static __global__ void __launch_bounds__(CU_THREADS) k_sumsq_part(double *part, 
 static __global__ void __launch_bounds__(CU_THREADS) k_sumsq_final(float *out, const double *part, int P,
                                                                     int accumulate) {
     __shared__ double red[32];
+    CU_SHARED_POISON(red);
     double s = 0;
     for (int i = threadIdx.x; i < P; i += blockDim.x) s += part[i];
     s = cu_block_sum(s, red);

@@ -262,6 +262,7 @@ static __global__ void k_sample(int32_t *tok, const float *logits, int V, size_t
     __shared__ double red[((1 << DB) - 1) * 32];
     __shared__ float redf[32];
     __shared__ int redi[32];
+    CU_SHARED_POISON(red, redf, redi);
     const int b = blockIdx.x;
     srow s;
     s.lg = logits + (size_t)b * ld;
