@@ -74,7 +74,7 @@ static __global__ void __launch_bounds__(CU_THREADS) k_embed_bwd(float *dwte, co
     __shared__ unsigned long long key[EMB_CHUNK];
     __shared__ int warp_off[CU_THREADS / 32];
     __shared__ int total;
-    CU_SHARED_POISON(list, warp_off, total);
+    CU_SHARED_POISON(key, warp_off, total);
     const int G = gridDim.x, g = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     for (int c0 = 0; c0 < N; c0 += EMB_CHUNK) {
