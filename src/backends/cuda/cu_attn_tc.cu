@@ -91,6 +91,14 @@ static __device__ __forceinline__ void tc_stage(__nv_bfloat16 *dst, const E *src
     }
 }
 
+/* Column of step i (0..BK/2-1) for the lane doing half lh of row r in the
+ * per-row loops: the two lanes of a row take alternate columns, and rows
+ * 8..15 run one pair ahead, so with an fp32 pitch of 4 (mod 32) words the
+ * 32 lanes read 32 different banks at every step. */
+template <int BK> static __device__ __forceinline__ int tc_col(int i, int r, int lh) {
+    return 2 * ((i + (r >> 3)) & (BK / 2 - 1)) + lh;
+}
+
 /* The warp's accumulators acc[c] (rows row0..row0+15, 16 columns each)
  * times `mul` (this lane's row's factor) to dst (row stride rs), rows < T,
  * through the warp's fp32 scratch scr [16][ld]: lanes 2r, 2r+1 write row r. */
@@ -179,15 +187,17 @@ static __global__ void __launch_bounds__(TC_THREADS)
         /* row t, this lane's half of the columns; masked keys (future, or
          * past T) get p = 0 and never reach the max. Columns past ncol are
          * masked by the same test (they are keys > t or >= T). */
-        const int j0 = lh * (BK / 2);
         float tmax = -INFINITY;
-        for (int j = j0; j < j0 + BK / 2; j++)
+        for (int i = 0; i < BK / 2; i++) {
+            const int j = tc_col<BK>(i, lr, lh);
             if (k0 + j <= t && k0 + j < T) tmax = fmaxf(tmax, Ss[w][lr][j]);
+        }
         tmax = fmaxf(tmax, __shfl_xor_sync(CU_FULL, tmax, 1)) * scale_log2;
         const float mnew = tmax > m + TC_RESCALE ? tmax : m; /* m = -inf: the first keys set it */
         const float corr = mnew == m ? 1.f : exp2f(m - mnew); /* 0 while m = -inf (nothing summed yet) */
         float psum = 0.f;
-        for (int j = j0; j < j0 + BK / 2; j++) {
+        for (int i = 0; i < BK / 2; i++) {
+            const int j = tc_col<BK>(i, lr, lh);
             float p = 0.f;
             if (k0 + j <= t && k0 + j < T) p = exp2f(Ss[w][lr][j] * scale_log2 - mnew);
             psum += p;
@@ -325,8 +335,8 @@ static __global__ void __launch_bounds__(TC_THREADS)
         }
         __syncwarp();
         /* dS = P (dP - Di), P = exp(S - lse) recomputed; 0 where masked */
-        const int j0 = lh * (BK / 2);
-        for (int j = j0; j < j0 + BK / 2; j++) {
+        for (int i = 0; i < BK / 2; i++) {
+            const int j = tc_col<BK>(i, lr, lh);
             float ds = 0.f;
             if (k0 + j <= t && k0 + j < T) {
                 const float p = exp2f(Ss[w][lr][j] * scale_log2 - lse2);
@@ -431,8 +441,8 @@ static __global__ void __launch_bounds__(TC_THREADS)
         __syncwarp();
         /* key j, this lane's half of the queries; columns outside [nlo, nhi)
          * hold stale values but fail the mask (query < kw or >= T) */
-        const int i0 = lh * (BQ / 2);
-        for (int i = i0; i < i0 + BQ / 2; i++) {
+        for (int ii = 0; ii < BQ / 2; ii++) {
+            const int i = tc_col<BQ>(ii, lr, lh);
             float p = 0.f, ds = 0.f;
             if (q0 + i >= j && q0 + i < T) {
                 p = exp2f(Ss[w][lr][i] * scale_log2 - Ls[i]);
