@@ -44,11 +44,16 @@
  */
 #include "backends/cuda/cu_attn_tc.h"
 
+/* TC_UNROLL: full unrolling, so fragment arrays are indexed by constants
+ * and stay in registers; TC_UNROLL4: per-row loops, partly unrolled (a full
+ * unroll hoists all their loads and exp2s and costs registers) */
 #ifdef TLM_CUDA_EMU
 #define TC_UNROLL
+#define TC_UNROLL4
 #else
 #include <mma.h>
 #define TC_UNROLL _Pragma("unroll")
+#define TC_UNROLL4 _Pragma("unroll 4")
 #endif
 
 namespace wmma = nvcuda::wmma;
@@ -188,7 +193,7 @@ static __global__ void __launch_bounds__(TC_THREADS)
          * past T) get p = 0 and never reach the max. Columns past ncol are
          * masked by the same test (they are keys > t or >= T). */
         float tmax = -INFINITY;
-        for (int i = 0; i < BK / 2; i++) {
+        TC_UNROLL4 for (int i = 0; i < BK / 2; i++) {
             const int j = tc_col<BK>(i, lr, lh);
             if (k0 + j <= t && k0 + j < T) tmax = fmaxf(tmax, Ss[w][lr][j]);
         }
@@ -196,7 +201,7 @@ static __global__ void __launch_bounds__(TC_THREADS)
         const float mnew = tmax > m + TC_RESCALE ? tmax : m; /* m = -inf: the first keys set it */
         const float corr = mnew == m ? 1.f : exp2f(m - mnew); /* 0 while m = -inf (nothing summed yet) */
         float psum = 0.f;
-        for (int i = 0; i < BK / 2; i++) {
+        TC_UNROLL4 for (int i = 0; i < BK / 2; i++) {
             const int j = tc_col<BK>(i, lr, lh);
             float p = 0.f;
             if (k0 + j <= t && k0 + j < T) p = exp2f(Ss[w][lr][j] * scale_log2 - mnew);
@@ -335,7 +340,7 @@ static __global__ void __launch_bounds__(TC_THREADS)
         }
         __syncwarp();
         /* dS = P (dP - Di), P = exp(S - lse) recomputed; 0 where masked */
-        for (int i = 0; i < BK / 2; i++) {
+        TC_UNROLL4 for (int i = 0; i < BK / 2; i++) {
             const int j = tc_col<BK>(i, lr, lh);
             float ds = 0.f;
             if (k0 + j <= t && k0 + j < T) {
@@ -441,7 +446,7 @@ static __global__ void __launch_bounds__(TC_THREADS)
         __syncwarp();
         /* key j, this lane's half of the queries; columns outside [nlo, nhi)
          * hold stale values but fail the mask (query < kw or >= T) */
-        for (int ii = 0; ii < BQ / 2; ii++) {
+        TC_UNROLL4 for (int ii = 0; ii < BQ / 2; ii++) {
             const int i = tc_col<BQ>(ii, lr, lh);
             float p = 0.f, ds = 0.f;
             if (q0 + i >= j && q0 + i < T) {
