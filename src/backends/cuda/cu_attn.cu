@@ -27,6 +27,9 @@
  * Head sizes up to 128 (TPR <= 4); any T. Grids are (sequence x head, row
  * tile): blocks start in index order, so the tiles with the most work
  * (the last queries for dq, the first keys for dk/dv) get y = 0.
+ *
+ * In the bf16 mode, attn_fwd and attn_bwd run on the tensor cores instead
+ * (cu_attn_tc.cu) for head sizes that are multiples of 16 up to 128.
  */
 #include "backends/cuda/cu_attn_tc.h"
 #include "backends/cuda/cu_attn_warp.cuh"
