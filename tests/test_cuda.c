@@ -1189,6 +1189,186 @@ static void test_tf32(void **state) {
     o->destroy(o);
 }
 
+/* ---- attention on the tensor cores (bf16 mode) ---------------------------------------------- */
+
+/* In bf16 mode attn_fwd/attn_bwd run on the tensor cores (cu_attn_tc.cu):
+ * q, k, v, dout and the probability tiles P and dS are rounded to bf16
+ * (relative error <= 2^-9 each), products and sums stay fp32. Expected
+ * errors, for inputs ~N(0,1) and head size hd:
+ *  - a score s = q.k/sqrt(hd) gets an absolute error of about
+ *    2^-8 |s|-scale (two roundings per term, random signs, the sqrt(hd) of
+ *    the sum cancels the scale): ~0.005 here, so each p moves by ~0.5%
+ *    relative and lse by about the same absolute amount;
+ *  - out = sum p v / l adds the roundings of v and P (2^-9 each): a few
+ *    tenths of a percent of the typical |out|, random over elements;
+ *  - the gradients compound one more rounded operand (dout, then dS) and
+ *    the difference dP - Di, which cancels: ~1% of the typical value
+ *    (dq and dk are held against at least max |dv|: see below).
+ * So: max |error| <= 1.5% of max |reference| for out and 2.5% for each of
+ * dq, dk, dv (the worst element of thousands, several sigma out; measured
+ * on the emulator: 0.2-0.45%), cosine >= 0.9999 / 0.9995 (measured 1 -
+ * cos <= 1e-5), and |lse error| <= 0.02 (measured <= 0.006). A wrong mask,
+ * scale or a missing tile breaks these by far (one future key let in
+ * moved out by 27% of max |out|, a skipped rescale by 57%). Keys ramped
+ * up in size (kramp) make later scores exceed the early max by more than
+ * 2^8 (log2 units) so the
+ * kernel's lazy rescaling of its accumulators runs; their scores are up
+ * to (1 + kramp) times larger and so are the absolute score errors, hence
+ * the bounds grow by that factor. */
+static void check_near(const char *what, const float *got, const float *want, size_t n, size_t stride, size_t off,
+                       size_t len, double floor, double tol, double cmin) {
+    double maxref = 0, maxerr = 0, dot = 0, ng = 0, nw = 0;
+    size_t worst = 0, nan = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t c = i % stride;
+        if (c < off || c >= off + len) continue;
+        double g = got[i], w = want[i], e = fabs(g - w);
+        if (isnan(e)) nan++;
+        else if (e > maxerr) maxerr = e, worst = i;
+        maxref = fmax(maxref, fabs(w));
+        dot += g * w, ng += g * g, nw += w * w;
+    }
+    double rel = maxerr / fmax(fmax(maxref, floor), 1e-30), cosv = dot / sqrt(ng * nw + 1e-300);
+    if (maxref < 1e-2 * floor) cosv = 1.0; /* a reference ~0 by cancellation (T = 1) has no direction to match */
+    if (getenv("TLM_TEST_VERBOSE")) printf("  %-44s max err %.3g of max|ref|, cosine %.7f\n", what, rel, cosv);
+    if (nan || !(rel <= tol) || !(cosv >= cmin))
+        fail_msg("%s: max error %.3g of max|ref| %.3g (bound %.2g; worst at %zu: got %.6g want %.6g), cosine %.6f "
+                 "(bound %.4f), %zu NaN",
+                 what, rel, maxref, tol, worst, (double)got[worst], (double)want[worst], cosv, cmin, nan);
+}
+
+/* attn_fwd then attn_bwd on backend o; results downloaded */
+static void tc_run(tlm_ops *o, const float *qkv, const float *dout, int B, int T, int H, int hd, float **out,
+                   float **lse, float **dqkv) {
+    const int D = H * hd;
+    size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D, nl = (size_t)B * H * T;
+    float *dq = up(o, qkv, nq * 4), *dd = up(o, dout, no * 4), *dout_ = up(o, NULL, no * 4);
+    float *dl = up(o, NULL, nl * 4), *dg = up(o, NULL, nq * 4);
+    o->attn_fwd(o, dout_, dl, dq, B, T, H, hd);
+    o->attn_bwd(o, dg, dd, dout_, dl, dq, B, T, H, hd);
+    *out = down(o, dout_, no);
+    *lse = down(o, dl, nl);
+    *dqkv = down(o, dg, nq);
+    o->free(o, dq), o->free(o, dd), o->free(o, dout_), o->free(o, dl), o->free(o, dg);
+    assert_int_equal(ops_status(o), 0);
+}
+
+static void attn_tc_case(tlm_ops *o, int B, int T, int H, int hd, float kramp) {
+    const int D = H * hd;
+    size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D, nl = (size_t)B * H * T;
+    float *qkv = hrand(nq, 1.0f), *dout = hrand(no, 1.0f);
+    for (int bt = 0; bt < B * T; bt++)
+        for (int d = 0; d < D; d++) qkv[(size_t)bt * 3 * D + D + d] *= 1.0f + kramp * (float)(bt % T) / (float)T;
+    float *r[2][3];
+    tc_run(o, qkv, dout, B, T, H, hd, &r[0][0], &r[0][1], &r[0][2]);
+    tc_run(g_ref, qkv, dout, B, T, H, hd, &r[1][0], &r[1][1], &r[1][2]);
+    const double grow = 1.0 + kramp;
+    char what[96];
+    snprintf(what, sizeof what, "tc attn out B%d T%d H%d hd%d ramp%g", B, T, H, hd, kramp);
+    check_near(what, r[0][0], r[1][0], no, 1, 0, 1, 0, 1.5e-2 * grow, 1.0 - 1e-4 * grow);
+    double lerr = 0;
+    for (size_t i = 0; i < nl; i++) {
+        double e = fabs((double)r[0][1][i] - r[1][1][i]);
+        if (!(e <= lerr)) lerr = e; /* NaN sticks */
+    }
+    if (getenv("TLM_TEST_VERBOSE")) printf("  %-44s max abs err %.3g\n", "  lse", lerr);
+    if (!(lerr <= 2e-2 * grow)) fail_msg("%s: lse max abs error %.3g (bound %.2g)", what, lerr, 2e-2 * grow);
+    /* dq and dk are sums of p (dp - Di) terms where dp - Di cancels: with one
+     * key (T = 1) they are exactly 0 while the rounding of dout and v leaves
+     * errors of the size of dv's values (~|dout|) times 2^-8; so their
+     * errors are measured against at least max |dv| */
+    static const char *part[3] = {"dq", "dk", "dv"};
+    double dvmax = 0;
+    for (size_t i = 0; i < nq; i++)
+        if (i % (3 * (size_t)D) >= 2 * (size_t)D) dvmax = fmax(dvmax, fabs(r[1][2][i]));
+    for (int p = 0; p < 3; p++) {
+        snprintf(what, sizeof what, "tc attn %s B%d T%d H%d hd%d ramp%g", part[p], B, T, H, hd, kramp);
+        check_near(what, r[0][2], r[1][2], nq, (size_t)3 * D, (size_t)p * D, (size_t)D, p < 2 ? dvmax : 0,
+                   2.5e-2 * grow, 1.0 - 5e-4 * grow);
+    }
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) free(r[k][j]);
+    free(qkv), free(dout);
+}
+
+static void test_attn_tc(void **state) {
+    (void)state;
+    NEED_GPU();
+    create_ex_fn cx = g_mod ? (create_ex_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create_ex") : NULL;
+    if (!cx) skip();
+    char note[512];
+    tlm_ops *o = cx(0, "bf16", note, sizeof note);
+    if (!o) fail_msg("bf16 backend: %s", note);
+
+    /* each padded head class (16/32 -> 32, 48/64 -> 64, 128), T = 1, T
+     * not a multiple of the 64-row blocks or of the 32/64-row streamed
+     * tiles, several (sequence, head) pairs, and the rescaling path */
+    attn_tc_case(o, 2, 37, 3, 32, 0.f);
+    attn_tc_case(o, 1, 1, 2, 32, 0.f);
+    attn_tc_case(o, 1, 70, 2, 64, 0.f);
+    attn_tc_case(o, 2, 19, 1, 16, 0.f);
+    attn_tc_case(o, 1, 33, 2, 48, 0.f);
+    attn_tc_case(o, 1, 40, 1, 128, 0.f);
+    attn_tc_case(o, 1, 150, 1, 32, 3.f);
+    attn_tc_case(o, 2, 200, 2, 64, 3.f);
+    attn_tc_case(o, 1, 256, 2, 128, 0.f);
+    if (!g_emu) { /* training sizes: the seed model's and longer sequences */
+        attn_tc_case(o, 4, 256, 8, 32, 0.f);
+        attn_tc_case(o, 1, 1024, 2, 64, 0.f);
+        attn_tc_case(o, 1, 2048, 2, 128, 0.f);
+        attn_tc_case(o, 2, 300, 2, 96, 3.f);
+    }
+
+    /* head sizes the tensor-core kernels do not take fall back to the fp32 ones, exact to 1e-4 */
+    {
+        const int B = 1, T = 21, H = 2, hd = 12, D = H * hd;
+        float *qkv = hrand((size_t)B * T * 3 * D, 1.0f), *dout = hrand((size_t)B * T * D, 1.0f);
+        float *r[2][3];
+        tc_run(o, qkv, dout, B, T, H, hd, &r[0][0], &r[0][1], &r[0][2]);
+        tc_run(g_ref, qkv, dout, B, T, H, hd, &r[1][0], &r[1][1], &r[1][2]);
+        check_close("bf16 mode attn hd12 (fp32 kernels) out", r[0][0], r[1][0], (size_t)B * T * D, TOL, 1e-2);
+        check_close("bf16 mode attn hd12 (fp32 kernels) dqkv", r[0][2], r[1][2], (size_t)B * T * 3 * D, TOL, 1e-2);
+        for (int k = 0; k < 2; k++)
+            for (int j = 0; j < 3; j++) free(r[k][j]);
+        free(qkv), free(dout);
+    }
+
+    /* determinism (no atomics: same bits every run) and causality: keys and
+     * values after t0 changed leave out, lse and dq of rows <= t0 bit for bit
+     * (masked probabilities are exact zeros), while later rows do change */
+    {
+        const int B = 2, T = 90, H = 2, hd = 32, D = H * hd, t0 = 40;
+        size_t nq = (size_t)B * T * 3 * D, no = (size_t)B * T * D;
+        float *qkv = hrand(nq, 1.0f), *dout = hrand(no, 1.0f);
+        float *a[3], *c[3], *f[3];
+        tc_run(o, qkv, dout, B, T, H, hd, &a[0], &a[1], &a[2]);
+        tc_run(o, qkv, dout, B, T, H, hd, &c[0], &c[1], &c[2]);
+        assert_memory_equal(a[0], c[0], no * 4);
+        assert_memory_equal(a[1], c[1], (size_t)B * H * T * 4);
+        assert_memory_equal(a[2], c[2], nq * 4);
+        for (int b = 0; b < B; b++)
+            for (int t = t0 + 1; t < T; t++)
+                for (int d = D; d < 3 * D; d++) qkv[((size_t)b * T + t) * 3 * D + d] = 3.0f * tlm_rng_normal(&g_rng);
+        tc_run(o, qkv, dout, B, T, H, hd, &f[0], &f[1], &f[2]);
+        int later = 0;
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < T; t++) {
+                const size_t ro = ((size_t)b * T + t) * D, rq = ((size_t)b * T + t) * 3 * D;
+                const int same = !memcmp(a[0] + ro, f[0] + ro, (size_t)D * 4) && !memcmp(a[2] + rq, f[2] + rq, (size_t)D * 4);
+                if (t <= t0 && !same) fail_msg("causality: row %d of sequence %d changed with keys after %d", t, b, t0);
+                later += t > t0 && !same;
+            }
+            for (int h = 0; h < H; h++)
+                assert_memory_equal(a[1] + ((size_t)b * H + h) * T, f[1] + ((size_t)b * H + h) * T,
+                                    (size_t)(t0 + 1) * 4);
+        }
+        assert_int_equal(later, B * (T - 1 - t0));
+        for (int j = 0; j < 3; j++) free(a[j]), free(c[j]), free(f[j]);
+        free(qkv), free(dout);
+    }
+    o->destroy(o);
+}
+
 /* ---- status, the batch loss, staged steps, the trainer's host waits ------------------------ */
 
 /* (Included here, with the tests that need them, to keep the file's top as it is.) */
@@ -2075,12 +2255,15 @@ int main(void) {
         cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
         cmocka_unit_test(test_bf16),
         cmocka_unit_test(test_tf32),
+        cmocka_unit_test(test_attn_tc),
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
         cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
         cmocka_unit_test(test_sample_rows), cmocka_unit_test(test_sample_generate),
         cmocka_unit_test(test_attn_decode_pos_dev), cmocka_unit_test(test_graph_rules),
         cmocka_unit_test(test_graph_generate),
     };
+    /* TLM_TEST_FILTER=test_attn* runs only the matching tests (slow emulator) */
+    if (getenv("TLM_TEST_FILTER")) cmocka_set_test_filter(getenv("TLM_TEST_FILTER"));
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     fixture_close(&g_fx);
     return rc;

@@ -27,7 +27,11 @@
  * Head sizes up to 128 (TPR <= 4); any T. Grids are (sequence x head, row
  * tile): blocks start in index order, so the tiles with the most work
  * (the last queries for dq, the first keys for dk/dv) get y = 0.
+ *
+ * In the bf16 mode, attn_fwd and attn_bwd run on the tensor cores instead
+ * (cu_attn_tc.cu) for head sizes that are multiples of 16 up to 128.
  */
+#include "backends/cuda/cu_attn_tc.h"
 #include "backends/cuda/cu_attn_warp.cuh"
 #include "backends/cuda/cu_internal.h"
 
@@ -350,7 +354,8 @@ static void att_bwd_launch(cu_ctx *c, float *dqkv, float *di, const float *dout,
 static void cu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
     cu_ctx *c = cu_of(o);
     if (c->failed || B <= 0 || T <= 0 || H <= 0 || att_check(c, "attn_fwd", hd)) return;
-    if (hd <= 32) att_fwd_launch<1>(c, out, lse, qkv, B, T, H, hd);
+    if (cu_attn_tc_ok(c, hd)) cu_attn_tc_fwd(c, out, lse, qkv, B, T, H, hd); /* bf16 mode: tensor cores */
+    else if (hd <= 32) att_fwd_launch<1>(c, out, lse, qkv, B, T, H, hd);
     else if (hd <= 64) att_fwd_launch<2>(c, out, lse, qkv, B, T, H, hd);
     else att_fwd_launch<4>(c, out, lse, qkv, B, T, H, hd);
     cu_after(c, "attn_fwd");
@@ -362,7 +367,8 @@ static void cu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float 
     if (c->failed || B <= 0 || T <= 0 || H <= 0 || att_check(c, "attn_bwd", hd)) return;
     float *di = (float *)cu_scratch(c, (size_t)B * H * T * sizeof(float));
     if (!di) return;
-    if (hd <= 32) att_bwd_launch<1>(c, dqkv, di, dout, out, lse, qkv, B, T, H, hd);
+    if (cu_attn_tc_ok(c, hd)) cu_attn_tc_bwd(c, dqkv, di, dout, out, lse, qkv, B, T, H, hd);
+    else if (hd <= 32) att_bwd_launch<1>(c, dqkv, di, dout, out, lse, qkv, B, T, H, hd);
     else if (hd <= 64) att_bwd_launch<2>(c, dqkv, di, dout, out, lse, qkv, B, T, H, hd);
     else att_bwd_launch<4>(c, dqkv, di, dout, out, lse, qkv, B, T, H, hd);
     cu_after(c, "attn_bwd");

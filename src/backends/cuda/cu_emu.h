@@ -62,6 +62,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -1052,5 +1053,96 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
     }
     return e ? CUBLAS_STATUS_INVALID_VALUE : CUBLAS_STATUS_SUCCESS;
 }
+
+/* ---- WMMA (nvcuda::wmma, <mma.h>): bf16 16x16x16, fp32 accumulators ------ */
+
+/* The real fragment layout across a warp's lanes is opaque (documented as
+ * unspecified), so any layout is a legal model: here every lane's fragment
+ * holds the whole tile, row-major in its logical shape (a: 16x16 [m][k],
+ * b: [k][n], accumulator: [m][n]), and every lane does the whole load,
+ * product or store itself. Stores from all 32 lanes write identical values
+ * to the same addresses, which is harmless (the emulator has no race
+ * detector, and the values agree). Each operation first meets the other 31
+ * lanes at a warp operation: like the hardware, all lanes must call it
+ * together (a divergent call aborts). Memory that one lane wrote is seen by
+ * another lane's load only after a real __syncwarp/__syncthreads in the
+ * kernel, because lanes run one after the other between scheduling points:
+ * so a kernel missing that barrier computes wrong values here, as it may
+ * on the GPU. Pointers must be 32-byte aligned and ldm a multiple of 16
+ * bytes, as the CUDA programming guide requires: checked. */
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "only m16n16k16 is emulated");
+    static constexpr int num_elements = 256;
+    T x[256];
+};
+
+namespace detail {
+inline void enter(const void *p, unsigned ldm, size_t esize) {
+    emu::warp_op<int>(emu::W_SYNC, 0, 0);
+    if ((uintptr_t)p % 32) emu::die("wmma: pointer not 32-byte aligned");
+    if ((ldm * esize) % 16) emu::die("wmma: ldm not a multiple of 16 bytes");
+}
+inline float f(float v) { return v; }
+inline float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+/* element (r, c) of a 16x16 tile at p, row-major or column-major */
+template <class T> inline T at(const T *p, unsigned ldm, int r, int c, bool colmajor) {
+    return colmajor ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+} // namespace detail
+
+template <class Use, class T, class L> inline void fill_fragment(fragment<Use, 16, 16, 16, T, L> &a, T v) {
+    emu::warp_op<int>(emu::W_SYNC, 0, 0);
+    for (int i = 0; i < 256; i++) a.x[i] = v;
+}
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L> &a, const T *p, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads take a layout");
+    detail::enter(p, ldm, sizeof(T));
+    const bool cm = std::is_same<L, col_major>::value;
+    for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 16; c++) a.x[r * 16 + c] = detail::at(p, ldm, r, c, cm);
+}
+template <class T>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T> &a, const T *p, unsigned ldm, layout_t l) {
+    detail::enter(p, ldm, sizeof(T));
+    for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 16; c++) a.x[r * 16 + c] = detail::at(p, ldm, r, c, l == mem_col_major);
+}
+template <class T>
+inline void store_matrix_sync(T *p, const fragment<accumulator, 16, 16, 16, T> &a, unsigned ldm, layout_t l) {
+    detail::enter(p, ldm, sizeof(T));
+    for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 16; c++) {
+            size_t i = l == mem_col_major ? (size_t)c * ldm + r : (size_t)r * ldm + c;
+            p[i] = a.x[r * 16 + c];
+        }
+}
+/* d = a b + c in fp32: bf16 products are exact in fp32; the sum runs over
+ * k in order (the hardware's order and internal rounding may differ, within
+ * the tests' bounds). d may be c. */
+template <class TA, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, TA, LA> &a,
+                     const fragment<matrix_b, 16, 16, 16, TA, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
+    emu::warp_op<int>(emu::W_SYNC, 0, 0);
+    float r[256];
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 16; n++) {
+            float acc = c.x[m * 16 + n];
+            for (int k = 0; k < 16; k++) acc += detail::f(a.x[m * 16 + k]) * detail::f(b.x[k * 16 + n]);
+            r[m * 16 + n] = acc;
+        }
+    memcpy(d.x, r, sizeof r);
+}
+} // namespace wmma
+} // namespace nvcuda
 
 #endif
