@@ -36,6 +36,7 @@
 #include <ucontext.h>
 
 #include <functional>
+#include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -615,10 +616,29 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
                                           cudaDataType ct, int ldc, cublasComputeType_t comp, cublasGemmAlgo_t algo) {
     (void)h;
     (void)algo;
-    if (ct != CUDA_R_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
+    /* the combinations tinylm uses, all listed by cuBLAS: fp32 A, B, C
+     * (compute 32F or 32F_FAST_TF32); bf16 A, B with fp32 or bf16 C
+     * (compute 32F). Anything else is refused, as cuBLAS would. */
+    if (at != bt || (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF)))
+        return CUBLAS_STATUS_INVALID_VALUE;
     if (comp != CUBLAS_COMPUTE_32F && !(comp == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F))
         return CUBLAS_STATUS_INVALID_VALUE;
     float al = *(const float *)alpha, be = *(const float *)beta;
+    if (ct == CUDA_R_16BF) {
+        /* fp32 accumulation, C read (beta) and written as bf16: through a
+         * widened copy of C, rounded once at the end */
+        if (ldc < (m > 1 ? m : 1) || n < 0 || m < 0) return CUBLAS_STATUS_INVALID_VALUE;
+        __nv_bfloat16 *cb = (__nv_bfloat16 *)C;
+        std::vector<float> cf((size_t)ldc * (n > 0 ? n : 1));
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) cf[(size_t)j * ldc + i] = __bfloat162float(cb[(size_t)j * ldc + i]);
+        cublasStatus_t st =
+            cublasGemmEx(h, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, cf.data(), CUDA_R_32F, ldc, comp, algo);
+        if (st != CUBLAS_STATUS_SUCCESS) return st;
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) cb[(size_t)j * ldc + i] = __float2bfloat16(cf[(size_t)j * ldc + i]);
+        return st;
+    }
     if (comp == CUBLAS_COMPUTE_32F_FAST_TF32) {
         /* the tensor cores read each fp32 operand with 10 mantissa bits:
          * rounded to nearest here (hardware may truncate: within the tests'
