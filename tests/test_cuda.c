@@ -1133,6 +1133,7 @@ static void test_bf16(void **state) {
             nb += (double)r[j] * r[j];
         }
         double cosv = dot / sqrt(na * nb + 1e-300);
+        if (getenv("TLM_TEST_VERBOSE")) printf("  %-48s cosine %.6f\n", name, cosv);
         if (!(cosv > 0.99)) fail_msg("bf16 %s: cosine %.5f with the fp32 reference", name, cosv);
         free(r);
     }
@@ -1402,6 +1403,56 @@ static void test_bf16_acts(void **state) {
         free(pre);
     }
     o16->destroy(o16);
+}
+
+/* The model on the bf16 backend against the fixture's fp32 logits: the
+ * training forward (m.logits, bf16 here) and the unpacked generation path
+ * (model_forward_cached: xn, qkv, att, gu, act in bf16, fp32 logits out),
+ * prompt in chunks then single tokens. Every product and stored activation
+ * rounds to bf16 (~0.4% each, test_bf16), compounding over the layers but
+ * not growing systematically: 2e-2 of the largest |logit|, the bound of
+ * test_bf16's products. */
+static void test_bf16_model_paths(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = bf16_backend();
+    if (!o) skip();
+    tlm_model m;
+    fx_model(&m, o);
+    const int V = g_fx.cfg.vocab, D = g_fx.cfg.dim, L = g_fx.cfg.layers, P = 20;
+    const size_t NV = (size_t)FB * FT * V;
+    float *ref = fixture_read(&g_fx, "logits", NV);
+    model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 0.0f, 0);
+    float *full = down_act(o, m.logits, NV);
+    check_close("bf16 training-forward logits", full, ref, NV, 2e-2, 1.0);
+    float *kc[2], *vc[2];
+    for (int l = 0; l < L; l++) {
+        kc[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+        vc[l] = up(o, NULL, (size_t)FB * FT * D * 4);
+    }
+    tlm_infer_scratch s;
+    assert_int_equal(model_infer_scratch_alloc(&m, &s, FB, P), 0);
+    float *od = up(o, NULL, (size_t)FB * V * 4), *got = malloc((size_t)FB * V * 4), *want = malloc((size_t)FB * V * 4);
+    int32_t chunk[FB * FT];
+    int pos = 0;
+    while (pos < FT) {
+        int T = pos == 0 ? 8 : pos < P ? P - pos : 1;
+        for (int b = 0; b < FB; b++)
+            for (int t = 0; t < T; t++) chunk[b * T + t] = g_fx.inputs[b * FT + pos + t];
+        assert_int_equal(model_forward_cached(&m, &s, kc, vc, FT, chunk, FB, T, pos, od), 0);
+        pos += T;
+        o->copy_d2h(o, got, od, (size_t)FB * V * 4);
+        for (int b = 0; b < FB; b++) memcpy(want + (size_t)b * V, ref + ((size_t)b * FT + pos - 1) * V, (size_t)V * 4);
+        char what[64];
+        snprintf(what, sizeof what, "bf16 cached logits at position %d", pos - 1);
+        check_close(what, got, want, (size_t)FB * V, 2e-2, 1.0);
+    }
+    free(full), free(ref), free(got), free(want);
+    o->free(o, od);
+    model_infer_scratch_free(&m, &s);
+    for (int l = 0; l < L; l++) o->free(o, kc[l]), o->free(o, vc[l]);
+    model_destroy(&m);
+    o->destroy(o);
 }
 
 /* tf32: each operand read with 10 mantissa bits (relative error <= 2^-11,
@@ -2002,7 +2053,7 @@ int main(void) {
         cmocka_unit_test(test_sumsq_adamw), cmocka_unit_test(test_determinism), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_model_fixture), cmocka_unit_test(test_model_cached), cmocka_unit_test(test_train_steps),
         cmocka_unit_test(test_packed), cmocka_unit_test(test_attn_decode), cmocka_unit_test(test_model_packed),
-        cmocka_unit_test(test_bf16), cmocka_unit_test(test_bf16_acts),
+        cmocka_unit_test(test_bf16), cmocka_unit_test(test_bf16_acts), cmocka_unit_test(test_bf16_model_paths),
         cmocka_unit_test(test_tf32),
         cmocka_unit_test(test_status), cmocka_unit_test(test_loss_mean), cmocka_unit_test(test_staged_step),
         cmocka_unit_test(test_trainer_host_waits), cmocka_unit_test(test_generate_status),
