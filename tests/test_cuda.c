@@ -1247,6 +1247,27 @@ static void test_bf16_acts(void **state) {
     tlm_ops *be[2] = {o16, g_ref};
     const int F32 = TLM_ACT_F32, BF = TLM_ACT_BF16;
 
+    {   /* to_act rounds to nearest even, exactly as the host does; only the
+         * bf16 mode has one (fp32 activations need no conversion) */
+        assert_null(g_gpu->to_act);
+        assert_null(g_ref->to_act);
+        assert_non_null(o16->to_act);
+        const size_t n = 2 * 4096 + 77; /* whole rows and a tail */
+        float *x = hrand(n, 3.0f);
+        x[0] = 1.0f + 1.0f / 256.0f; /* a tie: rounds to the even 1.0 */
+        x[1] = 1.0f + 3.0f / 256.0f; /* a tie: rounds up to the even 1 + 2^-6 */
+        float *dx = up(o16, x, n * 4);
+        void *d16 = up_act(o16, NULL, n);
+        o16->to_act(o16, d16, dx, n);
+        float *got = down_act(o16, d16, n);
+        for (size_t i = 0; i < n; i++)
+            if (got[i] != bf16_val(bf16_bits(x[i])))
+                fail_msg("to_act element %zu: %.9g, want %.9g", i, (double)got[i], (double)bf16_val(bf16_bits(x[i])));
+        assert_true(got[0] == 1.0f && got[1] == 1.0f + 1.0f / 64.0f);
+        o16->free(o16, dx), o16->free(o16, d16);
+        free(x), free(got);
+    }
+
     /* products: all-bf16 operands are exact products with fp32 sums, so only
      * the bf16 store of C is measured (ACT16_TOL); an fp32 operand (weight,
      * residual gradient) is rounded to bf16 first: test_bf16's 2% of the

@@ -300,19 +300,30 @@ static void forward_backward(tlm_model *m, const int32_t *tok, const int32_t *tg
          * recomputed from its saved residual (a cheap pass over [N,D]; the
          * alternative is keeping two more [N,D] buffers per layer). */
         float *xn = m->xf;
+        /* The residual gradient dx is fp32 (it sums the branches) and is dy
+         * of the two layers that write into the residual stream (down_proj,
+         * o_proj), two products each. With bf16 activations it is rounded
+         * once per branch into dtmp (free until rmsnorm_bwd writes it)
+         * instead of once inside each product: the same values, half the
+         * conversion traffic. */
+        const int round_dy = act != f32 && o->to_act;
+        const void *dy = round_dy ? (const void *)m->dtmp : (const void *)m->dx;
+        const int dydt = round_dy ? act : f32;
         for (int l = L - 1; l >= 0; l--) {
             const tlm_layer_params *p = &m->layer[l];
             const tlm_layer_params *g = &m->glayer[l];
             tlm_layer_acts *a = &m->acts[l];
             /* dx holds d(layer output); the MLP branch */
-            linear_bwd(o, m->dact, g->wdown, m->dx, f32, a->act, p->wdown, N, F, D);
+            if (round_dy) o->to_act(o, m->dtmp, m->dx, (size_t)N * D);
+            linear_bwd(o, m->dact, g->wdown, dy, dydt, a->act, p->wdown, N, F, D);
             o->swiglu_bwd(o, m->dgu, m->dact, a->gu, N, F);
             o->rmsnorm_fwd(o, xn, NULL, a->xmid, p->mlp_norm, N, D, eps);
             linear_bwd(o, m->dxn, g->wgu, m->dgu, act, xn, p->wgu, N, D, 2 * F);
             o->rmsnorm_bwd(o, m->dtmp, g->mlp_norm, m->dxn, a->xmid, p->mlp_norm, a->rstd2, N, D);
             o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(xmid) */
             /* the attention branch */
-            linear_bwd(o, m->datt, g->wo, m->dx, f32, a->att, p->wo, N, D, D);
+            if (round_dy) o->to_act(o, m->dtmp, m->dx, (size_t)N * D);
+            linear_bwd(o, m->datt, g->wo, dy, dydt, a->att, p->wo, N, D, D);
             o->attn_bwd(o, m->dqkv, m->datt, a->att, a->lse, a->qkv, B, T, H, hd);
             o->rope_bwd(o, m->dqkv, B, T, H, hd, 0, theta);
             o->rmsnorm_fwd(o, xn, NULL, a->x, p->attn_norm, N, D, eps);

@@ -103,6 +103,12 @@ struct tlm_ops {
                       int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc);
     /* y[n] += x[n] (residual connections). */
     void (*add_inplace)(tlm_ops *o, float *y, const float *x, size_t n);
+    /* OPTIONAL (NULL where act_dtype is TLM_ACT_F32: nothing to convert).
+     * dst[n] (activation) = src[n] (fp32) rounded to act_dtype, the rounding
+     * matmul_ex applies to an fp32 operand. For an fp32 tensor that feeds
+     * several bf16 products (the residual gradient feeds two in each
+     * linear backward), so it is rounded once instead of once per product. */
+    void (*to_act)(tlm_ops *o, void *dst, const float *src, size_t n);
 
     /* ---- embedding ------------------------------------------------ */
     /* out[N,D] = wte[tok[n], :] */

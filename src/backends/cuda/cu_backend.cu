@@ -415,6 +415,24 @@ static __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int rows,
             dst[(size_t)r * cols + j] = __float2bfloat16(src[(size_t)r * ld + j]);
 }
 
+/* ops.h to_act (installed in the bf16 mode only): the rounding matmul_ex
+ * applies to its fp32 operands, so a product gets the same bf16 values
+ * either way. */
+static void cu_to_act(tlm_ops *o, void *dst, const float *src, size_t n) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || n == 0) return;
+    /* as rows of 4096 (n <= 2^31: model_alloc_train's limit) so the
+     * grid-stride loop over rows spreads the work; the tail as one row */
+    const int cols = 4096;
+    size_t rows = n / cols, tail = n - rows * cols;
+    if (rows)
+        CU_LAUNCH(k_to_bf16, cu_grid(c, rows, 1), 256, c->stream, (__nv_bfloat16 *)dst, src, (int)rows, cols, cols);
+    if (tail)
+        CU_LAUNCH(k_to_bf16, 1, 256, c->stream, (__nv_bfloat16 *)dst + rows * cols, src + rows * cols, 1, (int)tail,
+                  (int)tail);
+    cu_after(c, "to_act");
+}
+
 /* C[M,N] = beta C for a bf16 C (a product with K = 0). */
 static __global__ void k_scale_bf16(__nv_bfloat16 *C, int M, int N, int ldc, float beta) {
     for (int r = blockIdx.x; r < M; r += gridDim.x)
@@ -735,6 +753,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     o->status = cu_status;
     o->matmul = cu_matmul;
     o->matmul_ex = cu_matmul_ex;
+    if (c->act16) o->to_act = cu_to_act;
     o->act_dtype = c->act16 ? TLM_ACT_BF16 : TLM_ACT_F32;
     cu_kernels_install(o);
     cu_attn_install(o);
