@@ -632,8 +632,8 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
         std::vector<float> cf((size_t)ldc * (n > 0 ? n : 1));
         for (int j = 0; j < n; j++)
             for (int i = 0; i < m; i++) cf[(size_t)j * ldc + i] = __bfloat162float(cb[(size_t)j * ldc + i]);
-        cublasStatus_t st =
-            cublasGemmEx(h, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, cf.data(), CUDA_R_32F, ldc, comp, algo);
+        cublasStatus_t st = cublasGemmEx(h, ta, tb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, cf.data(),
+                                         CUDA_R_32F, ldc, comp, algo);
         if (st != CUBLAS_STATUS_SUCCESS) return st;
         for (int j = 0; j < n; j++)
             for (int i = 0; i < m; i++) cb[(size_t)j * ldc + i] = __float2bfloat16(cf[(size_t)j * ldc + i]);
