@@ -1473,6 +1473,34 @@ static void test_bf16_model_paths(void **state) {
     model_infer_scratch_free(&m, &s);
     for (int l = 0; l < L; l++) o->free(o, kc[l]), o->free(o, vc[l]);
     model_destroy(&m);
+
+    /* five clipped AdamW steps, as test_model_fixture: each step's loss
+     * within test_bf16's 1e-2 of the fp32 run (the weights move by ~lr per
+     * step, so the bf16 gradients' small differences cannot add up to more
+     * in five steps), gradient norms within 2e-2 (a norm sums every
+     * gradient's rounding; test_bf16 measures cosines with fp32 > 0.9999) */
+    fx_model(&m, o);
+    float *mom = up(o, NULL, m.nparams * 4), *var = up(o, NULL, m.nparams * 4), *gn = up(o, NULL, 4);
+    float wl[5], wn[5], losses[5], norms[5];
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.losses", wl, 5), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.gnorms", wn, 5), 0);
+    for (int step = 1; step <= 5; step++) {
+        model_zero_grad(&m);
+        losses[step - 1] = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
+        o->sumsq(o, gn, m.grads, m.nparams, 0);
+        float g2;
+        o->copy_d2h(o, &g2, gn, 4);
+        norms[step - 1] = sqrtf(g2);
+        for (int i = 0; i < m.ntensors; i++) {
+            const tlm_tensor *t = &m.tensors[i];
+            o->adamw(o, m.params + t->offset, m.grads + t->offset, mom + t->offset, var + t->offset, tsize(t), 1e-3f,
+                     0.9f, 0.95f, 1e-8f, t->decay ? 0.1f : 0.0f, step, gn, 1.0f);
+        }
+    }
+    check_close("bf16 adamw losses", losses, wl, 5, 1e-2, 0);
+    check_close("bf16 adamw grad norms", norms, wn, 5, 2e-2, 0);
+    o->free(o, mom), o->free(o, var), o->free(o, gn);
+    model_destroy(&m);
     o->destroy(o);
 }
 
