@@ -337,8 +337,9 @@ struct tlm_ops {
  * what happened (may be NULL). Returns NULL + error on failure. */
 tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len);
 /* The same with the precision of training's matrix products: dtype "fp32"
- * (exact comparison with the CPU), "bf16" (CUDA tensor cores, fp32 master
- * weights; an error on the CPU, which trains in fp32 only), "tf32" (CUDA
+ * (exact comparison with the CPU), "bf16" (CUDA tensor cores, bf16
+ * activations (act_dtype), fp32 master weights; an error on the CPU,
+ * which trains in fp32 only), "tf32" (CUDA
  * tensor cores reading the fp32 operands with 10 mantissa bits; an error
  * on the CPU too), "auto" (bf16
  * on CUDA, fp32 on the CPU), or NULL (the backend's default: fp32, or the
