@@ -181,6 +181,7 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
     const size_t f = sizeof(float);
     int ok = 1;
 #define DEV(ptr, bytes) do { if (ok) { (ptr) = o->alloc(o, (bytes)); if (!(ptr)) ok = 0; } } while (0)
+#define ACT(n) model_act_bytes(o, (n))
     DEV(m->grads, m->nparams * f);
     m->acts = tlm_alloc(sizeof(tlm_layer_acts) * L);
     if (!m->acts) ok = 0;
@@ -188,20 +189,22 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
         tlm_layer_acts *a = &m->acts[l];
         /* xn1, xn2 are not kept: the normalised rows are rebuilt from x
          * in backward (model_forward_backward), into m->xf */
+        /* ACT: activations of o->act_dtype (ops.h); the residual stream,
+         * rstd and lse stay fp32 */
         DEV(a->x, N * D * f);
         DEV(a->rstd1, N * f);
-        DEV(a->qkv, N * 3 * D * f);
-        DEV(a->att, N * D * f);
+        DEV(a->qkv, ACT(N * 3 * D));
+        DEV(a->att, ACT(N * D));
         DEV(a->lse, N * H * f);
         DEV(a->xmid, N * D * f);
         DEV(a->rstd2, N * f);
-        DEV(a->gu, N * 2 * F * f);
-        DEV(a->act, N * F * f);
+        DEV(a->gu, ACT(N * 2 * F));
+        DEV(a->act, ACT(N * F));
     }
     DEV(m->xfinal, N * D * f);
-    DEV(m->xf, N * D * f);
+    DEV(m->xf, ACT(N * D));
     DEV(m->rstdf, N * f);
-    DEV(m->logits, N * V * f);
+    DEV(m->logits, ACT(N * V));
     DEV(m->losses, N * f);
     DEV(m->loss_dev, f);
     for (int j = 0; j < 2; j++) {
@@ -212,13 +215,16 @@ int model_alloc_train(tlm_model *m, int Bmax, int Tmax) {
             if (!(m->buf_free[j] = o->event_create(o)) || !(m->buf_copied[j] = o->event_create(o))) ok = 0;
         }
     }
+    /* the residual gradient is fp32 (it sums the branches); the gradients
+     * of activations are activations */
     DEV(m->dx, N * D * f);
     DEV(m->dtmp, N * D * f);
     /* Backward of a layer is MLP first, then attention: dgu and dact are
      * dead by the time dqkv and datt are written, so they share buffers. */
-    DEV(m->dgu, N * (2 * F > 3 * D ? 2 * F : 3 * D) * f);
-    DEV(m->dact, N * (F > D ? F : D) * f);
-    DEV(m->dxn, N * D * f);
+    DEV(m->dgu, ACT(N * (2 * F > 3 * D ? 2 * F : 3 * D)));
+    DEV(m->dact, ACT(N * (F > D ? F : D)));
+    DEV(m->dxn, ACT(N * D));
+#undef ACT
 #undef DEV
     m->dqkv = m->dgu;
     m->datt = m->dact;
@@ -238,11 +244,15 @@ void model_zero_grad(tlm_model *m) {
     if (m->grads) m->ops->zero(m->ops, m->grads, m->nparams * sizeof(float));
 }
 
-/* Backward of linear: dx[N,in] = dy @ w (overwritten); dw[out,in] += dy^T @ x */
-static void linear_bwd(tlm_ops *o, float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
-                       int in, int out) {
-    o->matmul(o, 0, 0, N, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
-    o->matmul(o, 1, 0, out, in, N, 1.0f, dy, out, x, in, 1.0f, dw, in);
+/* Backward of linear: dx[N,in] = dy @ w (overwritten); dw[out,in] += dy^T @ x.
+ * x and dx are activations (o->act_dtype), w and dw fp32; dy has element
+ * type dydt: an activation gradient, or the fp32 residual gradient m->dx
+ * for the layers that write into the residual stream (o_proj, down_proj). */
+static void linear_bwd(tlm_ops *o, void *dx, float *dw, const void *dy, int dydt, const void *x, const float *w,
+                       int N, int in, int out) {
+    const int act = o->act_dtype, f32 = TLM_ACT_F32;
+    o->matmul_ex(o, 0, 0, N, in, out, 1.0f, dy, dydt, out, w, f32, in, 0.0f, dx, act, in);
+    o->matmul_ex(o, 1, 0, out, in, N, 1.0f, dy, dydt, out, x, act, in, 1.0f, dw, f32, in);
 }
 
 /* Forward, and backward when grad_scale > 0, on device tokens tok[B,T] and
@@ -253,6 +263,7 @@ static void forward_backward(tlm_model *m, const int32_t *tok, const int32_t *tg
     tlm_ops *o = m->ops;
     const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
+    const int act = o->act_dtype, f32 = TLM_ACT_F32;
 
     /* ---- forward ---- */
     o->embed_fwd(o, m->acts[0].x, tok, m->wte, N, D);
@@ -260,22 +271,22 @@ static void forward_backward(tlm_model *m, const int32_t *tok, const int32_t *tg
         const tlm_layer_params *p = &m->layer[l];
         tlm_layer_acts *a = &m->acts[l];
         float *xout = l + 1 < L ? m->acts[l + 1].x : m->xfinal;
-        float *xn = m->xf; /* scratch until the final norm */
+        float *xn = m->xf; /* scratch until the final norm; an activation */
         o->rmsnorm_fwd(o, xn, a->rstd1, a->x, p->attn_norm, N, D, eps);
-        model_linear(o, a->qkv, xn, p->wqkv, N, D, 3 * D, 0.0f);
+        model_linear(o, a->qkv, act, xn, p->wqkv, N, D, 3 * D, 0.0f);
         o->rope_fwd(o, a->qkv, B, T, H, hd, 0, theta);
         o->attn_fwd(o, a->att, a->lse, a->qkv, B, T, H, hd);
         /* residual: start from x, let the matmul add the branch (beta = 1) */
         o->copy_d2d(o, a->xmid, a->x, (size_t)N * D * sizeof(float));
-        model_linear(o, a->xmid, a->att, p->wo, N, D, D, 1.0f);
+        model_linear(o, a->xmid, f32, a->att, p->wo, N, D, D, 1.0f);
         o->rmsnorm_fwd(o, xn, a->rstd2, a->xmid, p->mlp_norm, N, D, eps);
-        model_linear(o, a->gu, xn, p->wgu, N, D, 2 * F, 0.0f);
+        model_linear(o, a->gu, act, xn, p->wgu, N, D, 2 * F, 0.0f);
         o->swiglu_fwd(o, a->act, a->gu, N, F);
         o->copy_d2d(o, xout, a->xmid, (size_t)N * D * sizeof(float));
-        model_linear(o, xout, a->act, p->wdown, N, F, D, 1.0f);
+        model_linear(o, xout, f32, a->act, p->wdown, N, F, D, 1.0f);
     }
     o->rmsnorm_fwd(o, m->xf, m->rstdf, m->xfinal, m->final_norm, N, D, eps);
-    model_linear(o, m->logits, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
+    model_linear(o, m->logits, act, m->xf, m->wte, N, D, V, 0.0f); /* tied head */
     int want_grad = grad_scale > 0.0f && m->grads != NULL;
     o->xent(o, m->logits, m->losses, tgt, N, V, grad_scale, want_grad);
     o->loss_mean(o, loss_dev, m->losses, tgt, N); /* stays on the device */
@@ -283,29 +294,40 @@ static void forward_backward(tlm_model *m, const int32_t *tok, const int32_t *tg
     /* ---- backward (logits now hold dlogits) ---- */
     if (want_grad) {
         /* The head's share of dwte; the embedding's share is added at the end. */
-        linear_bwd(o, m->dxn, m->gwte, m->logits, m->xf, m->wte, N, D, V);
+        linear_bwd(o, m->dxn, m->gwte, m->logits, act, m->xf, m->wte, N, D, V);
         o->rmsnorm_bwd(o, m->dx, m->gfinal_norm, m->dxn, m->xfinal, m->final_norm, m->rstdf, N, D);
         /* From here m->xf is scratch again: each layer's normalised input is
          * recomputed from its saved residual (a cheap pass over [N,D]; the
          * alternative is keeping two more [N,D] buffers per layer). */
         float *xn = m->xf;
+        /* The residual gradient dx is fp32 (it sums the branches) and is dy
+         * of the two layers that write into the residual stream (down_proj,
+         * o_proj), two products each. With bf16 activations it is rounded
+         * once per branch into dtmp (free until rmsnorm_bwd writes it)
+         * instead of once inside each product: the same values, half the
+         * conversion traffic. */
+        const int round_dy = act != f32 && o->to_act;
+        const void *dy = round_dy ? (const void *)m->dtmp : (const void *)m->dx;
+        const int dydt = round_dy ? act : f32;
         for (int l = L - 1; l >= 0; l--) {
             const tlm_layer_params *p = &m->layer[l];
             const tlm_layer_params *g = &m->glayer[l];
             tlm_layer_acts *a = &m->acts[l];
             /* dx holds d(layer output); the MLP branch */
-            linear_bwd(o, m->dact, g->wdown, m->dx, a->act, p->wdown, N, F, D);
+            if (round_dy) o->to_act(o, m->dtmp, m->dx, (size_t)N * D);
+            linear_bwd(o, m->dact, g->wdown, dy, dydt, a->act, p->wdown, N, F, D);
             o->swiglu_bwd(o, m->dgu, m->dact, a->gu, N, F);
             o->rmsnorm_fwd(o, xn, NULL, a->xmid, p->mlp_norm, N, D, eps);
-            linear_bwd(o, m->dxn, g->wgu, m->dgu, xn, p->wgu, N, D, 2 * F);
+            linear_bwd(o, m->dxn, g->wgu, m->dgu, act, xn, p->wgu, N, D, 2 * F);
             o->rmsnorm_bwd(o, m->dtmp, g->mlp_norm, m->dxn, a->xmid, p->mlp_norm, a->rstd2, N, D);
             o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(xmid) */
             /* the attention branch */
-            linear_bwd(o, m->datt, g->wo, m->dx, a->att, p->wo, N, D, D);
+            if (round_dy) o->to_act(o, m->dtmp, m->dx, (size_t)N * D);
+            linear_bwd(o, m->datt, g->wo, dy, dydt, a->att, p->wo, N, D, D);
             o->attn_bwd(o, m->dqkv, m->datt, a->att, a->lse, a->qkv, B, T, H, hd);
             o->rope_bwd(o, m->dqkv, B, T, H, hd, 0, theta);
             o->rmsnorm_fwd(o, xn, NULL, a->x, p->attn_norm, N, D, eps);
-            linear_bwd(o, m->dxn, g->wqkv, m->dqkv, xn, p->wqkv, N, D, 3 * D);
+            linear_bwd(o, m->dxn, g->wqkv, m->dqkv, act, xn, p->wqkv, N, D, 3 * D);
             o->rmsnorm_bwd(o, m->dtmp, g->attn_norm, m->dxn, a->x, p->attn_norm, a->rstd1, N, D);
             o->add_inplace(o, m->dx, m->dtmp, (size_t)N * D); /* dx = d(layer input) */
         }

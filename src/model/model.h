@@ -46,19 +46,24 @@ typedef struct {
     float *wdown;     /* [D,F] */
 } tlm_layer_params;
 
-/* Activations saved for backward, for a (B,T) up to the allocated size. */
+/* Activations saved for backward, for a (B,T) up to the allocated size.
+ * Fields marked ACT hold elements of ops->act_dtype (ops.h): float on the
+ * CPU and in CUDA's fp32/tf32 modes, bf16 in CUDA's bf16 mode. They stay
+ * typed float * so fp32 callers (tests reading m.logits) are unchanged,
+ * but with TLM_ACT_BF16 they must not be indexed as floats: copy
+ * model_act_bytes(o, n) bytes and widen. The others are always fp32. */
 typedef struct {
     float *x;      /* [N,D]  layer input (residual stream) */
     float *xn1;    /* [N,D]  rmsnorm before attention: NULL in training (recomputed in backward from x, rstd1) */
     float *rstd1;  /* [N] */
-    float *qkv;    /* [N,3D] after rope */
-    float *att;    /* [N,D]  attention output (before wo) */
+    float *qkv;    /* [N,3D] after rope; ACT */
+    float *att;    /* [N,D]  attention output (before wo); ACT */
     float *lse;    /* [B,H,T] */
     float *xmid;   /* [N,D]  residual after attention */
     float *xn2;    /* [N,D]  NULL in training (recomputed in backward from xmid, rstd2) */
     float *rstd2;  /* [N] */
-    float *gu;     /* [N,2F] */
-    float *act;    /* [N,F]  silu(gate)*up */
+    float *gu;     /* [N,2F]; ACT */
+    float *act;    /* [N,F]  silu(gate)*up; ACT */
 } tlm_layer_acts;
 
 typedef struct tlm_model {
@@ -80,12 +85,13 @@ typedef struct tlm_model {
     int Bmax, Tmax;
     tlm_layer_acts *acts;    /* [L] */
     float *xfinal;           /* [N,D] residual after last layer */
-    float *xf;               /* [N,D] final rmsnorm output */
+    float *xf;               /* [N,D] final rmsnorm output (normalised-input scratch before it); ACT */
     float *rstdf;            /* [N] */
-    float *logits;           /* [N,V] (becomes dlogits when training) */
+    float *logits;           /* [N,V] (becomes dlogits when training); ACT */
     float *losses;           /* [N] */
     float *loss_dev;         /* [1] model_forward_backward's mean loss */
-    /* scratch for backward */
+    /* scratch for backward: dx, dtmp fp32 (the residual gradient and a
+     * branch's share of it); dqkv, datt, dgu, dact, dxn ACT */
     float *dx, *dtmp, *dqkv, *datt, *dgu, *dact, *dxn;
 
     /* The batch on the device, double-buffered (model_stage): while a step
@@ -164,7 +170,10 @@ int model_step(tlm_model *m, float grad_scale, float *loss_dev);
  * logits_out (device [B,V]). `work` is scratch from model_infer_scratch. */
 typedef struct {
     int Bmax, Tchunk;
-    float *x, *xn, *qkv, *att, *gu, *act, *xlast; /* device scratch */
+    /* device scratch, each sized in fp32 (the packed path writes fp32 into
+     * qkv, att, act); model_forward_cached keeps xn, qkv, att, gu, act in
+     * ops->act_dtype, x and xlast in fp32; logits_out is fp32 */
+    float *x, *xn, *qkv, *att, *gu, *act, *xlast;
     int32_t *tokens_dev;
 } tlm_infer_scratch;
 int model_infer_scratch_alloc(tlm_model *m, tlm_infer_scratch *s, int Bmax, int Tchunk);

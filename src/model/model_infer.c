@@ -27,6 +27,9 @@ int model_infer_scratch_alloc(tlm_model *m, tlm_infer_scratch *s, int Bmax, int 
     const size_t f = sizeof(float);
     int ok = 1;
 #define DEV(ptr, bytes) do { if (ok) { (ptr) = o->alloc(o, (bytes)); if (!(ptr)) ok = 0; } } while (0)
+    /* fp32-sized although model_forward_cached keeps xn, qkv, att, gu and
+     * act in o->act_dtype: the packed path (model_forward_packed) shares
+     * these buffers and writes fp32 into them */
     DEV(s->x, N * D * f);
     DEV(s->xn, N * D * f);
     DEV(s->qkv, N * 3 * D * f);
@@ -62,20 +65,22 @@ int model_forward_cached(tlm_model *m, tlm_infer_scratch *s, float **kc, float *
         return tlm_errorf("positions %d..%d exceed the KV cache length %d", pos0, pos0 + T - 1, Tmax);
     const int N = B * T, D = c->dim, F = c->hidden, V = c->vocab, H = c->heads, hd = D / H, L = c->layers;
     const float eps = c->norm_eps, theta = c->rope_theta;
+    /* xn, qkv, att, gu, act are activations (o->act_dtype); x, xlast fp32 */
+    const int act = o->act_dtype, f32 = TLM_ACT_F32;
     o->copy_h2d(o, s->tokens_dev, tokens, (size_t)N * sizeof(int32_t));
     o->embed_fwd(o, s->x, s->tokens_dev, m->wte, N, D);
     for (int l = 0; l < L; l++) {
         const tlm_layer_params *p = &m->layer[l];
         o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->attn_norm, N, D, eps);
-        model_linear(o, s->qkv, s->xn, p->wqkv, N, D, 3 * D, 0.0f);
+        model_linear(o, s->qkv, act, s->xn, p->wqkv, N, D, 3 * D, 0.0f);
         o->rope_fwd(o, s->qkv, B, T, H, hd, pos0, theta);
         o->kv_store(o, kc[l], vc[l], s->qkv, B, T, Tmax, D, pos0);
         o->attn_cached(o, s->att, s->qkv, kc[l], vc[l], B, T, Tmax, H, hd, pos0);
-        model_linear(o, s->x, s->att, p->wo, N, D, D, 1.0f);
+        model_linear(o, s->x, f32, s->att, p->wo, N, D, D, 1.0f);
         o->rmsnorm_fwd(o, s->xn, NULL, s->x, p->mlp_norm, N, D, eps);
-        model_linear(o, s->gu, s->xn, p->wgu, N, D, 2 * F, 0.0f);
+        model_linear(o, s->gu, act, s->xn, p->wgu, N, D, 2 * F, 0.0f);
         o->swiglu_fwd(o, s->act, s->gu, N, F);
-        model_linear(o, s->x, s->act, p->wdown, N, F, D, 1.0f);
+        model_linear(o, s->x, f32, s->act, p->wdown, N, F, D, 1.0f);
     }
     /* Only the last position of each sequence needs logits: gather those B
      * rows, so the [V,D] head costs B rows instead of B*T. */
@@ -83,7 +88,7 @@ int model_forward_cached(tlm_model *m, tlm_infer_scratch *s, float **kc, float *
         o->copy_d2d(o, s->xlast + (size_t)b * D, s->x + ((size_t)b * T + (size_t)(T - 1)) * D,
                     (size_t)D * sizeof(float));
     o->rmsnorm_fwd(o, s->xn, NULL, s->xlast, m->final_norm, B, D, eps);
-    model_linear(o, logits_out, s->xn, m->wte, B, D, V, 0.0f);
+    model_linear(o, logits_out, f32, s->xn, m->wte, B, D, V, 0.0f); /* fp32 logits for the sampler */
     return 0;
 }
 

@@ -9,10 +9,16 @@ static inline void model_free_dev(tlm_model *m, void *p) {
     if (p) m->ops->free(m->ops, p);
 }
 
-/* y[N,out] = x[N,in] @ w[out,in]^T + beta * y  (a linear layer, no bias) */
-static inline void model_linear(tlm_ops *o, float *y, const float *x, const float *w, int N, int in, int out,
+/* Bytes of n activation elements (ops.h: o->act_dtype). */
+static inline size_t model_act_bytes(const tlm_ops *o, size_t n) { return ops_act_bytes(o, n); }
+
+/* y[N,out] = x[N,in] @ w[out,in]^T + beta * y  (a linear layer, no bias).
+ * x is an activation (o->act_dtype), w fp32; y has element type ydt:
+ * o->act_dtype for a new activation, TLM_ACT_F32 for the residual stream
+ * (beta = 1 adds the branch into it) or logits handed to the host. */
+static inline void model_linear(tlm_ops *o, void *y, int ydt, const void *x, const float *w, int N, int in, int out,
                                 float beta) {
-    o->matmul(o, 0, 1, N, out, in, 1.0f, x, in, w, in, beta, y, out);
+    o->matmul_ex(o, 0, 1, N, out, in, 1.0f, x, o->act_dtype, in, w, TLM_ACT_F32, in, beta, y, ydt, out);
 }
 
 #endif

@@ -197,3 +197,60 @@ int ops_status(tlm_ops *o) { return o && o->status ? o->status(o) : 0; }
 void ops_destroy(tlm_ops *o) {
     if (o && o->destroy) o->destroy(o);
 }
+
+/* ---- matmul_ex for fp32 backends ------------------------------------------ */
+
+/* The stored matrix of an operand (rows x cols with row stride ld) as fp32:
+ * the pointer itself when it is fp32, else a dense widened copy in *tmp
+ * (bf16 -> fp32 is exact: the bits move up by 16). */
+static const float *ops_as_f32(const void *p, int dt, int rows, int cols, int *ld, float **tmp) {
+    *tmp = NULL;
+    if (dt != TLM_ACT_BF16) return p;
+    size_t n = (size_t)rows * (size_t)cols;
+    float *f = tlm_alloc((n ? n : 1) * sizeof(float));
+    if (!f) return NULL;
+    const uint16_t *b = p;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            uint32_t u = (uint32_t)b[(size_t)r * (size_t)*ld + (size_t)c] << 16;
+            memcpy(&f[(size_t)r * (size_t)cols + (size_t)c], &u, sizeof u);
+        }
+    *ld = cols;
+    *tmp = f;
+    return f;
+}
+
+/* fp32 -> bf16, round to nearest even (NaN stays a quiet NaN). */
+static uint16_t ops_f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+void ops_matmul_ex_f32(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const void *A, int adt,
+                       int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc) {
+    if (adt != TLM_ACT_BF16 && bdt != TLM_ACT_BF16 && cdt != TLM_ACT_BF16) {
+        o->matmul(o, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    if (M <= 0 || N <= 0) return;
+    float *ta = NULL, *tb = NULL, *tc = NULL;
+    int ldc32 = ldc;
+    const float *a = ops_as_f32(A, adt, transA ? K : M, transA ? M : K, &lda, &ta);
+    const float *b = ops_as_f32(B, bdt, transB ? N : K, transB ? K : N, &ldb, &tb);
+    float *c = (float *)ops_as_f32(C, cdt, M, N, &ldc32, &tc);
+    if (a && b && c) {
+        o->matmul(o, transA, transB, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc32);
+        if (cdt == TLM_ACT_BF16) {
+            uint16_t *cb = C;
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++)
+                    cb[(size_t)i * (size_t)ldc + (size_t)j] = ops_f32_to_bf16(c[(size_t)i * (size_t)N + (size_t)j]);
+        }
+    }
+    tlm_free(ta);
+    tlm_free(tb);
+    tlm_free(tc);
+}

@@ -9,6 +9,18 @@
  *  - All tensors are row-major float32 unless said otherwise. Pointers named
  *    in comments as [A,B] are device buffers obtained from ops->alloc (on the
  *    CPU that is ordinary host memory).
+ *  - ACTIVATIONS: pointers typed `void *` / `const void *` below hold
+ *    elements of o->act_dtype: TLM_ACT_F32 (float) or TLM_ACT_BF16
+ *    (bfloat16: the top 16 bits of a float, rounded to nearest even). They
+ *    are the inputs and outputs of the matrix products that a backend may
+ *    keep narrow in memory: normalised rows (xn), qkv, the attention output,
+ *    gate|up, the SwiGLU output, the logits, and their gradients. Pointers
+ *    typed float stay fp32 whatever act_dtype is: the residual stream and
+ *    its gradient (embed, add_inplace, rmsnorm's x and dx), rstd, lse, the
+ *    losses, weights, gradients, AdamW moments, KV caches and everything in
+ *    the generation block. Arithmetic inside ops is fp32 either way (an
+ *    activation is widened on load and rounded once on store), so with
+ *    TLM_ACT_F32 nothing changes from an all-fp32 interface.
  *  - N = B*T rows. D = model width, H heads, hd = D/H head size, F = SwiGLU
  *    hidden width, V = vocabulary.
  *  - Fused projections: the attention input projection is one [3D, D]
@@ -41,6 +53,8 @@ typedef struct tlm_packed tlm_packed; /* opaque, owned by the backend that packe
 enum { TLM_PACK_F32 = 1, TLM_PACK_BF16 = 2, TLM_PACK_I8 = 4 };
 enum { TLM_PACK_LINEAR = 0, TLM_PACK_SWIGLU = 1 }; /* what matmul_packed computes */
 enum { TLM_KV_F32 = 1, TLM_KV_F16 = 2 };           /* elements of attn_decode's caches */
+/* elements of activation buffers (o->act_dtype) and of matmul_ex's operands */
+enum { TLM_ACT_F32 = 1, TLM_ACT_BF16 = 2 };
 
 /* A point in a backend's stream of ops (see the upload block of tlm_ops). */
 typedef struct tlm_event tlm_event; /* opaque, owned by the backend that made it */
@@ -52,6 +66,11 @@ struct tlm_ops {
     char device_desc[128];   /* e.g. "AMD EPYC, 2 threads, OpenBLAS 0.3.21" */
     void *ctx;               /* backend-private state */
     int threads;             /* compute threads (CPU) */
+    /* Element type of activation buffers (see Conventions): TLM_ACT_F32 on
+     * the CPU backends and in CUDA's fp32/tf32 modes, TLM_ACT_BF16 in CUDA's
+     * bf16 mode (half the activation traffic of a training step). Callers
+     * size activation buffers with it (model_act_bytes). */
+    int act_dtype;
 
     /* ---- memory ---------------------------------------------------- */
     /* Device memory, zero-filled, 64-byte aligned. NULL + error on failure. */
@@ -74,8 +93,24 @@ struct tlm_ops {
      * [N,K] when transB); lda/ldb/ldc are row strides in elements. */
     void (*matmul)(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha,
                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+    /* The same with an element type per operand, adt, bdt, cdt each
+     * TLM_ACT_F32 or TLM_ACT_BF16 (strides still in elements); the model's
+     * products pass o->act_dtype for activations and TLM_ACT_F32 for
+     * weights, weight gradients and the residual stream. Sums are fp32 and
+     * C is rounded once (to bf16 when cdt is). With all three F32 it is
+     * exactly matmul. Precision: a backend computing in bf16 (CUDA's bf16
+     * mode) rounds fp32 operands to bf16 first; one computing in fp32 (the
+     * CPU) widens bf16 operands, exactly. */
+    void (*matmul_ex)(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const void *A, int adt,
+                      int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc);
     /* y[n] += x[n] (residual connections). */
     void (*add_inplace)(tlm_ops *o, float *y, const float *x, size_t n);
+    /* OPTIONAL (NULL where act_dtype is TLM_ACT_F32: nothing to convert).
+     * dst[n] (activation) = src[n] (fp32) rounded to act_dtype, the rounding
+     * matmul_ex applies to an fp32 operand. For an fp32 tensor that feeds
+     * several bf16 products (the residual gradient feeds two in each
+     * linear backward), so it is rounded once instead of once per product. */
+    void (*to_act)(tlm_ops *o, void *dst, const float *src, size_t n);
 
     /* ---- embedding ------------------------------------------------ */
     /* out[N,D] = wte[tok[n], :] */
@@ -84,11 +119,13 @@ struct tlm_ops {
     void (*embed_bwd)(tlm_ops *o, float *dwte, const int32_t *tok, const float *dout, int N, int D);
 
     /* ---- RMSNorm: out = x / sqrt(mean(x^2) + eps) * w ----------------- */
-    /* out[N,D], rstd[N] (saved for backward, may be NULL), x[N,D], w[D] */
-    void (*rmsnorm_fwd)(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+    /* out[N,D] (activation), rstd[N] (saved for backward, may be NULL),
+     * x[N,D] (fp32 residual), w[D] */
+    void (*rmsnorm_fwd)(tlm_ops *o, void *out, float *rstd, const float *x, const float *w, int N, int D,
                         float eps);
-    /* dx[N,D] (overwritten), dw[D] (accumulated), from dout, x, w, rstd */
-    void (*rmsnorm_bwd)(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+    /* dx[N,D] (fp32, overwritten), dw[D] (accumulated), from dout (activation
+     * gradient), x (fp32), w, rstd */
+    void (*rmsnorm_bwd)(tlm_ops *o, float *dx, float *dw, const void *dout, const float *x, const float *w,
                         const float *rstd, int N, int D);
 
     /* ---- RoPE (rotate-half convention, as Hugging Face Llama) ----------
@@ -96,39 +133,44 @@ struct tlm_ops {
      * angle pos * theta^(-2i/hd). Applied in place to the q and k parts of
      * qkv[B,T,3D]; token t of every sequence has position pos0 + t.
      * rope_bwd applies the inverse rotation to dq, dk in place in dqkv. */
-    void (*rope_fwd)(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta);
-    void (*rope_bwd)(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta);
+    void (*rope_fwd)(tlm_ops *o, void *qkv, int B, int T, int H, int hd, int pos0, float theta);
+    void (*rope_bwd)(tlm_ops *o, void *dqkv, int B, int T, int H, int hd, int pos0, float theta);
 
     /* ---- causal self-attention, fused (never stores T x T) -------------
      * out[B,T,D] = softmax(q k^T / sqrt(hd) + causal mask) v per head, reading
      * q, k, v from qkv[B,T,3D]. lse[B,H,T] receives the log-sum-exp of each
-     * score row, which backward uses to recompute probabilities. */
-    void (*attn_fwd)(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd);
-    /* dqkv[B,T,3D] (overwritten) from dout[B,T,D], out, lse, qkv. */
-    void (*attn_bwd)(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
-                     const float *qkv, int B, int T, int H, int hd);
+     * score row, which backward uses to recompute probabilities.
+     * out, qkv: activations; lse: fp32. */
+    void (*attn_fwd)(tlm_ops *o, void *out, float *lse, const void *qkv, int B, int T, int H, int hd);
+    /* dqkv[B,T,3D] (overwritten) from dout[B,T,D], out, lse, qkv; all but
+     * lse activations. */
+    void (*attn_bwd)(tlm_ops *o, void *dqkv, const void *dout, const void *out, const float *lse,
+                     const void *qkv, int B, int T, int H, int hd);
 
     /* ---- attention over a KV cache (generation) ------------------------
      * kv_store copies the k and v parts of qkv[B,T,3D] into the caches
      * kc, vc [B,Tmax,D] at positions pos0 .. pos0+T-1.
      * attn_cached: out[B,T,D]; query t (position pos0+t) attends to cached
-     * keys 0 .. pos0+t. */
-    void (*kv_store)(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D,
+     * keys 0 .. pos0+t.
+     * qkv and out are activations; the caches kc, vc are fp32. */
+    void (*kv_store)(tlm_ops *o, float *kc, float *vc, const void *qkv, int B, int T, int Tmax, int D,
                      int pos0);
-    void (*attn_cached)(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
+    void (*attn_cached)(tlm_ops *o, void *out, const void *qkv, const float *kc, const float *vc, int B,
                         int T, int Tmax, int H, int hd, int pos0);
 
     /* ---- SwiGLU: a = silu(gate) * up ----------------------------------
-     * gu[N,2F] (gate|up per row), a[N,F]. */
-    void (*swiglu_fwd)(tlm_ops *o, float *a, const float *gu, int N, int F);
-    /* dgu[N,2F] (overwritten) from da[N,F] and gu. */
-    void (*swiglu_bwd)(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F);
+     * gu[N,2F] (gate|up per row), a[N,F]: activations. */
+    void (*swiglu_fwd)(tlm_ops *o, void *a, const void *gu, int N, int F);
+    /* dgu[N,2F] (overwritten) from da[N,F] and gu: activations. */
+    void (*swiglu_bwd)(tlm_ops *o, void *dgu, const void *da, const void *gu, int N, int F);
 
     /* ---- softmax + cross-entropy over the vocabulary --------------------
      * logits[N,V] (in/out), targets[N] (int32; a negative target is ignored:
      * loss 0, gradient 0), losses[N] out (natural log, per row).
-     * If want_grad, logits are overwritten by dscale * (softmax - onehot). */
-    void (*xent)(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+     * If want_grad, logits are overwritten by dscale * (softmax - onehot).
+     * logits: activations (the softmax and the loss are computed in fp32
+     * from them); losses: fp32. */
+    void (*xent)(tlm_ops *o, void *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
                  int want_grad);
     /* out[0] = the mean of losses[N] over the rows whose targets[N] >= 0
      * (0 when there are none), summed in double: xent's per-row losses
@@ -352,8 +394,9 @@ struct tlm_ops {
  * what happened (may be NULL). Returns NULL + error on failure. */
 tlm_ops *ops_create(const char *spec, int threads, char *note, size_t note_len);
 /* The same with the precision of training's matrix products: dtype "fp32"
- * (exact comparison with the CPU), "bf16" (CUDA tensor cores, fp32 master
- * weights; an error on the CPU, which trains in fp32 only), "tf32" (CUDA
+ * (exact comparison with the CPU), "bf16" (CUDA tensor cores, bf16
+ * activations (act_dtype), fp32 master weights; an error on the CPU,
+ * which trains in fp32 only), "tf32" (CUDA
  * tensor cores reading the fp32 operands with 10 mantissa bits; an error
  * on the CPU too), "auto" (bf16
  * on CUDA, fp32 on the CPU), or NULL (the backend's default: fp32, or the
@@ -373,5 +416,15 @@ tlm_ops *cpu_ref_ops_create(void);        /* plain loops, single thread: the ref
  * OpenMP; ref: plain loops). Called by the two constructors above. */
 void cpu_infer_install(tlm_ops *o);
 void cpu_infer_ref_install(tlm_ops *o);
+/* matmul_ex for a backend that computes in fp32 (the CPU): all-F32 operands
+ * go straight to o->matmul (bit for bit); bf16 ones are widened into
+ * temporaries first (exact). For backends with act_dtype F32 the model never
+ * passes bf16, so that branch only serves direct callers. */
+void ops_matmul_ex_f32(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const void *A, int adt,
+                       int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc);
+/* Bytes of n activation elements of o->act_dtype. */
+static inline size_t ops_act_bytes(const tlm_ops *o, size_t n) {
+    return n * (o->act_dtype == TLM_ACT_BF16 ? 2u : 4u);
+}
 
 #endif

@@ -232,7 +232,7 @@ static void rms_fwd_part(void *arg, long n0, long n1) {
     }
 }
 
-static void cpu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+static void cpu_rmsnorm_fwd(tlm_ops *o, void *out, float *rstd, const float *x, const float *w, int N, int D,
                             float eps) {
     rms_job j = {.out = out, .rstd = rstd, .x = x, .w = w, .N = N, .D = D, .eps = eps};
     cpu_team_range(o->threads, N, CPU_PAR_MIN, D, rms_fwd_part, &j);
@@ -279,7 +279,7 @@ static void rms_bwd_reduce(void *arg, long d0, long d1) {
     }
 }
 
-static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+static void cpu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const void *dout, const float *x, const float *w,
                             const float *rstd, int N, int D) {
     int nt = (long)N * D >= CPU_PAR_MIN ? o->threads : 1;
     int nchunks = (N + CPU_RMS_CHUNK - 1) / CPU_RMS_CHUNK;
@@ -332,11 +332,11 @@ static void cpu_rope(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int po
     cpu_team_range(o->threads, T, CPU_PAR_MIN, (long)B * H * hd, rope_part, &j);
 }
 
-static void cpu_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
+static void cpu_rope_fwd(tlm_ops *o, void *qkv, int B, int T, int H, int hd, int pos0, float theta) {
     cpu_rope(o, qkv, B, T, H, hd, pos0, theta, 1.0f);
 }
 
-static void cpu_rope_bwd(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
+static void cpu_rope_bwd(tlm_ops *o, void *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
     cpu_rope(o, dqkv, B, T, H, hd, pos0, theta, -1.0f);
 }
 
@@ -398,13 +398,13 @@ static float *cpu_attn_ws(tlm_ops *o, int T, int hd) {
     return c->attn_ws;
 }
 
-static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
+static void cpu_attn_fwd(tlm_ops *o, void *out, float *lse, const void *qkv, int B, int T, int H, int hd) {
     int nt = (long)B * T * T * H * hd >= CPU_PAR_MIN ? o->threads : 1;
     cpu_attn_fwd_blocked(cpu_attn_ws(o, T, hd), nt, out, lse, qkv, B, T, H, hd);
 }
 
-static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
-                         const float *qkv, int B, int T, int H, int hd) {
+static void cpu_attn_bwd(tlm_ops *o, void *dqkv, const void *dout, const void *out, const float *lse,
+                         const void *qkv, int B, int T, int H, int hd) {
     int nt = (long)B * T * T * H * hd >= CPU_PAR_MIN ? o->threads : 1;
     cpu_attn_bwd_blocked(cpu_attn_ws(o, T, hd), nt, dqkv, dout, out, lse, qkv, B, T, H, hd);
 }
@@ -432,7 +432,7 @@ static void attn_fwd_task(void *arg, int task) {
                          base + 2 * D, (size_t)3 * D, t + 1, hd, scale, s);
 }
 
-static void cpu_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
+static void cpu_attn_fwd(tlm_ops *o, void *out, float *lse, const void *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
     attn_rows_job j = {.out = out, .lse = lse, .qkv = qkv, .T = T, .H = H, .hd = hd};
     j.scr = cpu_scratch(o, (size_t)T, &j.stride);
@@ -501,8 +501,8 @@ static void attn_bwd_task(void *arg, int task) {
     }
 }
 
-static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
-                         const float *qkv, int B, int T, int H, int hd) {
+static void cpu_attn_bwd(tlm_ops *o, void *dqkv, const void *dout, const void *out, const float *lse,
+                         const void *qkv, int B, int T, int H, int hd) {
     int D = H * hd;
     int nt = (long)B * T * T * D >= CPU_PAR_MIN ? o->threads : 1;
     attn_bwd_job j = {.dqkv = dqkv, .dout = dout, .out = out, .lse = lse, .qkv = qkv, .T = T, .H = H, .hd = hd};
@@ -512,12 +512,12 @@ static void cpu_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
 
 /* ---- KV cache ----------------------------------------------------------- */
 
-static void cpu_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D,
+static void cpu_kv_store(tlm_ops *o, float *kc, float *vc, const void *qkv, int B, int T, int Tmax, int D,
                          int pos0) {
     (void)o;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
-            const float *src = qkv + ((size_t)b * T + t) * 3 * D;
+            const float *src = (const float *)qkv + ((size_t)b * T + t) * 3 * D; /* act_dtype F32 */
             size_t dst = ((size_t)b * Tmax + pos0 + t) * D;
             memcpy(kc + dst, src + D, sizeof(float) * (size_t)D);
             memcpy(vc + dst, src + 2 * D, sizeof(float) * (size_t)D);
@@ -545,7 +545,7 @@ static void attn_cached_task(void *arg, int task) {
                      j->pos0 + t + 1, hd, scale, s);
 }
 
-static void cpu_attn_cached(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
+static void cpu_attn_cached(tlm_ops *o, void *out, const void *qkv, const float *kc, const float *vc, int B,
                             int T, int Tmax, int H, int hd, int pos0) {
     int D = H * hd;
     attn_cached_job j = {.out = out, .qkv = qkv, .kc = kc, .vc = vc, .T = T, .Tmax = Tmax, .H = H, .hd = hd,
@@ -574,7 +574,7 @@ static void swiglu_fwd_part(void *arg, long n0, long n1) {
     }
 }
 
-static void cpu_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
+static void cpu_swiglu_fwd(tlm_ops *o, void *a, const void *gu, int N, int F) {
     swiglu_job j = {.a = a, .gu = gu, .F = F};
     cpu_team_range(o->threads, N, CPU_PAR_MIN, F, swiglu_fwd_part, &j);
 }
@@ -594,7 +594,7 @@ static void swiglu_bwd_part(void *arg, long n0, long n1) {
     }
 }
 
-static void cpu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
+static void cpu_swiglu_bwd(tlm_ops *o, void *dgu, const void *da, const void *gu, int N, int F) {
     swiglu_job j = {.dgu = dgu, .da = da, .gu = gu, .F = F};
     cpu_team_range(o->threads, N, CPU_PAR_MIN, F, swiglu_bwd_part, &j);
 }
@@ -647,7 +647,7 @@ static void xent_part(void *arg, long n0, long n1) {
     }
 }
 
-static void cpu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+static void cpu_xent(tlm_ops *o, void *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
                      int want_grad) {
     xent_job j = {.logits = logits, .losses = losses, .targets = targets, .V = V, .want_grad = want_grad,
                   .dscale = dscale};
@@ -764,6 +764,8 @@ tlm_ops *cpu_ops_create(int threads) {
 
     cpu_mem_install(o);
     o->matmul = cpu_matmul;
+    o->matmul_ex = ops_matmul_ex_f32;
+    o->act_dtype = TLM_ACT_F32;
     o->add_inplace = cpu_add_inplace;
     o->embed_fwd = cpu_embed_fwd;
     o->embed_bwd = cpu_embed_bwd;

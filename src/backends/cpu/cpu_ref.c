@@ -54,9 +54,11 @@ static void ref_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const flo
 
 /* ---- RMSNorm ------------------------------------------------------------ */
 
-static void ref_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+static void ref_rmsnorm_fwd(tlm_ops *o, void *out_, float *rstd, const float *x, const float *w, int N, int D,
                             float eps) {
     (void)o;
+    /* act_dtype is TLM_ACT_F32 here: activations are floats */
+    float *out = out_;
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * D;
         double ss = 0;
@@ -69,9 +71,10 @@ static void ref_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x,
 
 /* With y_i = x_i r w_i and r = (mean(x^2)+eps)^(-1/2), dr/dx_j = -r^3 x_j / D, so
  * dx_j = r w_j g_j - x_j r^3 / D * sum_i g_i w_i x_i. */
-static void ref_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+static void ref_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const void *dout_, const float *x, const float *w,
                             const float *rstd, int N, int D) {
     (void)o;
+    const float *dout = dout_;
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
         double r = rstd[n];
@@ -106,12 +109,12 @@ static void ref_rope(float *qkv, int B, int T, int H, int hd, int pos0, float th
                 }
 }
 
-static void ref_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
+static void ref_rope_fwd(tlm_ops *o, void *qkv, int B, int T, int H, int hd, int pos0, float theta) {
     (void)o;
     ref_rope(qkv, B, T, H, hd, pos0, theta, 1);
 }
 
-static void ref_rope_bwd(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
+static void ref_rope_bwd(tlm_ops *o, void *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
     (void)o;
     ref_rope(dqkv, B, T, H, hd, pos0, theta, -1);
 }
@@ -142,8 +145,10 @@ static double ref_attn_row(float *out, const float *q, const float *k, const flo
     return mx + log(sum);
 }
 
-static void ref_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, int B, int T, int H, int hd) {
+static void ref_attn_fwd(tlm_ops *o, void *out_, float *lse, const void *qkv_, int B, int T, int H, int hd) {
     (void)o;
+    float *out = out_;
+    const float *qkv = qkv_;
     int D = H * hd;
     double *p = malloc(sizeof(double) * (size_t)(T > 0 ? T : 1));
     if (!p) abort(); /* T doubles; an op has no error path and this cannot happen in practice */
@@ -163,9 +168,11 @@ static void ref_attn_fwd(tlm_ops *o, float *out, float *lse, const float *qkv, i
 
 /* P_tj = exp(s_tj - lse_t); dP_tj = dout_t . v_j; dS = P (dP - dout_t . out_t);
  * dq_t = scale sum_j dS_tj k_j; dk_j = scale sum_t dS_tj q_t; dv_j = sum_t P_tj dout_t. */
-static void ref_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float *out, const float *lse,
-                         const float *qkv, int B, int T, int H, int hd) {
+static void ref_attn_bwd(tlm_ops *o, void *dqkv_, const void *dout_, const void *out_, const float *lse,
+                         const void *qkv_, int B, int T, int H, int hd) {
     (void)o;
+    float *dqkv = dqkv_;
+    const float *dout = dout_, *out = out_, *qkv = qkv_;
     int D = H * hd;
     double scale = 1.0 / sqrt((double)hd);
     memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * D);
@@ -203,9 +210,10 @@ static void ref_attn_bwd(tlm_ops *o, float *dqkv, const float *dout, const float
 
 /* ---- KV cache ----------------------------------------------------------- */
 
-static void ref_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D,
+static void ref_kv_store(tlm_ops *o, float *kc, float *vc, const void *qkv_, int B, int T, int Tmax, int D,
                          int pos0) {
     (void)o;
+    const float *qkv = qkv_;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             for (int d = 0; d < D; d++) {
@@ -215,9 +223,11 @@ static void ref_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int
             }
 }
 
-static void ref_attn_cached(tlm_ops *o, float *out, const float *qkv, const float *kc, const float *vc, int B,
+static void ref_attn_cached(tlm_ops *o, void *out_, const void *qkv_, const float *kc, const float *vc, int B,
                             int T, int Tmax, int H, int hd, int pos0) {
     (void)o;
+    float *out = out_;
+    const float *qkv = qkv_;
     int D = H * hd;
     double *p = malloc(sizeof(double) * (size_t)(pos0 + T > 0 ? pos0 + T : 1));
     if (!p) abort();
@@ -235,8 +245,10 @@ static void ref_attn_cached(tlm_ops *o, float *out, const float *qkv, const floa
 
 /* ---- SwiGLU ------------------------------------------------------------- */
 
-static void ref_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
+static void ref_swiglu_fwd(tlm_ops *o, void *a_, const void *gu_, int N, int F) {
     (void)o;
+    float *a = a_;
+    const float *gu = gu_;
     for (int n = 0; n < N; n++)
         for (int f = 0; f < F; f++) {
             double g = gu[(size_t)n * 2 * F + f], u = gu[(size_t)n * 2 * F + F + f];
@@ -246,8 +258,10 @@ static void ref_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) 
 }
 
 /* d silu(g)/dg = sig(g) (1 + g (1 - sig(g))). */
-static void ref_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
+static void ref_swiglu_bwd(tlm_ops *o, void *dgu_, const void *da_, const void *gu_, int N, int F) {
     (void)o;
+    float *dgu = dgu_;
+    const float *da = da_, *gu = gu_;
     for (int n = 0; n < N; n++)
         for (int f = 0; f < F; f++) {
             double g = gu[(size_t)n * 2 * F + f], u = gu[(size_t)n * 2 * F + F + f];
@@ -260,9 +274,10 @@ static void ref_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float 
 
 /* ---- softmax + cross-entropy -------------------------------------------- */
 
-static void ref_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V,
+static void ref_xent(tlm_ops *o, void *logits_, float *losses, const int32_t *targets, int N, int V,
                      float dscale, int want_grad) {
     (void)o;
+    float *logits = logits_;
     for (int n = 0; n < N; n++) {
         float *x = logits + (size_t)n * V;
         int tgt = targets[n];
@@ -345,6 +360,8 @@ tlm_ops *cpu_ref_ops_create(void) {
     o->threads = 1;
     cpu_mem_install(o);
     o->matmul = ref_matmul;
+    o->matmul_ex = ops_matmul_ex_f32;
+    o->act_dtype = TLM_ACT_F32;
     o->add_inplace = ref_add_inplace;
     o->embed_fwd = ref_embed_fwd;
     o->embed_bwd = ref_embed_bwd;

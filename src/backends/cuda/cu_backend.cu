@@ -57,9 +57,12 @@
  *   fp32 (default): every product in fp32 on the CUDA cores (cuBLAS default
  *   math, which never uses TF32): matches the CPU reference to ~1e-6.
  *   bf16: products on the tensor cores with bf16 operands and fp32
- *   accumulation and output; both operands are rounded to bf16 just before
- *   each product. Activations, weights, gradients and AdamW moments stay
- *   fp32 in memory (fp32 master weights).
+ *   accumulation. Activations (ops.h: act_dtype TLM_ACT_BF16) are bf16 in
+ *   memory: products read them as they are and write them directly in
+ *   bf16, and the kernels widen them to fp32 for their arithmetic. The
+ *   fp32 operands of a product (weights, the residual gradient) are
+ *   rounded to bf16 copies just before it. Weights, their gradients, AdamW
+ *   moments and the residual stream stay fp32 (fp32 master weights).
  *   tf32: products on the tensor cores straight from the fp32 operands,
  *   which they read with 10 mantissa bits (TF32), at half bf16's rate but
  *   with no conversion pass over either operand; fp32 accumulation.
@@ -595,12 +598,48 @@ static __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int rows,
             dst[(size_t)r * cols + j] = __float2bfloat16(src[(size_t)r * ld + j]);
 }
 
+/* ops.h to_act (installed in the bf16 mode only): the rounding matmul_ex
+ * applies to its fp32 operands, so a product gets the same bf16 values
+ * either way. */
+static void cu_to_act(tlm_ops *o, void *dst, const float *src, size_t n) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || n == 0) return;
+    /* as rows of 4096 (n <= 2^31: model_alloc_train's limit) so the
+     * grid-stride loop over rows spreads the work; the tail as one row */
+    const int cols = 4096;
+    size_t rows = n / cols, tail = n - rows * cols;
+    if (rows)
+        CU_LAUNCH(k_to_bf16, cu_grid(c, rows, 1), 256, c->stream, (__nv_bfloat16 *)dst, src, (int)rows, cols, cols);
+    if (tail)
+        CU_LAUNCH(k_to_bf16, 1, 256, c->stream, (__nv_bfloat16 *)dst + rows * cols, src + rows * cols, 1, (int)tail,
+                  (int)tail);
+    cu_after(c, "to_act");
+}
+
+/* C[M,N] = beta C for a bf16 C (a product with K = 0). */
+static __global__ void k_scale_bf16(__nv_bfloat16 *C, int M, int N, int ldc, float beta) {
+    for (int r = blockIdx.x; r < M; r += gridDim.x)
+        for (int j = threadIdx.x; j < N; j += blockDim.x) {
+            size_t i = (size_t)r * ldc + j;
+            C[i] = __float2bfloat16(beta == 0.0f ? 0.0f : beta * __bfloat162float(C[i]));
+        }
+}
+
+static void cu_matmul_ex(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const void *A, int adt,
+                         int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc);
+
 /* Row-major C = alpha op(A) op(B) + beta C is, read column-major, the
  * product C^T = op(B)^T op(A)^T: swap the operands and the sizes. */
 static void cu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                       const float *B, int ldb, float beta, float *C, int ldc) {
     cu_ctx *c = cu_of(o);
     if (c->failed || M <= 0 || N <= 0) return;
+    if (c->dtype == CU_DTYPE_BF16 && K > 0) {
+        /* both operands rounded to bf16 copies, C fp32 */
+        cu_matmul_ex(o, transA, transB, M, N, K, alpha, A, TLM_ACT_F32, lda, B, TLM_ACT_F32, ldb, beta, C, TLM_ACT_F32,
+                     ldc);
+        return;
+    }
     cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (c->dtype == CU_DTYPE_TF32 && K > 0) {
         cu_blas_ok(c,
@@ -610,27 +649,66 @@ static void cu_matmul(tlm_ops *o, int transA, int transB, int M, int N, int K, f
         cu_after(c, "matmul");
         return;
     }
-    if (c->dtype == CU_DTYPE_FP32 || K <= 0) {
-        cu_blas_ok(c, c->blas.sgemm(c->blas_h, opB, opA, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc), "sgemm");
-        cu_after(c, "matmul");
+    cu_blas_ok(c, c->blas.sgemm(c->blas_h, opB, opA, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc), "sgemm");
+    cu_after(c, "matmul");
+}
+
+/* Per-operand element types (ops.h). All fp32 outside the bf16 mode: the
+ * fp32 / tf32 product above, unchanged. Otherwise one cublasGemmEx with
+ * bf16 A and B, fp32 compute (CUBLAS_COMPUTE_32F, fp32 alpha and beta) and
+ * C in fp32 or bf16 (both are combinations cuBLAS lists for bf16 inputs;
+ * with a bf16 C, beta reads C as bf16). bf16 operands are read in place
+ * with their strides; an fp32 operand (a weight, the residual gradient) is
+ * first rounded into a dense bf16 copy in scratch: one extra pass over it,
+ * where the all-fp32 interface needed one over both operands. */
+static void cu_matmul_ex(tlm_ops *o, int transA, int transB, int M, int N, int K, float alpha, const void *A, int adt,
+                         int lda, const void *B, int bdt, int ldb, float beta, void *C, int cdt, int ldc) {
+    cu_ctx *c = cu_of(o);
+    if (c->failed || M <= 0 || N <= 0) return;
+    const bool a16 = adt == TLM_ACT_BF16, b16 = bdt == TLM_ACT_BF16, c16 = cdt == TLM_ACT_BF16;
+    if (!a16 && !b16 && !c16 && (c->dtype != CU_DTYPE_BF16 || K <= 0)) {
+        cu_matmul(o, transA, transB, M, N, K, alpha, (const float *)A, lda, (const float *)B, ldb, beta, (float *)C,
+                  ldc);
         return;
     }
-    /* bf16 operands: the stored matrices as dense row-major copies */
+    if (K <= 0) { /* C = beta C; cuBLAS would reject the degenerate strides */
+        if (c16) {
+            CU_LAUNCH(k_scale_bf16, cu_grid(c, (size_t)M, 1), 256, c->stream, (__nv_bfloat16 *)C, M, N, ldc, beta);
+            cu_after(c, "matmul (bf16, K = 0)");
+        } else {
+            cu_matmul(o, transA, transB, M, N, K, alpha, NULL, lda, NULL, ldb, beta, (float *)C, ldc);
+        }
+        return;
+    }
+    cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    /* the stored matrices: A is [ar, ac], B [br, bc], row-major */
     int ar = transA ? K : M, ac = transA ? M : K;
     int br = transB ? N : K, bc = transB ? K : N;
-    size_t na = (size_t)ar * ac, nb = (size_t)br * bc;
+    size_t na = a16 ? 0 : (size_t)ar * ac, nb = b16 ? 0 : (size_t)br * bc;
     size_t off_b = (na * sizeof(__nv_bfloat16) + 255) / 256 * 256;
-    char *s = (char *)cu_scratch(c, off_b + nb * sizeof(__nv_bfloat16));
-    if (!s) return;
-    __nv_bfloat16 *a16 = (__nv_bfloat16 *)s, *b16 = (__nv_bfloat16 *)(s + off_b);
-    CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)ar, 1), 256, c->stream, a16, A, ar, ac, lda);
-    CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)br, 1), 256, c->stream, b16, B, br, bc, ldb);
-    cu_after(c, "matmul (bf16 operands)");
-    if (c->failed) return;
+    const void *ap = A, *bp = B;
+    if (na + nb) {
+        char *s = (char *)cu_scratch(c, off_b + nb * sizeof(__nv_bfloat16));
+        if (!s) return;
+        if (!a16) {
+            CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)ar, 1), 256, c->stream, (__nv_bfloat16 *)s, (const float *)A, ar,
+                      ac, lda);
+            ap = s;
+            lda = ac;
+        }
+        if (!b16) {
+            CU_LAUNCH(k_to_bf16, cu_grid(c, (size_t)br, 1), 256, c->stream, (__nv_bfloat16 *)(s + off_b),
+                      (const float *)B, br, bc, ldb);
+            bp = s + off_b;
+            ldb = bc;
+        }
+        cu_after(c, "matmul (bf16 operands)");
+        if (c->failed) return;
+    }
     cu_blas_ok(c,
-               c->blas.gemm_ex(c->blas_h, opB, opA, N, M, K, &alpha, b16, CUDA_R_16BF, bc, a16, CUDA_R_16BF, ac, &beta,
-                               C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "gemm_ex (bf16)");
+               c->blas.gemm_ex(c->blas_h, opB, opA, N, M, K, &alpha, bp, CUDA_R_16BF, ldb, ap, CUDA_R_16BF, lda, &beta,
+                               C, c16 ? CUDA_R_16BF : CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               c16 ? "gemm_ex (bf16, bf16 output)" : "gemm_ex (bf16)");
     cu_after(c, "matmul");
 }
 
@@ -789,6 +867,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     pthread_mutex_init(&c->pin_mu, NULL);
     c->device = device;
     c->dtype = dtype;
+    c->act16 = dtype == CU_DTYPE_BF16;
     const char *sc = getenv("TLM_CUDA_SYNC");
     c->sync_check = sc && *sc && strcmp(sc, "0") != 0;
 
@@ -834,7 +913,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
         snprintf(o->device_desc, sizeof o->device_desc, "%.60s, %.1f GiB, compute %d.%d, %d SMs, cuBLAS %d.%d",
                  p.name, gib, p.major, p.minor, p.multiProcessorCount, bv / 10000, bv / 100 % 100);
         cu_note(note, nn, "cuda:%d (%.60s, %.1f GiB, compute %d.%d), %s", device, p.name, gib, p.major, p.minor,
-                dtype == CU_DTYPE_BF16   ? "bf16 matrix products, fp32 master weights"
+                dtype == CU_DTYPE_BF16   ? "bf16 matrix products and activations, fp32 master weights"
                 : dtype == CU_DTYPE_TF32 ? "tf32 matrix products (tensor cores, fp32 operands)"
                                          : "fp32 matrix products (TF32 off)");
     }
@@ -860,6 +939,9 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     o->graph_launch = cu_graph_launch;
     o->graph_destroy = cu_graph_destroy;
     o->matmul = cu_matmul;
+    o->matmul_ex = cu_matmul_ex;
+    if (c->act16) o->to_act = cu_to_act;
+    o->act_dtype = c->act16 ? TLM_ACT_BF16 : TLM_ACT_F32;
     cu_kernels_install(o);
     cu_attn_install(o);
     cu_infer_install(o);

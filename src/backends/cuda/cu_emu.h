@@ -1012,13 +1012,34 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
                                           const void *B, cudaDataType bt, int ldb, const void *beta, void *C,
                                           cudaDataType ct, int ldc, cublasComputeType_t comp, cublasGemmAlgo_t algo) {
     (void)algo;
-    if (ct != CUDA_R_32F || at != bt) return CUBLAS_STATUS_INVALID_VALUE;
+    /* the combinations tinylm uses, all listed by cuBLAS: fp32 A, B, C
+     * (compute 32F or 32F_FAST_TF32); bf16 A, B with fp32 or bf16 C
+     * (compute 32F). Anything else is refused, as cuBLAS would. */
+    if (at != bt || (ct != CUDA_R_32F && !(ct == CUDA_R_16BF && at == CUDA_R_16BF)))
+        return CUBLAS_STATUS_INVALID_VALUE;
     if (comp != CUBLAS_COMPUTE_32F && !(comp == CUBLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F))
         return CUBLAS_STATUS_INVALID_VALUE;
     if (!emu_gemm_args_ok(ta, tb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
     const float al = *(const float *)alpha, be = *(const float *)beta;
     float *Cf = (float *)C;
     int e;
+    if (ct == CUDA_R_16BF) {
+        /* fp32 accumulation, C read (beta) and written as bf16: through a
+         * widened copy of C, rounded once at the end, when the stream runs */
+        __nv_bfloat16 *cb = (__nv_bfloat16 *)C;
+        const __nv_bfloat16 *a = (const __nv_bfloat16 *)A, *b = (const __nv_bfloat16 *)B;
+        e = emu::submit(h->stream, [=]() {
+            std::vector<float> cf((size_t)ldc * (n > 0 ? n : 1));
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) cf[(size_t)j * ldc + i] = __bfloat162float(cb[(size_t)j * ldc + i]);
+            emu_gemm(
+                ta, tb, m, n, k, al, [a](size_t i) { return __bfloat162float(a[i]); }, lda,
+                [b](size_t i) { return __bfloat162float(b[i]); }, ldb, be, cf.data(), ldc);
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) cb[(size_t)j * ldc + i] = __float2bfloat16(cf[(size_t)j * ldc + i]);
+        });
+        return e ? CUBLAS_STATUS_INVALID_VALUE : CUBLAS_STATUS_SUCCESS;
+    }
     if (comp == CUBLAS_COMPUTE_32F_FAST_TF32) {
         /* the tensor cores read each fp32 operand with 10 mantissa bits:
          * rounded to nearest here (hardware may truncate: within the tests'

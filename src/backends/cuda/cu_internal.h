@@ -71,6 +71,7 @@ struct cu_pin {
 struct cu_ctx {
     int device;
     int dtype;             /* CU_DTYPE_* for matrix products */
+    int act16;             /* activations are bf16 (o->act_dtype TLM_ACT_BF16): the bf16 mode */
     int sm_count;
     int sync_check;        /* TLM_CUDA_SYNC=1: synchronise after every op */
     cudaStream_t stream;   /* every op runs here, in order */
@@ -155,6 +156,28 @@ void cu_sample_install(tlm_ops *o);
 /* ---- device helpers ------------------------------------------------------ */
 
 static __device__ __forceinline__ int cu_imin(int a, int b) { return a < b ? a : b; }
+
+/* Activation elements (ops.h: act_dtype): kernels are templated on the
+ * storage type A (float or __nv_bfloat16) and do their arithmetic in fp32,
+ * widening on load and rounding (to nearest even) once on store. */
+static __device__ __forceinline__ float cu_ld(const float *p, size_t i) { return p[i]; }
+static __device__ __forceinline__ float cu_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+static __device__ __forceinline__ void cu_st(float *p, size_t i, float v) { p[i] = v; }
+static __device__ __forceinline__ void cu_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+/* Run the statements with act_t bound to the activation storage type of
+ * c (bf16 in the bf16 mode, else float); they cast the op's void *
+ * activation pointers to act_t *. One host op, two kernel instantiations. */
+#define CU_ACT_DISPATCH(c, ...)                                                                               \
+    do {                                                                                                     \
+        if ((c)->act16) {                                                                                    \
+            typedef __nv_bfloat16 act_t;                                                                     \
+            __VA_ARGS__;                                                                                     \
+        } else {                                                                                             \
+            typedef float act_t;                                                                             \
+            __VA_ARGS__;                                                                                     \
+        }                                                                                                    \
+    } while (0)
 static __device__ __forceinline__ int cu_imax(int a, int b) { return a > b ? a : b; }
 
 template <class T> static __device__ __forceinline__ T cu_warp_sum(T v) {

@@ -9,9 +9,12 @@
  * order fixed by the shapes and the grid, so a run repeats bit for bit on
  * the same GPU, which exact resume relies on.
  *
- * Precision: fp32 throughout with the accurate expf/logf/sqrtf (the
- * `--dtype fp32` path is compared with the CPU reference at 1e-4); sums of
- * squares over the whole model are accumulated in double.
+ * Precision: fp32 arithmetic throughout with the accurate expf/logf/sqrtf
+ * (the `--dtype fp32` path is compared with the CPU reference at 1e-4);
+ * sums of squares over the whole model are accumulated in double. In the
+ * bf16 mode the activation operands (ops.h) are bf16 in memory: the
+ * kernels that touch them are templated on the storage type and only
+ * their loads and stores differ (widen, compute in fp32, round once).
  */
 #include "backends/cuda/cu_internal.h"
 
@@ -156,8 +159,8 @@ static void cu_embed_bwd(tlm_ops *o, float *dwte, const int32_t *tok, const floa
 /* ---- RMSNorm -------------------------------------------------------------- */
 
 /* One warp per row. */
-static __global__ void k_rmsnorm_fwd(float *out, float *rstd, const float *x, const float *w, int N, int D,
-                                     float eps) {
+template <class A>
+static __global__ void k_rmsnorm_fwd(A *out, float *rstd, const float *x, const float *w, int N, int D, float eps) {
     const int lane = threadIdx.x & 31;
     const int nwarps = (gridDim.x * blockDim.x) >> 5;
     for (int n = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; n < N; n += nwarps) {
@@ -166,41 +169,45 @@ static __global__ void k_rmsnorm_fwd(float *out, float *rstd, const float *x, co
         for (int d = lane; d < D; d += 32) ss += xr[d] * xr[d];
         ss = cu_warp_sum(ss);
         float r = 1.0f / sqrtf(ss / (float)D + eps);
-        float *yr = out + (size_t)n * D;
-        for (int d = lane; d < D; d += 32) yr[d] = xr[d] * r * w[d];
+        A *yr = out + (size_t)n * D;
+        for (int d = lane; d < D; d += 32) cu_st(yr, d, xr[d] * r * w[d]);
         if (rstd && lane == 0) rstd[n] = r;
     }
 }
 
-static void cu_rmsnorm_fwd(tlm_ops *o, float *out, float *rstd, const float *x, const float *w, int N, int D,
+static void cu_rmsnorm_fwd(tlm_ops *o, void *out, float *rstd, const float *x, const float *w, int N, int D,
                            float eps) {
     cu_ctx *c = cu_of(o);
     if (c->failed || N <= 0 || D <= 0) return;
-    CU_LAUNCH(k_rmsnorm_fwd, cu_grid(c, (size_t)N, CU_THREADS / 32), CU_THREADS, c->stream, out, rstd, x, w, N, D,
-              eps);
+    CU_ACT_DISPATCH(c, auto kern = k_rmsnorm_fwd<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)N, CU_THREADS / 32), CU_THREADS, c->stream, (act_t *)out,
+                              rstd, x, w, N, D, eps));
     cu_after(c, "rmsnorm_fwd");
 }
 
 /* dx_j = r w_j g_j - x_j r^3 / D * sum_i g_i w_i x_i (as the CPU backends). */
-static __global__ void k_rmsnorm_bwd_dx(float *dx, const float *dout, const float *x, const float *w,
-                                        const float *rstd, int N, int D) {
+template <class A>
+static __global__ void k_rmsnorm_bwd_dx(float *dx, const A *dout, const float *x, const float *w, const float *rstd,
+                                        int N, int D) {
     const int lane = threadIdx.x & 31;
     const int nwarps = (gridDim.x * blockDim.x) >> 5;
     for (int n = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; n < N; n += nwarps) {
-        const float *xr = x + (size_t)n * D, *g = dout + (size_t)n * D;
+        const float *xr = x + (size_t)n * D;
+        const A *g = dout + (size_t)n * D;
         float dot = 0;
-        for (int d = lane; d < D; d += 32) dot += g[d] * w[d] * xr[d];
+        for (int d = lane; d < D; d += 32) dot += cu_ld(g, d) * w[d] * xr[d];
         dot = cu_warp_sum(dot);
         float r = rstd[n];
         float cc = r * r * r * dot / (float)D;
         float *dxr = dx + (size_t)n * D;
-        for (int d = lane; d < D; d += 32) dxr[d] = r * w[d] * g[d] - xr[d] * cc;
+        for (int d = lane; d < D; d += 32) dxr[d] = r * w[d] * cu_ld(g, d) - xr[d] * cc;
     }
 }
 
 /* dw partial sums: block (x, p) sums columns x*32.. over rows
  * [p*rows, (p+1)*rows) into part[p, :], in a fixed order. */
-static __global__ void k_rmsnorm_bwd_dw_part(float *part, const float *dout, const float *x, const float *rstd, int N,
+template <class A>
+static __global__ void k_rmsnorm_bwd_dw_part(float *part, const A *dout, const float *x, const float *rstd, int N,
                                              int D, int rows) {
     __shared__ float s[8][33];
     CU_SHARED_POISON(s);
@@ -210,7 +217,7 @@ static __global__ void k_rmsnorm_bwd_dw_part(float *part, const float *dout, con
     if (col < D)
         for (int n = r0 + (int)threadIdx.y; n < r1; n += 8) {
             size_t i = (size_t)n * D + col;
-            acc += dout[i] * x[i] * rstd[n];
+            acc += cu_ld(dout, i) * x[i] * rstd[n];
         }
     s[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -229,12 +236,13 @@ static __global__ void k_rmsnorm_bwd_dw_sum(float *dw, const float *part, int P,
     dw[col] += t;
 }
 
-static void cu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, const float *x, const float *w,
+static void cu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const void *dout, const float *x, const float *w,
                            const float *rstd, int N, int D) {
     cu_ctx *c = cu_of(o);
     if (c->failed || N <= 0 || D <= 0) return;
-    CU_LAUNCH(k_rmsnorm_bwd_dx, cu_grid(c, (size_t)N, CU_THREADS / 32), CU_THREADS, c->stream, dx, dout, x, w, rstd,
-              N, D);
+    CU_ACT_DISPATCH(c, auto kern = k_rmsnorm_bwd_dx<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)N, CU_THREADS / 32), CU_THREADS, c->stream, dx,
+                              (const act_t *)dout, x, w, rstd, N, D));
     cu_after(c, "rmsnorm_bwd");
     /* Row groups of at least 64 rows, at most 256 groups: enough blocks to
      * fill the GPU, few partials to add up. Depends on N only. */
@@ -243,8 +251,9 @@ static void cu_rmsnorm_bwd(tlm_ops *o, float *dx, float *dw, const float *dout, 
     int P = (N + rows - 1) / rows;
     float *part = (float *)cu_scratch(c, (size_t)P * D * sizeof(float));
     if (!part) return;
-    CU_LAUNCH(k_rmsnorm_bwd_dw_part, dim3((unsigned)(D + 31) / 32, (unsigned)P), dim3(32, 8), c->stream, part, dout,
-              x, rstd, N, D, rows);
+    CU_ACT_DISPATCH(c, auto kern = k_rmsnorm_bwd_dw_part<act_t>;
+                    CU_LAUNCH(kern, dim3((unsigned)(D + 31) / 32, (unsigned)P), dim3(32, 8), c->stream, part,
+                              (const act_t *)dout, x, rstd, N, D, rows));
     cu_after(c, "rmsnorm_bwd");
     CU_LAUNCH(k_rmsnorm_bwd_dw_sum, (unsigned)(D + CU_THREADS - 1) / CU_THREADS, CU_THREADS, c->stream, dw, part, P,
               D);
@@ -267,7 +276,8 @@ static __global__ void k_rope_table(float2 *tab, int len, int half, int hd, floa
  * position is *pos_dev when given (read as the kernel runs: a recorded
  * step replays at later positions), else pos0; positions past the table's
  * npos rows leave qkv as it is (attn_decode then writes NaN). */
-static __global__ void k_rope(float *qkv, const float2 *tab, int B, int T, int H, int hd, int pos0,
+template <class A>
+static __global__ void k_rope(A *qkv, const float2 *tab, int B, int T, int H, int hd, int pos0,
                               const int32_t *pos_dev, int npos, float dir) {
     if (pos_dev) pos0 = *pos_dev;
     if (pos0 < 0 || pos0 > npos - T) return;
@@ -280,12 +290,12 @@ static __global__ void k_rope(float *qkv, const float2 *tab, int B, int T, int H
         int hh = (int)(rest % (2 * H)); /* q heads, then k heads: contiguous */
         size_t n = rest / (2 * H);
         int t = (int)(n % T);
-        float *v = qkv + n * 3 * D + (size_t)hh * hd;
+        A *v = qkv + n * 3 * D + (size_t)hh * hd;
         float2 cs = tab[(size_t)(pos0 + t) * half + i];
         float co = cs.x, si = dir * cs.y;
-        float x0 = v[i], x1 = v[i + half];
-        v[i] = x0 * co - x1 * si;
-        v[i + half] = x0 * si + x1 * co;
+        float x0 = cu_ld(v, i), x1 = cu_ld(v, i + half);
+        cu_st(v, i, x0 * co - x1 * si);
+        cu_st(v, i + half, x0 * si + x1 * co);
     }
 }
 
@@ -322,78 +332,102 @@ static int cu_rope_prepare(cu_ctx *c, int hd, float theta, int npos) {
     return c->failed ? -1 : 0;
 }
 
-void cu_rope_run(cu_ctx *c, float *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev, int npos,
-                 float theta, float dir) {
+template <class A>
+static void cu_rope_launch(cu_ctx *c, A *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev,
+                           int npos, float theta, float dir) {
     if (c->failed || B <= 0 || T <= 0 || hd < 2) return;
     if (cu_rope_prepare(c, hd, theta, npos)) return;
     size_t total = (size_t)B * T * 2 * H * (hd / 2);
-    CU_LAUNCH(k_rope, cu_grid(c, total, CU_THREADS), CU_THREADS, c->stream, qkv, c->rope_tab, B, T, H, hd, pos0,
+    auto kern = k_rope<A>;
+    CU_LAUNCH(kern, cu_grid(c, total, CU_THREADS), CU_THREADS, c->stream, qkv, c->rope_tab, B, T, H, hd, pos0,
               pos_dev, c->rope_len, dir);
     cu_after(c, "rope");
 }
 
-static void cu_rope_fwd(tlm_ops *o, float *qkv, int B, int T, int H, int hd, int pos0, float theta) {
-    cu_rope_run(cu_of(o), qkv, B, T, H, hd, pos0, NULL, pos0 + T, theta, 1.0f);
+/* fp32 rows (attn_decode's, whatever the activation type) */
+void cu_rope_run(cu_ctx *c, float *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev, int npos,
+                 float theta, float dir) {
+    cu_rope_launch<float>(c, qkv, B, T, H, hd, pos0, pos_dev, npos, theta, dir);
 }
 
-static void cu_rope_bwd(tlm_ops *o, float *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
-    cu_rope_run(cu_of(o), dqkv, B, T, H, hd, pos0, NULL, pos0 + T, theta, -1.0f);
+static void cu_rope(tlm_ops *o, void *qkv, int B, int T, int H, int hd, int pos0, float theta, float dir) {
+    cu_ctx *c = cu_of(o);
+    CU_ACT_DISPATCH(c, cu_rope_launch<act_t>(c, (act_t *)qkv, B, T, H, hd, pos0, NULL, pos0 + T, theta, dir));
+}
+
+static void cu_rope_fwd(tlm_ops *o, void *qkv, int B, int T, int H, int hd, int pos0, float theta) {
+    cu_rope(o, qkv, B, T, H, hd, pos0, theta, 1.0f);
+}
+
+static void cu_rope_bwd(tlm_ops *o, void *dqkv, int B, int T, int H, int hd, int pos0, float theta) {
+    cu_rope(o, dqkv, B, T, H, hd, pos0, theta, -1.0f);
 }
 
 /* ---- KV cache ------------------------------------------------------------- */
 
-static __global__ void k_kv_store(float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D, int pos0) {
+template <class A>
+static __global__ void k_kv_store(float *kc, float *vc, const A *qkv, int B, int T, int Tmax, int D, int pos0) {
     for (int n = blockIdx.x; n < B * T; n += gridDim.x) {
         int b = n / T, t = n - b * T;
-        const float *src = qkv + (size_t)n * 3 * D;
+        const A *src = qkv + (size_t)n * 3 * D;
         size_t dst = ((size_t)b * Tmax + pos0 + t) * D;
         for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            kc[dst + d] = src[D + d];
-            vc[dst + d] = src[2 * D + d];
+            kc[dst + d] = cu_ld(src, (size_t)D + d);
+            vc[dst + d] = cu_ld(src, (size_t)2 * D + d);
         }
     }
 }
 
-static void cu_kv_store(tlm_ops *o, float *kc, float *vc, const float *qkv, int B, int T, int Tmax, int D, int pos0) {
+static void cu_kv_store(tlm_ops *o, float *kc, float *vc, const void *qkv, int B, int T, int Tmax, int D, int pos0) {
     cu_ctx *c = cu_of(o);
     if (c->failed || B <= 0 || T <= 0 || D <= 0) return;
-    CU_LAUNCH(k_kv_store, cu_grid(c, (size_t)B * T, 1), CU_THREADS, c->stream, kc, vc, qkv, B, T, Tmax, D, pos0);
+    CU_ACT_DISPATCH(c, auto kern = k_kv_store<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)B * T, 1), CU_THREADS, c->stream, kc, vc, (const act_t *)qkv,
+                              B, T, Tmax, D, pos0));
     cu_after(c, "kv_store");
 }
 
 /* ---- SwiGLU --------------------------------------------------------------- */
 
-static __global__ void k_swiglu_fwd(float *a, const float *gu, int N, int F) {
+template <class A> static __global__ void k_swiglu_fwd(A *a, const A *gu, int N, int F) {
     for (int n = blockIdx.x; n < N; n += gridDim.x) {
-        const float *g = gu + (size_t)n * 2 * F, *u = g + F;
-        float *ar = a + (size_t)n * F;
-        for (int f = threadIdx.x; f < F; f += blockDim.x) ar[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
-    }
-}
-
-static __global__ void k_swiglu_bwd(float *dgu, const float *da, const float *gu, int N, int F) {
-    for (int n = blockIdx.x; n < N; n += gridDim.x) {
-        const float *g = gu + (size_t)n * 2 * F, *u = g + F, *d = da + (size_t)n * F;
-        float *dg = dgu + (size_t)n * 2 * F, *du = dg + F;
+        const A *g = gu + (size_t)n * 2 * F, *u = g + F;
+        A *ar = a + (size_t)n * F;
         for (int f = threadIdx.x; f < F; f += blockDim.x) {
-            float sig = 1.0f / (1.0f + expf(-g[f]));
-            dg[f] = d[f] * u[f] * sig * (1.0f + g[f] * (1.0f - sig));
-            du[f] = d[f] * g[f] * sig;
+            float gf = cu_ld(g, f);
+            cu_st(ar, f, gf / (1.0f + expf(-gf)) * cu_ld(u, f));
         }
     }
 }
 
-static void cu_swiglu_fwd(tlm_ops *o, float *a, const float *gu, int N, int F) {
+template <class A> static __global__ void k_swiglu_bwd(A *dgu, const A *da, const A *gu, int N, int F) {
+    for (int n = blockIdx.x; n < N; n += gridDim.x) {
+        const A *g = gu + (size_t)n * 2 * F, *u = g + F, *d = da + (size_t)n * F;
+        A *dg = dgu + (size_t)n * 2 * F, *du = dg + F;
+        for (int f = threadIdx.x; f < F; f += blockDim.x) {
+            float gf = cu_ld(g, f), uf = cu_ld(u, f), df = cu_ld(d, f);
+            float sig = 1.0f / (1.0f + expf(-gf));
+            cu_st(dg, f, df * uf * sig * (1.0f + gf * (1.0f - sig)));
+            cu_st(du, f, df * gf * sig);
+        }
+    }
+}
+
+static void cu_swiglu_fwd(tlm_ops *o, void *a, const void *gu, int N, int F) {
     cu_ctx *c = cu_of(o);
     if (c->failed || N <= 0 || F <= 0) return;
-    CU_LAUNCH(k_swiglu_fwd, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, a, gu, N, F);
+    CU_ACT_DISPATCH(c, auto kern = k_swiglu_fwd<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, (act_t *)a, (const act_t *)gu,
+                              N, F));
     cu_after(c, "swiglu_fwd");
 }
 
-static void cu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *gu, int N, int F) {
+static void cu_swiglu_bwd(tlm_ops *o, void *dgu, const void *da, const void *gu, int N, int F) {
     cu_ctx *c = cu_of(o);
     if (c->failed || N <= 0 || F <= 0) return;
-    CU_LAUNCH(k_swiglu_bwd, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, dgu, da, gu, N, F);
+    CU_ACT_DISPATCH(c, auto kern = k_swiglu_bwd<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, (act_t *)dgu, (const act_t *)da,
+                              (const act_t *)gu, N, F));
     cu_after(c, "swiglu_bwd");
 }
 
@@ -401,45 +435,47 @@ static void cu_swiglu_bwd(tlm_ops *o, float *dgu, const float *da, const float *
 
 /* One block per row (grid-stride). The branch on an ignored target is
  * uniform over the block, so no barrier is skipped by some threads only. */
-static __global__ void __launch_bounds__(CU_THREADS) k_xent(float *logits, float *losses, const int32_t *targets,
-                                                             int N, int V, float dscale, int want_grad) {
+template <class A>
+static __global__ void __launch_bounds__(CU_THREADS) k_xent(A *logits, float *losses, const int32_t *targets, int N,
+                                                             int V, float dscale, int want_grad) {
     __shared__ float red[32];
     CU_SHARED_POISON(red);
     const int tid = threadIdx.x;
     for (int n = blockIdx.x; n < N; n += gridDim.x) {
-        float *x = logits + (size_t)n * V;
+        A *x = logits + (size_t)n * V;
         const int tgt = targets[n];
         if (tgt < 0 || tgt >= V) {
             if (tid == 0) losses[n] = 0;
             if (want_grad)
-                for (int i = tid; i < V; i += CU_THREADS) x[i] = 0;
+                for (int i = tid; i < V; i += CU_THREADS) cu_st(x, i, 0.0f);
             continue;
         }
-        const float xt = x[tgt]; /* read before any thread overwrites the row */
+        const float xt = cu_ld(x, tgt); /* read before any thread overwrites the row */
         float mx = -INFINITY;
-        for (int i = tid; i < V; i += CU_THREADS) mx = fmaxf(mx, x[i]);
+        for (int i = tid; i < V; i += CU_THREADS) mx = fmaxf(mx, cu_ld(x, i));
         mx = cu_block_max(mx, red);
         float sum = 0;
-        for (int i = tid; i < V; i += CU_THREADS) sum += expf(x[i] - mx);
+        for (int i = tid; i < V; i += CU_THREADS) sum += expf(cu_ld(x, i) - mx);
         sum = cu_block_sum(sum, red);
         /* (mx - xt) first: exact for nearby values (see the CPU backend) */
         if (tid == 0) losses[n] = (mx - xt) + logf(sum);
         if (want_grad) {
             const float cs = dscale / sum;
             for (int i = tid; i < V; i += CU_THREADS) {
-                float p = expf(x[i] - mx) * cs;
-                x[i] = i == tgt ? p - dscale : p;
+                float p = expf(cu_ld(x, i) - mx) * cs;
+                cu_st(x, i, i == tgt ? p - dscale : p);
             }
         }
     }
 }
 
-static void cu_xent(tlm_ops *o, float *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
+static void cu_xent(tlm_ops *o, void *logits, float *losses, const int32_t *targets, int N, int V, float dscale,
                     int want_grad) {
     cu_ctx *c = cu_of(o);
     if (c->failed || N <= 0 || V <= 0) return;
-    CU_LAUNCH(k_xent, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, logits, losses, targets, N, V, dscale,
-              want_grad);
+    CU_ACT_DISPATCH(c, auto kern = k_xent<act_t>;
+                    CU_LAUNCH(kern, cu_grid(c, (size_t)N, 1), CU_THREADS, c->stream, (act_t *)logits, losses, targets,
+                              N, V, dscale, want_grad));
     cu_after(c, "xent");
 }
 
