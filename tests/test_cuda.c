@@ -1104,16 +1104,17 @@ static void test_model_packed(void **state) {
  * For the model: the loss moves by ~1e-3 relative (measured on CPU with
  * bf16-rounded operands); 1e-2 is the bound, and gradients must point the
  * same way (cosine > 0.99 per tensor). */
-static void test_bf16(void **state) {
-    (void)state;
-    NEED_GPU();
+/* A reduced-precision mode (dtype "bf16" or "tf32") against the fp32
+ * fixture: products within mm_tol of the largest |C|, the fixture loss
+ * within loss_tol relative, every parameter gradient with cosine > cos_min. */
+static void check_precision_mode(const char *dtype, double mm_tol, double loss_tol, double cos_min) {
     create_ex_fn cx = g_mod ? (create_ex_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create_ex") : NULL;
     if (!cx) skip();
     char note[512];
-    tlm_ops *o = cx(0, "bf16", note, sizeof note);
-    if (!o) fail_msg("bf16 backend: %s", note);
-    assert_non_null(strstr(note, "bf16"));
-    check_matmul(o, 2e-2, 1.0);
+    tlm_ops *o = cx(0, dtype, note, sizeof note);
+    if (!o) fail_msg("%s backend: %s", dtype, note);
+    assert_non_null(strstr(note, dtype));
+    check_matmul(o, mm_tol, 1.0);
 
     fx_open();
     tlm_model m;
@@ -1122,7 +1123,9 @@ static void test_bf16(void **state) {
     assert_int_equal(safetensors_read_f32(g_fx.f, "loss", &want_loss, 1), 0);
     model_zero_grad(&m);
     float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
-    check_close("bf16 fixture loss", &loss, &want_loss, 1, 1e-2, 0);
+    char what[64];
+    snprintf(what, sizeof what, "%s fixture loss", dtype);
+    check_close(what, &loss, &want_loss, 1, loss_tol, 0);
     float *grads = down(o, m.grads, m.nparams);
     for (int i = 0; i < m.ntensors; i++) {
         const tlm_tensor *t = &m.tensors[i];
@@ -1136,13 +1139,19 @@ static void test_bf16(void **state) {
             nb += (double)r[j] * r[j];
         }
         double cosv = dot / sqrt(na * nb + 1e-300);
-        if (getenv("TLM_TEST_VERBOSE")) printf("  %-48s cosine %.6f\n", name, cosv);
-        if (!(cosv > 0.99)) fail_msg("bf16 %s: cosine %.5f with the fp32 reference", name, cosv);
+        if (getenv("TLM_TEST_VERBOSE")) printf("  %s %-44s cosine %.6f\n", dtype, name, cosv);
+        if (!(cosv > cos_min)) fail_msg("%s %s: cosine %.6f with the fp32 reference", dtype, name, cosv);
         free(r);
     }
     free(grads);
     model_destroy(&m);
     o->destroy(o);
+}
+
+static void test_bf16(void **state) {
+    (void)state;
+    NEED_GPU();
+    check_precision_mode("bf16", 2e-2, 1e-2, 0.99);
 }
 
 /* ---- bf16 activations (ops.h act_dtype) ---------------------------------------------------- */
@@ -1517,41 +1526,7 @@ static void test_bf16_model_paths(void **state) {
 static void test_tf32(void **state) {
     (void)state;
     NEED_GPU();
-    create_ex_fn cx = g_mod ? (create_ex_fn)(uintptr_t)dlsym(g_mod, "tlm_cuda_ops_create_ex") : NULL;
-    if (!cx) skip();
-    char note[512];
-    tlm_ops *o = cx(0, "tf32", note, sizeof note);
-    if (!o) fail_msg("tf32 backend: %s", note);
-    assert_non_null(strstr(note, "tf32"));
-    check_matmul(o, 5e-3, 1.0);
-
-    fx_open();
-    tlm_model m;
-    fx_model(&m, o);
-    float want_loss;
-    assert_int_equal(safetensors_read_f32(g_fx.f, "loss", &want_loss, 1), 0);
-    model_zero_grad(&m);
-    float loss = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
-    check_close("tf32 fixture loss", &loss, &want_loss, 1, 2e-3, 0);
-    float *grads = down(o, m.grads, m.nparams);
-    for (int i = 0; i < m.ntensors; i++) {
-        const tlm_tensor *t = &m.tensors[i];
-        char name[160];
-        snprintf(name, sizeof name, "grad.%s", t->name);
-        float *r = fixture_read(&g_fx, name, tsize(t));
-        double dot = 0, na = 0, nb = 0;
-        for (size_t j = 0; j < tsize(t); j++) {
-            dot += (double)grads[t->offset + j] * r[j];
-            na += (double)grads[t->offset + j] * grads[t->offset + j];
-            nb += (double)r[j] * r[j];
-        }
-        double cosv = dot / sqrt(na * nb + 1e-300);
-        if (!(cosv > 0.999)) fail_msg("tf32 %s: cosine %.6f with the fp32 reference", name, cosv);
-        free(r);
-    }
-    free(grads);
-    model_destroy(&m);
-    o->destroy(o);
+    check_precision_mode("tf32", 5e-3, 2e-3, 0.999);
 }
 
 /* ---- attention on the tensor cores (bf16 mode) ---------------------------------------------- */

@@ -38,80 +38,102 @@ void bench_random_tokens(int32_t *out, int n, int V, uint64_t seed) {
     for (int i = 0; i < n; i++) out[i] = (int32_t)tlm_rng_below(&rng, range);
 }
 
+/* What a training benchmark trains: a random-init model with its training
+ * buffers for B x T, AdamW, and room on the device (and the host) for the
+ * loss and squared gradient norm of nsteps steps. */
+typedef struct {
+    tlm_model m;
+    tlm_adamw adam;
+    int have_model, have_adam;
+    float *stats_dev, *stats; /* [2 * nsteps] */
+} bench_trainee;
+
+static int bench_trainee_open(bench_trainee *t, tlm_ops *ops, const tlm_config *cfg, int B, int T, uint64_t seed,
+                              int nsteps) {
+    memset(t, 0, sizeof *t);
+    if (model_create(&t->m, cfg, ops)) return -1;
+    t->have_model = 1;
+    model_init_random(&t->m, seed);
+    if (model_alloc_train(&t->m, B, T)) return -1;
+    if (adamw_create(&t->adam, ops, t->m.nparams)) return -1;
+    t->have_adam = 1;
+    t->stats_dev = ops->alloc(ops, (size_t)2 * nsteps * sizeof(float));
+    t->stats = malloc((size_t)2 * nsteps * sizeof(float));
+    if (!t->stats_dev || !t->stats)
+        return tlm_errorf("out of memory for the benchmark's %d step statistics", nsteps);
+    return 0;
+}
+
+/* Read the statistics of nsteps steps back; -1 + error if one is not finite. */
+static int bench_trainee_check(bench_trainee *t, tlm_ops *ops, int nsteps) {
+    if (ops_status(ops)) return -1;
+    ops->copy_d2h(ops, t->stats, t->stats_dev, (size_t)2 * nsteps * sizeof(float));
+    for (int s = 0; s < nsteps; s++)
+        if (!isfinite(t->stats[2 * s]) || !isfinite(t->stats[2 * s + 1]))
+            return tlm_errorf("bench: training step %d gave a non-finite loss or gradient", s + 1);
+    return 0;
+}
+
+static void bench_trainee_close(bench_trainee *t, tlm_ops *ops) {
+    if (t->stats_dev) ops->free(ops, t->stats_dev);
+    free(t->stats);
+    if (t->have_adam) adamw_destroy(&t->adam, ops);
+    if (t->have_model) model_destroy(&t->m);
+    memset(t, 0, sizeof *t);
+}
+
 int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, bench_train_result *r) {
     memset(r, 0, sizeof *r);
     const int B = o->batch, T = cfg->context;
     if (B < 1 || o->steps < 1 || o->warmup_steps < 0) return tlm_errorf("bench: --batch and --steps must be positive");
-    tlm_model m;
-    tlm_adamw adam;
-    memset(&adam, 0, sizeof adam);
-    int have_model = 0, have_adam = 0, rc = -1;
-    float *stats_dev = NULL, *stats = NULL;
+    /* As the trainer does: each step's loss and squared gradient norm stay
+     * on the device, stats[2*s] and stats[2*s+1], and are read once after
+     * the timed steps, so a GPU is never made to wait inside the loop. The
+     * batch is staged once: model_step reuses the latest staged batch. */
+    const int nsteps = o->warmup_steps + o->steps;
+    bench_trainee tr;
+    int rc = -1;
     int64_t ticket = -1;
     size_t n = (size_t)B * (size_t)T;
     int32_t *in = malloc(n * sizeof *in), *tg = malloc(n * sizeof *tg);
+    memset(&tr, 0, sizeof tr);
     if (!in || !tg) {
         tlm_errorf("out of memory for a batch of %d x %d tokens: use a smaller --batch", B, T);
         goto out;
     }
-    if (model_create(&m, cfg, ops)) goto out;
-    have_model = 1;
-    model_init_random(&m, o->seed);
-    if (model_alloc_train(&m, B, T)) goto out;
-    if (adamw_create(&adam, ops, m.nparams)) goto out;
-    have_adam = 1;
+    if (bench_trainee_open(&tr, ops, cfg, B, T, o->seed, nsteps)) goto out;
     /* Random tokens: the work per step does not depend on their values, and
      * a random model's loss on them is about ln V (a check of the run). */
     bench_random_tokens(in, (int)n, cfg->vocab, o->seed ^ 0x5eedULL);
     bench_random_tokens(tg, (int)n, cfg->vocab, o->seed ^ 0x7a56e7ULL);
 
     const float grad_scale = 1.0f / (float)n;
-    /* As the trainer does: each step's loss and squared gradient norm stay
-     * on the device, stats[2*s] and stats[2*s+1], and are read once after
-     * the timed steps, so a GPU is never made to wait inside the loop. The
-     * batch is staged once: model_step reuses the latest staged batch. */
-    const int nsteps = o->warmup_steps + o->steps;
-    stats_dev = ops->alloc(ops, (size_t)2 * nsteps * sizeof(float));
-    stats = malloc((size_t)2 * nsteps * sizeof(float));
-    if (!stats_dev || !stats) {
-        tlm_errorf("out of memory for the benchmark's %d step statistics", nsteps);
-        goto out;
-    }
-    if ((ticket = model_stage(&m, in, tg, B, T)) < 0) goto out;
+    if ((ticket = model_stage(&tr.m, in, tg, B, T)) < 0) goto out;
     double t0 = 0;
     for (int s = 0; s < nsteps; s++) {
         if (s == o->warmup_steps) {
             ops->sync(ops);
             t0 = tlm_now();
         }
-        model_zero_grad(&m);
-        if (model_step(&m, grad_scale, stats_dev + 2 * s)) goto out;
-        adamw_grad_norm_async(&adam, &m, stats_dev + 2 * s + 1);
+        model_zero_grad(&tr.m);
+        if (model_step(&tr.m, grad_scale, tr.stats_dev + 2 * s)) goto out;
+        adamw_grad_norm_async(&tr.adam, &tr.m, tr.stats_dev + 2 * s + 1);
         /* Constant learning rate: the schedule costs nothing measurable. */
-        adamw_update(&adam, &m, 1e-3, 0.1, 1.0, s + 1);
+        adamw_update(&tr.adam, &tr.m, 1e-3, 0.1, 1.0, s + 1);
     }
     ops->sync(ops);
     r->seconds = tlm_now() - t0;
-    if (ops_status(ops)) goto out;
-    ops->copy_d2h(ops, stats, stats_dev, (size_t)2 * nsteps * sizeof(float));
-    for (int s = 0; s < nsteps; s++)
-        if (!isfinite(stats[2 * s]) || !isfinite(stats[2 * s + 1])) {
-            tlm_errorf("bench: training step %d gave a non-finite loss or gradient", s + 1);
-            goto out;
-        }
-    r->loss_first = stats[0];
-    r->loss_last = stats[2 * (nsteps - 1)];
+    if (bench_trainee_check(&tr, ops, nsteps)) goto out;
+    r->loss_first = tr.stats[0];
+    r->loss_last = tr.stats[2 * (nsteps - 1)];
     r->tokens = (long long)n * o->steps;
     r->tokens_per_s = r->seconds > 0 ? (double)r->tokens / r->seconds : 0;
     r->flops_per_token = bench_train_flops_per_token(cfg, T);
     r->gflops = r->flops_per_token * r->tokens_per_s / 1e9;
     rc = 0;
 out:
-    if (ticket > 0) model_stage_done(&m, ticket, 1); /* the copy may still read in, tg */
-    if (stats_dev) ops->free(ops, stats_dev);
-    free(stats);
-    if (have_adam) adamw_destroy(&adam, ops);
-    if (have_model) model_destroy(&m);
+    if (ticket > 0) model_stage_done(&tr.m, ticket, 1); /* the copy may still read in, tg */
+    bench_trainee_close(&tr, ops);
     free(in);
     free(tg);
     return rc;
@@ -172,36 +194,23 @@ int bench_loader(tlm_ops *ops, const tlm_config *cfg, const bench_loader_opts *o
         free((void *)syn.tokens);
         return -1;
     }
-    tlm_model m;
-    tlm_adamw adam;
-    memset(&adam, 0, sizeof adam);
+    bench_trainee tr;
+    memset(&tr, 0, sizeof tr);
     tlm_loader *ld = NULL;
     tlm_feed feed;
     memset(&feed, 0, sizeof feed);
-    int have_model = 0, have_adam = 0, rc = -1;
+    int rc = -1;
     const int nsteps = o->warmup_steps + 1 + 2 * o->rounds * o->steps;
-    float *stats_dev = NULL, *stats = NULL;
-    if (model_create(&m, cfg, ops)) goto out;
-    have_model = 1;
-    model_init_random(&m, o->seed);
-    if (model_alloc_train(&m, B, T)) goto out;
-    if (adamw_create(&adam, ops, m.nparams)) goto out;
-    have_adam = 1;
-    stats_dev = ops->alloc(ops, (size_t)2 * nsteps * sizeof(float));
-    stats = malloc((size_t)2 * nsteps * sizeof(float));
-    if (!stats_dev || !stats) {
-        tlm_errorf("out of memory for the benchmark's %d step statistics", nsteps);
-        goto out;
-    }
+    if (bench_trainee_open(&tr, ops, cfg, B, T, o->seed, nsteps)) goto out;
     ld = loader_create(data, B, T, o->seed, o->workers, o->prefetch, ops);
     if (!ld) goto out;
     r->pinned = loader_pinned(ld);
-    feed_init(&feed, ld, &m, o->prefetch);
+    feed_init(&feed, ld, &tr.m, o->prefetch);
     const float grad_scale = 1.0f / (float)((size_t)B * (size_t)T);
     int s = 0;
     /* warm-up through the loader (its workers start, the ring fills) */
     for (int k = 0; k < o->warmup_steps + 1; k++, s++)
-        if (bench_loader_step(&m, &adam, &feed, B, T, grad_scale, stats_dev + 2 * s, s + 1)) goto out;
+        if (bench_loader_step(&tr.m, &tr.adam, &feed, B, T, grad_scale, tr.stats_dev + 2 * s, s + 1)) goto out;
     double tsum[2] = {0, 0};
     for (int round = 0; round < o->rounds; round++)
         for (int half = 0; half < 2; half++) {
@@ -211,19 +220,13 @@ int bench_loader(tlm_ops *ops, const tlm_config *cfg, const bench_loader_opts *o
             ops->sync(ops);
             const double t0 = tlm_now();
             for (int k = 0; k < o->steps; k++, s++)
-                if (bench_loader_step(&m, &adam, use_loader ? &feed : NULL, B, T, grad_scale, stats_dev + 2 * s,
-                                      s + 1))
+                if (bench_loader_step(&tr.m, &tr.adam, use_loader ? &feed : NULL, B, T, grad_scale,
+                                      tr.stats_dev + 2 * s, s + 1))
                     goto out;
             ops->sync(ops);
             tsum[use_loader] += tlm_now() - t0;
         }
-    if (ops_status(ops)) goto out;
-    ops->copy_d2h(ops, stats, stats_dev, (size_t)2 * nsteps * sizeof(float));
-    for (int k = 0; k < nsteps; k++)
-        if (!isfinite(stats[2 * k]) || !isfinite(stats[2 * k + 1])) {
-            tlm_errorf("bench: loader benchmark step %d gave a non-finite loss or gradient", k + 1);
-            goto out;
-        }
+    if (bench_trainee_check(&tr, ops, nsteps)) goto out;
     r->steps = (long long)o->rounds * o->steps;
     r->resident_step_s = tsum[0] / (double)r->steps;
     r->loader_step_s = tsum[1] / (double)r->steps;
@@ -237,10 +240,7 @@ out:
         feed_release(&feed, 0); /* no copy may still read a ring slot */
         loader_destroy(ld);
     }
-    if (stats_dev) ops->free(ops, stats_dev);
-    free(stats);
-    if (have_adam) adamw_destroy(&adam, ops);
-    if (have_model) model_destroy(&m);
+    bench_trainee_close(&tr, ops);
     free((void *)syn.tokens);
     return rc;
 }
