@@ -322,6 +322,10 @@ def torch_train(mode, b):
     for r in pt.get("train", []):
         if r.get("mode") == mode and r.get("batch") == b:
             return r.get("tokens_per_s")
+def torch_train_mem(mode, b):
+    for r in pt.get("train", []):
+        if r.get("mode") == mode and r.get("batch") == b:
+            return r.get("peak_mem_bytes")
 def torch_gen(s):
     for r in pt.get("gen", []):
         if r.get("streams") == s:
@@ -346,6 +350,11 @@ for name, k, mode, b, target in rows:
     j = tl.get(k) or {}
     v = j.get("train_tokens_per_s")
     print(f"{name:34} {fmt(v):>10} {mfu(v):>6} {fmt(torch_train(mode, b)):>10}  {target}")
+for b in (64, 256):
+    tm = (tl.get(f"bench_train_bf16_b{b}") or {}).get("device_peak_bytes")
+    pm = torch_train_mem("bf16", b)
+    print(f"{'peak GPU MB, train b' + str(b) + ' bf16':34} {(f'{tm / 1e6:.0f}' if tm else '-'):>10} {'':>6} "
+          f"{(f'{pm / 1e6:.0f}' if pm else '-'):>10}")
 for s, target in ((1, ">= 5,000"), (1024, ">= 1.25M")):
     print(f"{'gen tok/s ' + str(s) + ' stream' + ('s' if s > 1 else '') + ' (bf16)':34} "
           f"{fmt(tl_gen('bench_gen', s)):>10} {'':>6} {fmt(torch_gen(s)):>10}  {target}")

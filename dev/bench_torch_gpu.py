@@ -130,6 +130,7 @@ def bench_train(c, batch, steps, warmup, mode, dev):
         opt.step()
         return loss
 
+    torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -139,8 +140,11 @@ def bench_train(c, batch, steps, warmup, mode, dev):
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tps = batch * T * steps / dt
+    # the allocator's peak (tensors, optimizer state, autograd buffers), as
+    # tinylm's device_peak_bytes counts the buffers its backend holds
     return {"mode": mode, "batch": batch, "tokens_per_s": tps, "step_ms": 1e3 * dt / steps,
-            "loss_last": float(loss), "tflops": tps * flops_per_token(c) / 1e12}
+            "loss_last": float(loss), "tflops": tps * flops_per_token(c) / 1e12,
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(dev)}
 
 
 @torch.no_grad()

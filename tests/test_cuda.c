@@ -163,6 +163,42 @@ static void check_close(const char *what, const float *got, const float *want, s
 
 /* ---- memory and transfers ---------------------------------------------------------- */
 
+/* mem_usage counts exactly what alloc, pack and the backend's own buffers
+ * hold: an allocation adds its bytes, a free takes them back, the peak
+ * keeps the most. */
+static void test_mem_usage(void **state) {
+    (void)state;
+    NEED_GPU();
+    tlm_ops *o = g_gpu;
+    if (!o->mem_usage) fail_msg("the CUDA backend has no mem_usage");
+    size_t u0 = 0, p0 = 0, u = 0, p = 0;
+    o->mem_usage(o, &u0, &p0);
+    assert_true(p0 >= u0);
+    void *a = o->alloc(o, 3 << 20), *b = o->alloc(o, 5000);
+    assert_non_null(a);
+    assert_non_null(b);
+    o->mem_usage(o, &u, &p);
+    assert_int_equal(u, u0 + (3 << 20) + 5000);
+    assert_true(p >= u);
+    o->free(o, a);
+    o->mem_usage(o, &u, NULL);
+    assert_int_equal(u, u0 + 5000);
+    o->mem_usage(o, NULL, &p);
+    assert_true(p >= u0 + (3 << 20) + 5000); /* the peak stays */
+    /* packed weights count too (bf16: 2 bytes a weight) */
+    float *w = up(o, NULL, (size_t)64 * 32 * 4);
+    o->mem_usage(o, &u0, NULL);
+    tlm_packed *pk = o->pack(o, w, 64, 32, TLM_PACK_BF16, TLM_PACK_LINEAR);
+    assert_non_null(pk);
+    o->mem_usage(o, &u, NULL);
+    assert_int_equal(u, u0 + 64 * 32 * 2);
+    o->pack_free(o, pk);
+    o->mem_usage(o, &u, NULL);
+    assert_int_equal(u, u0);
+    o->free(o, w);
+    o->free(o, b);
+}
+
 static void test_memory(void **state) {
     (void)state;
     NEED_GPU();
@@ -2580,7 +2616,8 @@ static void test_graph_generate(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_memory),      cmocka_unit_test(test_matmul),      cmocka_unit_test(test_add_swiglu),
+        cmocka_unit_test(test_memory),      cmocka_unit_test(test_mem_usage),   cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_add_swiglu),
         cmocka_unit_test(test_embed),       cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention),   cmocka_unit_test(test_attn_cached), cmocka_unit_test(test_xent),
         cmocka_unit_test(test_sumsq_adamw), cmocka_unit_test(test_determinism), cmocka_unit_test(test_errors),

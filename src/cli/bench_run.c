@@ -130,6 +130,11 @@ int bench_train(tlm_ops *ops, const tlm_config *cfg, const bench_train_opts *o, 
     r->tokens_per_s = r->seconds > 0 ? (double)r->tokens / r->seconds : 0;
     r->flops_per_token = bench_train_flops_per_token(cfg, T);
     r->gflops = r->flops_per_token * r->tokens_per_s / 1e9;
+    if (ops->mem_usage) {
+        size_t peak = 0;
+        ops->mem_usage(ops, NULL, &peak);
+        r->device_peak_bytes = (long long)peak;
+    }
     rc = 0;
 out:
     if (ticket > 0) model_stage_done(&tr.m, ticket, 1); /* the copy may still read in, tg */

@@ -51,6 +51,7 @@ typedef struct {
     double loss_last;
     double flops_per_token;
     double gflops;         /* model GFLOP/s achieved */
+    long long device_peak_bytes; /* the backend's device memory at most (ops mem_usage), 0 if it has none */
 } bench_train_result;
 
 /* Random-init model on ops, random tokens; each step is what the trainer does:

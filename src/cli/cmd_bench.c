@@ -338,6 +338,8 @@ static int run_train_child(const bench_flags *g, const tlm_config *c, int thread
         }
         v[k] = it->valuedouble;
     }
+    cJSON *dp = cJSON_GetObjectItem(j, "device_peak_bytes"); /* only where the device says */
+    out->r.device_peak_bytes = cJSON_IsNumber(dp) ? (long long)dp->valuedouble : 0;
     cJSON_Delete(j);
     out->r.tokens_per_s = v[0];
     out->r.seconds = v[1];
@@ -422,6 +424,8 @@ static void print_json(const bench_flags *g, const tlm_config *c, int threads, c
         cJSON_AddNumberToObject(j, "train_loss_first", R->train.loss_first);
         cJSON_AddNumberToObject(j, "train_loss_last", R->train.loss_last);
         cJSON_AddNumberToObject(j, "train_gflops", R->train.gflops);
+        if (R->train.device_peak_bytes > 0)
+            cJSON_AddNumberToObject(j, "device_peak_bytes", (double)R->train.device_peak_bytes);
     }
     if (R->have_loader) {
         cJSON *l = cJSON_AddObjectToObject(j, "loader");
@@ -547,6 +551,10 @@ static void print_table(const bench_flags *g, const tlm_config *c, int threads, 
         row("encoding MB/s, 1 thread", fmt_value(R->tok.encode_mb_s_1, a, sizeof a));
         snprintf(lab, sizeof lab, "encoding MB/s, all %d thread%s", threads, threads == 1 ? "" : "s");
         row(lab, fmt_value(R->tok.encode_mb_s_n, a, sizeof a));
+    }
+    if (R->have_train && R->train.device_peak_bytes > 0) {
+        snprintf(a, sizeof a, "%.1f", (double)R->train.device_peak_bytes / 1e6);
+        row("peak device memory MB (training)", a);
     }
     if (R->have_mem) {
         snprintf(lab, sizeof lab, "peak memory MB (max RSS, %s)", R->mem_note);

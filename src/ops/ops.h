@@ -385,6 +385,13 @@ struct tlm_ops {
      * reading a result never reports garbage as a result. */
     int (*status)(tlm_ops *o);
 
+    /* OPTIONAL (NULL: the CPU, where the process's peak resident memory
+     * says it). Device memory the backend holds, in bytes: buffers from
+     * alloc, its own scratch and tables, packed weights and library
+     * workspace (not the driver's context), now and at most since the
+     * backend was created. */
+    void (*mem_usage)(tlm_ops *o, size_t *in_use, size_t *peak);
+
     void (*destroy)(tlm_ops *o);
 };
 

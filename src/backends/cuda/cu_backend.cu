@@ -70,6 +70,8 @@
 #include "backends/cuda/cu_internal.h"
 
 #include <dlfcn.h>
+
+#include <unordered_map>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,6 +154,38 @@ static bool cu_blas_ok(cu_ctx *c, cublasStatus_t s, const char *what) {
     return false;
 }
 
+typedef std::unordered_map<void *, size_t> cu_size_map;
+
+cudaError_t cu_dmalloc(cu_ctx *c, void **p, size_t bytes) {
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess) return e;
+    if (!c->dev_sizes) c->dev_sizes = new cu_size_map();
+    (*(cu_size_map *)c->dev_sizes)[*p] = bytes;
+    c->dev_in_use += bytes;
+    if (c->dev_in_use > c->dev_peak) c->dev_peak = c->dev_in_use;
+    return e;
+}
+
+void cu_dfree(cu_ctx *c, void *p) {
+    if (!p) return;
+    if (c->dev_sizes) {
+        cu_size_map *m = (cu_size_map *)c->dev_sizes;
+        auto it = m->find(p);
+        if (it != m->end()) {
+            c->dev_in_use -= it->second;
+            m->erase(it);
+        }
+    }
+    cudaError_t e = cudaFree(p);
+    if (e != cudaSuccess && !c->failed) cu_ok_at(c, e, "cudaFree", __LINE__);
+}
+
+static void cu_mem_usage(tlm_ops *o, size_t *in_use, size_t *peak) {
+    const cu_ctx *c = cu_of(o);
+    if (in_use) *in_use = c->dev_in_use;
+    if (peak) *peak = c->dev_peak;
+}
+
 void *cu_scratch(cu_ctx *c, size_t bytes) {
     if (bytes <= c->scratch_bytes) return c->scratch;
     if (c->capturing) {
@@ -164,12 +198,12 @@ void *cu_scratch(cu_ctx *c, size_t bytes) {
     /* kernels queued earlier may still use the old block */
     if (c->scratch) {
         if (!cu_host_wait(c, c->stream, "cudaStreamSynchronize (growing scratch)")) return NULL;
-        CU_OK(c, cudaFree(c->scratch));
+        cu_dfree(c, c->scratch);
         c->scratch = NULL;
         c->scratch_bytes = 0;
     }
     void *p = NULL;
-    cudaError_t e = cudaMalloc(&p, want);
+    cudaError_t e = cu_dmalloc(c, &p, want);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
         cu_fail(c, "out of GPU memory on cuda:%d for %zu bytes of scratch: use a smaller --batch", c->device, want);
@@ -201,7 +235,7 @@ static void *cu_alloc(tlm_ops *o, size_t bytes) {
         return NULL;
     }
     void *p = NULL;
-    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    cudaError_t e = cu_dmalloc(c, &p, bytes ? bytes : 1);
     if (e != cudaSuccess) {
         (void)cudaGetLastError(); /* not sticky: clear it */
         size_t fr = 0, tot = 0;
@@ -219,7 +253,7 @@ static void *cu_alloc(tlm_ops *o, size_t bytes) {
      * batch) must not be overwritten by its zero fill */
     if (!CU_OK(c, cudaMemsetAsync(p, 0, bytes, c->stream)) || !CU_OK(c, cudaEventRecord(c->ev_compute, c->stream)) ||
         !CU_OK(c, cudaStreamWaitEvent(c->copy, c->ev_compute, 0))) {
-        cudaFree(p);
+        cu_dfree(c, p);
         return NULL;
     }
     return p;
@@ -231,8 +265,7 @@ static void cu_free(tlm_ops *o, void *p) {
     /* cudaFree is refused during a capture and breaks it; freeing is still
      * the right thing for the memory */
     if (c->capturing) cu_fail(c, "free while recording a graph: free after graph_end");
-    cudaError_t e = cudaFree(p);
-    if (e != cudaSuccess && !c->failed) cu_ok_at(c, e, "cudaFree", __LINE__);
+    cu_dfree(c, p);
 }
 
 static void cu_pin_add(cu_ctx *c, void *p, size_t n) {
@@ -784,9 +817,10 @@ static void cu_destroy(tlm_ops *o) {
         if (c->stream) cudaStreamSynchronize(c->stream);
         if (c->copy) cudaStreamSynchronize(c->copy);
         if (c->blas_h && c->blas.destroy) c->blas.destroy(c->blas_h);
-        if (c->blas_ws) cudaFree(c->blas_ws);
-        if (c->scratch) cudaFree(c->scratch);
-        if (c->rope_tab) cudaFree(c->rope_tab);
+        cu_dfree(c, c->blas_ws);
+        cu_dfree(c, c->scratch);
+        cu_dfree(c, c->rope_tab);
+        delete (cu_size_map *)c->dev_sizes;
         if (c->ev_compute) cudaEventDestroy(c->ev_compute);
         if (c->ev_copied) cudaEventDestroy(c->ev_copied);
         if (c->copy) cudaStreamDestroy(c->copy);
@@ -900,7 +934,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
         !cu_blas_ok(c, c->blas.set_stream(c->blas_h, c->stream), "cublasSetStream") ||
         /* default math: fp32 products stay fp32 (no TF32) */
         !cu_blas_ok(c, c->blas.set_math_mode(c->blas_h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode") ||
-        !CU_OK(c, cudaMalloc(&c->blas_ws, CU_BLAS_WORKSPACE)) ||
+        !CU_OK(c, cu_dmalloc(c, &c->blas_ws, CU_BLAS_WORKSPACE)) ||
         /* a fixed workspace: the same algorithms (and bits) every run */
         !cu_blas_ok(c, c->blas.set_workspace(c->blas_h, c->blas_ws, CU_BLAS_WORKSPACE), "cublasSetWorkspace")) {
         cu_note(why, sizeof why, "%s", c->err);
@@ -934,6 +968,7 @@ static tlm_ops *cu_create(int device, int dtype, char *note, size_t nn) {
     o->copy_h2d_async = cu_copy_h2d_async;
     o->event_done = cu_event_done;
     o->status = cu_status;
+    o->mem_usage = cu_mem_usage;
     o->graph_begin = cu_graph_begin;
     o->graph_end = cu_graph_end;
     o->graph_launch = cu_graph_launch;

@@ -95,7 +95,7 @@ static tlm_packed *cu_pack(tlm_ops *o, const float *w, int N, int K, int dtype, 
     }
     cu_packed *p = (cu_packed *)calloc(1, sizeof *p);
     size_t es = dtype == TLM_PACK_BF16 ? 2 : 4;
-    if (!p || cudaMalloc(&p->wt, (size_t)N * K * es) != cudaSuccess) {
+    if (!p || cu_dmalloc(c, &p->wt, (size_t)N * K * es) != cudaSuccess) {
         (void)cudaGetLastError();
         snprintf(msg, sizeof msg, "out of GPU memory packing a %d x %d weight matrix: use a smaller model", N, K);
         cu_report(msg);
@@ -115,7 +115,7 @@ static tlm_packed *cu_pack(tlm_ops *o, const float *w, int N, int K, int dtype, 
     }
     cu_after(c, "pack");
     if (c->failed) {
-        cudaFree(p->wt);
+        cu_dfree(c, p->wt);
         free(p);
         cu_report(c->err);
         return NULL;
@@ -129,7 +129,7 @@ static void cu_pack_free(tlm_ops *o, tlm_packed *h) {
     if (!p) return;
     /* ops queued on the stream may still read it */
     if (!c->failed) CU_OK(c, cudaStreamSynchronize(c->stream));
-    cudaFree(p->wt);
+    cu_dfree(c, p->wt);
     free(p);
 }
 

@@ -113,6 +113,11 @@ struct cu_ctx {
      * stale and graph_launch refuses it. */
     unsigned long graph_gen;
 
+    /* Device memory this backend holds (cu_dmalloc), now and at most: sizes
+     * by address in dev_sizes (a std::unordered_map, owned here). */
+    void *dev_sizes;
+    size_t dev_in_use, dev_peak;
+
     int started;           /* start-up is over (error messages then say what to do) */
     int failed;            /* sticky: after a device error every op is a no-op */
     char err[512];
@@ -140,6 +145,10 @@ void *cu_scratch(cu_ctx *c, size_t bytes);
  * given, read as the kernel runs, else pos0 (cu_kernels.cu). */
 void cu_rope_run(cu_ctx *c, float *qkv, int B, int T, int H, int hd, int pos0, const int32_t *pos_dev, int npos,
                  float theta, float dir);
+/* cudaMalloc / cudaFree that keep count of the bytes held (ops.h
+ * mem_usage). Every device allocation of the backend goes through them. */
+cudaError_t cu_dmalloc(cu_ctx *c, void **p, size_t bytes);
+void cu_dfree(cu_ctx *c, void *p);
 /* Grid size for a grid-stride loop over n items with `per_block` items
  * handled per block and pass. */
 unsigned cu_grid(const cu_ctx *c, size_t n, unsigned per_block);

@@ -315,10 +315,10 @@ static int cu_rope_prepare(cu_ctx *c, int hd, float theta, int npos) {
     c->graph_gen++; /* recorded steps hold the old table's address */
     if (c->rope_tab) {
         cu_host_wait(c, c->stream, "cudaStreamSynchronize (growing the RoPE table)");
-        CU_OK(c, cudaFree(c->rope_tab));
+        cu_dfree(c, c->rope_tab);
         c->rope_tab = NULL;
     }
-    if (!CU_OK(c, cudaMalloc((void **)&c->rope_tab, (size_t)len * half * sizeof(float2)))) {
+    if (!CU_OK(c, cu_dmalloc(c, (void **)&c->rope_tab, (size_t)len * half * sizeof(float2)))) {
         c->rope_tab = NULL;
         return -1;
     }
