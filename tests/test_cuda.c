@@ -928,7 +928,7 @@ static void test_packed(void **state) {
     NEED_GPU();
     if (!g_gpu->pack || !g_ref->pack) skip();
     assert_true(g_gpu->pack_dtype_fast == TLM_PACK_F32 || g_gpu->pack_dtype_fast == TLM_PACK_BF16);
-    const int shapes[][3] = {{1, 40, 64}, {37, 70, 200}, {5, 64, 300}, {20, 2 * 88, 129}};
+    const int shapes[][3] = {{1, 40, 64}, {37, 70, 200}, {5, 64, 300}, {20, 2 * 88, 129}, {70, 200, 150}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int dt = TLM_PACK_F32; dt <= TLM_PACK_BF16; dt++)
             for (int kind = 0; kind < 2; kind++)
