@@ -272,10 +272,54 @@ static __global__ void __launch_bounds__(MP_WARPS * 32)
 #define TM_LDB (TM_BN + 8) /* the 16-byte pad staggers rows across shared-memory banks */
 #define TM_LDC (TM_BN + 4) /* fp32 pitch of the epilogue tile, a multiple of 4 (16 bytes) */
 
+#define TM_CH (TM_BM * TM_BK / 8 / (TM_WARPS * 32)) /* 8-element chunks per thread and operand */
+static_assert(TM_BM * TM_BK == TM_BK * TM_BN, "A and B tiles share the chunk count");
+static_assert(TM_CH * 8 * TM_WARPS * 32 == TM_BM * TM_BK, "whole chunks per thread");
+
+/* 8 bf16, 16 bytes: one vector load or store */
+struct alignas(16) tm_bf8 {
+    __nv_bfloat16 h[8];
+};
+
+/* This thread's chunks of the A tile (rows m0.., k k0..) and the B tile
+ * (k k0.., the block's staged columns) into registers, zero outside the
+ * matrices. `vec`: rows of xn and wt start 16-byte aligned (K and the
+ * column counts multiples of 8), so a chunk inside the matrix is one load;
+ * chunks over an edge go element by element. */
+template <int SWIGLU>
+static __device__ __forceinline__ void tm_fetch(tm_bf8 (&ra)[TM_CH], tm_bf8 (&rb)[TM_CH], const __nv_bfloat16 *xn,
+                                                const __nv_bfloat16 *wt, int M, int N, int K, int m0, int n0, int k0,
+                                                int vec) {
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    const int nout = SWIGLU ? N / 2 : N, bno = SWIGLU ? TM_BN / 2 : TM_BN;
+    TM_UNROLL for (int q = 0; q < TM_CH; q++) {
+        const int c = threadIdx.x + q * TM_WARPS * 32;
+        {
+            const int m = m0 + c / (TM_BK / 8), k = k0 + 8 * (c % (TM_BK / 8));
+            const __nv_bfloat16 *src = xn + (size_t)m * K + k;
+            if (vec && m < M && k + 8 <= K)
+                ra[q] = *(const tm_bf8 *)src;
+            else
+                for (int t = 0; t < 8; t++) ra[q].h[t] = m < M && k + t < K ? src[t] : zero;
+        }
+        {
+            const int k = k0 + c / (TM_BN / 8), j = 8 * (c % (TM_BN / 8));
+            /* staged column j -> weight column: SWIGLU pairs gate f with up F + f */
+            const int f = n0 + (SWIGLU && j >= bno ? j - bno : j);
+            const int col = SWIGLU && j >= bno ? nout + f : f;
+            const __nv_bfloat16 *src = wt + (size_t)k * N + col;
+            if (vec && k < K && f + 8 <= nout)
+                rb[q] = *(const tm_bf8 *)src;
+            else
+                for (int t = 0; t < 8; t++) rb[q].h[t] = k < K && f + t < nout ? src[t] : zero;
+        }
+    }
+}
+
 template <int SWIGLU>
 static __global__ void __launch_bounds__(TM_WARPS * 32)
-    k_matmul_packed_tc(float *y, const __nv_bfloat16 *xn, const __nv_bfloat16 *wt, int M, int N, int K,
-                       int accumulate) {
+    k_matmul_packed_tc(float *y, const __nv_bfloat16 *xn, const __nv_bfloat16 *wt, int M, int N, int K, int accumulate,
+                       int vec) {
     namespace wmma = nvcuda::wmma;
     /* every fragment pointer below is a multiple of 16 rows or 16 columns
      * from these bases: 32-byte aligned given the pitches above */
@@ -291,27 +335,20 @@ static __global__ void __launch_bounds__(TM_WARPS * 32)
     TM_UNROLL for (int i = 0; i < 2; i++) {
         TM_UNROLL for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.f);
     }
-    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    /* Staging: each thread moves TM_CH 8-element chunks of A and of B per k
+     * step, fetched into registers one step ahead, so the global loads of
+     * step k0 + TM_BK are in flight while the warps multiply step k0. */
+    tm_bf8 ra[TM_CH], rb[TM_CH];
+    tm_fetch<SWIGLU>(ra, rb, xn, wt, M, N, K, m0, n0, 0, vec);
     for (int k0 = 0; k0 < K; k0 += TM_BK) {
         __syncthreads(); /* the previous step's fragments are loaded */
-        for (int e = threadIdx.x; e < TM_BM * TM_BK; e += TM_WARPS * 32) {
-            const int i = e / TM_BK, k = e - i * TM_BK;
-            As[i][k] = m0 + i < M && k0 + k < K ? xn[(size_t)(m0 + i) * K + k0 + k] : zero;
-        }
-        for (int e = threadIdx.x; e < TM_BK * TM_BN; e += TM_WARPS * 32) {
-            const int k = e / TM_BN, j = e - k * TM_BN;
-            /* staged column j -> weight column: SWIGLU pairs gate j with up F + j */
-            int col = n0 + j, ok;
-            if (SWIGLU) {
-                const int f = n0 + (j < bno ? j : j - bno);
-                ok = f < nout;
-                col = j < bno ? f : nout + f;
-            } else {
-                ok = col < N;
-            }
-            Bs[k][j] = ok && k0 + k < K ? wt[(size_t)(k0 + k) * N + col] : zero;
+        TM_UNROLL for (int q = 0; q < TM_CH; q++) {
+            const int ca = threadIdx.x + q * TM_WARPS * 32;
+            *(tm_bf8 *)&As[ca / (TM_BK / 8)][8 * (ca % (TM_BK / 8))] = ra[q];
+            *(tm_bf8 *)&Bs[ca / (TM_BN / 8)][8 * (ca % (TM_BN / 8))] = rb[q];
         }
         __syncthreads();
+        if (k0 + TM_BK < K) tm_fetch<SWIGLU>(ra, rb, xn, wt, M, N, K, m0, n0, k0 + TM_BK, vec);
         TM_UNROLL for (int kk = 0; kk < TM_BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b[2];
@@ -356,12 +393,16 @@ static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
         const __nv_bfloat16 *wt = (const __nv_bfloat16 *)p->wt;
         const int bno = p->kind == TLM_PACK_SWIGLU ? TM_BN / 2 : TM_BN;
         dim3 tg((unsigned)((nout + bno - 1) / bno), (unsigned)((M + TM_BM - 1) / TM_BM));
+        /* 16-byte chunk loads need every row of xn and wt 16-byte aligned:
+         * K and the output column count (so N, and for SWIGLU the up
+         * half's start) multiples of 8, both bases aligned */
+        const int vec = K % 8 == 0 && nout % 8 == 0 && (uintptr_t)s % 16 == 0 && (uintptr_t)wt % 16 == 0;
         if (p->kind == TLM_PACK_SWIGLU) {
             auto k = k_matmul_packed_tc<1>;
-            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, 0);
+            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, 0, vec);
         } else {
             auto k = k_matmul_packed_tc<0>;
-            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, accumulate);
+            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, accumulate, vec);
         }
         cu_after(c, "matmul_packed");
         return;
