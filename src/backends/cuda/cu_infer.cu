@@ -255,8 +255,10 @@ static __global__ void __launch_bounds__(MP_WARPS * 32)
  * mma_sync per 16-wide k step, k = 0, 16, 32, ... in increasing order, over
  * zero-padded rows and k; the tile a row falls in, and the rows beside it
  * (real or zero padding), never enter its sums. So M = 1 runs the same
- * kernel, its one row padded with 15 zero rows in shared memory, and a row
- * alone equals the same row in any batch bit for bit.
+ * kernel, its one row padded with 63 zero rows of its 64-row tile in shared
+ * memory, and a row alone equals the same row in any batch bit for bit.
+ * (The number of k steps is fixed by K alone: a step past K multiplies
+ * zeros, the same for every M.)
  *
  * A block: 4 warps, TM_BM = 64 rows by TM_BN = 64 staged weight columns,
  * warp (wm, wn) owning rows 32wm.. and columns 32wn.. as 2 x 2 fragments.
