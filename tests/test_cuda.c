@@ -928,7 +928,11 @@ static void test_packed(void **state) {
     NEED_GPU();
     if (!g_gpu->pack || !g_ref->pack) skip();
     assert_true(g_gpu->pack_dtype_fast == TLM_PACK_F32 || g_gpu->pack_dtype_fast == TLM_PACK_BF16);
-    const int shapes[][3] = {{1, 40, 64}, {37, 70, 200}, {5, 64, 300}, {20, 2 * 88, 129}};
+    /* the last two: several 64-row tiles and column blocks; edges not a
+     * multiple of 8 or 16 (K 150, F 100), then multiples of 8 (16-byte
+     * chunk loads of bf16) with partial tiles (N 208, F 104) */
+    const int shapes[][3] = {{1, 40, 64},    {37, 70, 200},   {5, 64, 300}, {20, 2 * 88, 129},
+                             {70, 200, 150}, {70, 208, 160}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int dt = TLM_PACK_F32; dt <= TLM_PACK_BF16; dt++)
             for (int kind = 0; kind < 2; kind++)

@@ -14,7 +14,9 @@
  * 128-wide chunk c in increasing k with fused multiply-adds, and the 8
  * partial sums are added in warp order. M only decides how many such
  * blocks there are (cuBLAS would pick its algorithm, and so its order, by
- * the shapes, so it is not used here).
+ * the shapes, so it is not used here). That is the FMA kernel, for fp32
+ * weights; bf16 weights run on the tensor cores (k_matmul_packed_tc), whose
+ * order is fixed by K in the same way (one mma chain per 16 k).
  *
  * With bf16 weights the inputs are rounded to bf16 too, so every product is
  * exact in fp32 and only the sums round, as the CPU backends do.
@@ -25,6 +27,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* TM_UNROLL: full unrolling, so the fragment arrays are indexed by
+ * constants and stay in registers */
+#ifdef TLM_CUDA_EMU
+#define TM_UNROLL
+#else
+#include <mma.h>
+#define TM_UNROLL _Pragma("unroll")
+#endif
 
 typedef struct {
     int N, K, dtype, kind;
@@ -63,7 +74,6 @@ template <> struct kv_io<uint16_t> {
 };
 
 static __device__ __forceinline__ float w_get(const float *w, size_t i) { return w[i]; }
-static __device__ __forceinline__ float w_get(const __nv_bfloat16 *w, size_t i) { return __bfloat162float(w[i]); }
 
 /* ---- pack -------------------------------------------------------------------------- */
 
@@ -136,8 +146,10 @@ static void cu_pack_free(tlm_ops *o, tlm_packed *h) {
 /* ---- matmul_packed --------------------------------------------------------------- */
 
 /* xn[m,:] = x[m,:] * r * nw (r in double, as the reference) or x itself;
- * rounded to bf16 when `round`. One warp per row. */
-static __global__ void k_prep_rows(float *xn, const float *x, const float *nw, int M, int K, float eps, int round) {
+ * rounded to bf16 when `round` (a bf16 XT always rounds, to nearest even as
+ * cu_round_bf16). One warp per row. */
+template <class XT>
+static __global__ void k_prep_rows(XT *xn, const float *x, const float *nw, int M, int K, float eps, int round) {
     const int lane = threadIdx.x & 31;
     const int nwarps = (gridDim.x * blockDim.x) >> 5;
     for (int m = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; m < M; m += nwarps) {
@@ -151,7 +163,7 @@ static __global__ void k_prep_rows(float *xn, const float *x, const float *nw, i
         }
         for (int k = lane; k < K; k += 32) {
             float v = nw ? (float)(xr[k] * r * nw[k]) : xr[k];
-            xn[(size_t)m * K + k] = round ? cu_round_bf16(v) : v;
+            w_put(xn, (size_t)m * K + k, round ? cu_round_bf16(v) : v);
         }
     }
 }
@@ -235,40 +247,185 @@ static __global__ void __launch_bounds__(MP_WARPS * 32)
     }
 }
 
+/* ---- matmul_packed on the tensor cores (bf16 weights) ----------------------------
+ *
+ * y[m, n] for TLM_PACK_BF16 with WMMA m16n16k16 bf16 products (exact in
+ * fp32) and fp32 accumulators. Batch invariance: every output element lives
+ * in exactly one accumulator fragment, which starts at zero and takes one
+ * mma_sync per 16-wide k step, k = 0, 16, 32, ... in increasing order, over
+ * zero-padded rows and k; the tile a row falls in, and the rows beside it
+ * (real or zero padding), never enter its sums. So M = 1 runs the same
+ * kernel, its one row padded with 63 zero rows of its 64-row tile in shared
+ * memory, and a row alone equals the same row in any batch bit for bit.
+ * (The number of k steps is fixed by K alone: a step past K multiplies
+ * zeros, the same for every M.)
+ *
+ * A block: 4 warps, TM_BM = 64 rows by TM_BN = 64 staged weight columns,
+ * warp (wm, wn) owning rows 32wm.. and columns 32wn.. as 2 x 2 fragments.
+ * LINEAR stages 64 output columns; SWIGLU stages 32 gate columns [n0, n0+32)
+ * then the 32 matching up columns [F+n0, F+n0+32), so a gate and its up
+ * value meet in the same block's epilogue. Accumulators go through fp32
+ * shared memory to an element-wise epilogue (accumulate, silu(g)*u). */
+#define TM_WARPS 4
+#define TM_BM 64
+#define TM_BN 64
+#define TM_BK 32
+#define TM_LDA (TM_BK + 8) /* bf16 pitches: a multiple of 8 elements (16 bytes) as WMMA requires; */
+#define TM_LDB (TM_BN + 8) /* the 16-byte pad staggers rows across shared-memory banks */
+#define TM_LDC (TM_BN + 4) /* fp32 pitch of the epilogue tile, a multiple of 4 (16 bytes) */
+
+#define TM_CH (TM_BM * TM_BK / 8 / (TM_WARPS * 32)) /* 8-element chunks per thread and operand */
+static_assert(TM_BM * TM_BK == TM_BK * TM_BN, "A and B tiles share the chunk count");
+static_assert(TM_CH * 8 * TM_WARPS * 32 == TM_BM * TM_BK, "whole chunks per thread");
+
+/* 8 bf16, 16 bytes: one vector load or store */
+struct alignas(16) tm_bf8 {
+    __nv_bfloat16 h[8];
+};
+
+/* This thread's chunks of the A tile (rows m0.., k k0..) and the B tile
+ * (k k0.., the block's staged columns) into registers, zero outside the
+ * matrices. `vec`: rows of xn and wt start 16-byte aligned (K and the
+ * column counts multiples of 8), so a chunk inside the matrix is one load;
+ * chunks over an edge go element by element. */
+template <int SWIGLU>
+static __device__ __forceinline__ void tm_fetch(tm_bf8 (&ra)[TM_CH], tm_bf8 (&rb)[TM_CH], const __nv_bfloat16 *xn,
+                                                const __nv_bfloat16 *wt, int M, int N, int K, int m0, int n0, int k0,
+                                                int vec) {
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    const int nout = SWIGLU ? N / 2 : N, bno = SWIGLU ? TM_BN / 2 : TM_BN;
+    TM_UNROLL for (int q = 0; q < TM_CH; q++) {
+        const int c = threadIdx.x + q * TM_WARPS * 32;
+        {
+            const int m = m0 + c / (TM_BK / 8), k = k0 + 8 * (c % (TM_BK / 8));
+            const __nv_bfloat16 *src = xn + (size_t)m * K + k;
+            if (vec && m < M && k + 8 <= K)
+                ra[q] = *(const tm_bf8 *)src;
+            else
+                for (int t = 0; t < 8; t++) ra[q].h[t] = m < M && k + t < K ? src[t] : zero;
+        }
+        {
+            const int k = k0 + c / (TM_BN / 8), j = 8 * (c % (TM_BN / 8));
+            /* staged column j -> weight column: SWIGLU pairs gate f with up F + f */
+            const int f = n0 + (SWIGLU && j >= bno ? j - bno : j);
+            const int col = SWIGLU && j >= bno ? nout + f : f;
+            const __nv_bfloat16 *src = wt + (size_t)k * N + col;
+            if (vec && k < K && f + 8 <= nout)
+                rb[q] = *(const tm_bf8 *)src;
+            else
+                for (int t = 0; t < 8; t++) rb[q].h[t] = k < K && f + t < nout ? src[t] : zero;
+        }
+    }
+}
+
+template <int SWIGLU>
+static __global__ void __launch_bounds__(TM_WARPS * 32)
+    k_matmul_packed_tc(float *y, const __nv_bfloat16 *xn, const __nv_bfloat16 *wt, int M, int N, int K, int accumulate,
+                       int vec) {
+    namespace wmma = nvcuda::wmma;
+    /* every fragment pointer below is a multiple of 16 rows or 16 columns
+     * from these bases: 32-byte aligned given the pitches above */
+    alignas(32) __shared__ __nv_bfloat16 As[TM_BM][TM_LDA];
+    alignas(32) __shared__ __nv_bfloat16 Bs[TM_BK][TM_LDB];
+    alignas(32) __shared__ float Cs[TM_BM][TM_LDC];
+    CU_SHARED_POISON(As, Bs, Cs);
+    const int w = threadIdx.x >> 5, wm = w >> 1, wn = w & 1;
+    const int nout = SWIGLU ? N / 2 : N;
+    const int bno = SWIGLU ? TM_BN / 2 : TM_BN; /* output columns per block */
+    const int m0 = blockIdx.y * TM_BM, n0 = blockIdx.x * bno;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    TM_UNROLL for (int i = 0; i < 2; i++) {
+        TM_UNROLL for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.f);
+    }
+    /* Staging: each thread moves TM_CH 8-element chunks of A and of B per k
+     * step, fetched into registers one step ahead, so the global loads of
+     * step k0 + TM_BK are in flight while the warps multiply step k0. */
+    tm_bf8 ra[TM_CH], rb[TM_CH];
+    tm_fetch<SWIGLU>(ra, rb, xn, wt, M, N, K, m0, n0, 0, vec);
+    for (int k0 = 0; k0 < K; k0 += TM_BK) {
+        __syncthreads(); /* the previous step's fragments are loaded */
+        TM_UNROLL for (int q = 0; q < TM_CH; q++) {
+            const int ca = threadIdx.x + q * TM_WARPS * 32;
+            *(tm_bf8 *)&As[ca / (TM_BK / 8)][8 * (ca % (TM_BK / 8))] = ra[q];
+            *(tm_bf8 *)&Bs[ca / (TM_BN / 8)][8 * (ca % (TM_BN / 8))] = rb[q];
+        }
+        __syncthreads();
+        if (k0 + TM_BK < K) tm_fetch<SWIGLU>(ra, rb, xn, wt, M, N, K, m0, n0, k0 + TM_BK, vec);
+        TM_UNROLL for (int kk = 0; kk < TM_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b[2];
+            TM_UNROLL for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], &As[32 * wm + 16 * i][kk], TM_LDA);
+            TM_UNROLL for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], &Bs[kk][32 * wn + 16 * j], TM_LDB);
+            TM_UNROLL for (int i = 0; i < 2; i++) {
+                TM_UNROLL for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+            }
+        }
+    }
+    TM_UNROLL for (int i = 0; i < 2; i++) {
+        TM_UNROLL for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(&Cs[32 * wm + 16 * i][32 * wn + 16 * j], acc[i][j], TM_LDC, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < TM_BM * bno; e += TM_WARPS * 32) {
+        const int i = e / bno, j = e - i * bno, m = m0 + i, n = n0 + j;
+        if (m >= M || n >= nout) continue;
+        const float g = Cs[i][j];
+        float *yo = y + (size_t)m * nout + n;
+        if (SWIGLU)
+            *yo = g / (1.0f + expf(-g)) * Cs[i][bno + j];
+        else
+            *yo = accumulate ? *yo + g : g;
+    }
+}
+
 static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *h, const float *norm_w,
                              float eps, int accumulate) {
     cu_ctx *c = cu_of(o);
     const cu_packed *p = (const cu_packed *)h;
     if (c->failed || M <= 0 || !p) return;
     const int K = p->K, N = p->N, bf16 = p->dtype == TLM_PACK_BF16;
+    const int nout = p->kind == TLM_PACK_SWIGLU ? N / 2 : N;
+    if (bf16) {
+        /* xn in bf16 (the WMMA A operand), then the tensor-core kernel for every M */
+        __nv_bfloat16 *s = (__nv_bfloat16 *)cu_scratch(c, (size_t)M * K * sizeof(__nv_bfloat16));
+        if (!s) return;
+        auto prep = k_prep_rows<__nv_bfloat16>;
+        CU_LAUNCH(prep, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, 0);
+        cu_after(c, "matmul_packed (input rows)");
+        const __nv_bfloat16 *wt = (const __nv_bfloat16 *)p->wt;
+        const int bno = p->kind == TLM_PACK_SWIGLU ? TM_BN / 2 : TM_BN;
+        dim3 tg((unsigned)((nout + bno - 1) / bno), (unsigned)((M + TM_BM - 1) / TM_BM));
+        /* 16-byte chunk loads need every row of xn and wt 16-byte aligned:
+         * K and the output column count (so N, and for SWIGLU the up
+         * half's start) multiples of 8, both bases aligned */
+        const int vec = K % 8 == 0 && nout % 8 == 0 && (uintptr_t)s % 16 == 0 && (uintptr_t)wt % 16 == 0;
+        if (p->kind == TLM_PACK_SWIGLU) {
+            auto k = k_matmul_packed_tc<1>;
+            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, 0, vec);
+        } else {
+            auto k = k_matmul_packed_tc<0>;
+            CU_LAUNCH(k, tg, TM_WARPS * 32, c->stream, y, s, wt, M, N, K, accumulate, vec);
+        }
+        cu_after(c, "matmul_packed");
+        return;
+    }
     const float *xn = x;
-    if (norm_w || bf16) {
+    if (norm_w) {
         float *s = (float *)cu_scratch(c, (size_t)M * K * sizeof(float));
         if (!s) return;
-        CU_LAUNCH(k_prep_rows, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, bf16);
+        auto prep = k_prep_rows<float>;
+        CU_LAUNCH(prep, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, 0);
         cu_after(c, "matmul_packed (input rows)");
         xn = s;
     }
-    const int nout = p->kind == TLM_PACK_SWIGLU ? N / 2 : N;
     dim3 grid((unsigned)((nout + 31) / 32), (unsigned)((M + MP_ROWS - 1) / MP_ROWS));
-    if (bf16) {
-        const __nv_bfloat16 *wt = (const __nv_bfloat16 *)p->wt;
-        if (p->kind == TLM_PACK_SWIGLU) {
-            auto k = k_matmul_packed<__nv_bfloat16, 1>;
-            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
-        } else {
-            auto k = k_matmul_packed<__nv_bfloat16, 0>;
-            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
-        }
+    const float *wt = (const float *)p->wt;
+    if (p->kind == TLM_PACK_SWIGLU) {
+        auto k = k_matmul_packed<float, 1>;
+        CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
     } else {
-        const float *wt = (const float *)p->wt;
-        if (p->kind == TLM_PACK_SWIGLU) {
-            auto k = k_matmul_packed<float, 1>;
-            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
-        } else {
-            auto k = k_matmul_packed<float, 0>;
-            CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
-        }
+        auto k = k_matmul_packed<float, 0>;
+        CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
     }
     cu_after(c, "matmul_packed");
 }
