@@ -35,7 +35,7 @@
 #     graph and without (TLM_NO_GRAPH=1)                            2 x 60 s
 #   tinylm bench --only loader at batch 256 and 64 (bf16): steps fed by the
 #     real loader vs the batch already on the device (target <= 1.02) 2 x 45 s
-#   the fp32 sgemm peak                                                45 s
+#   the fp32 sgemm peak and the bf16 (tensor-core) product peak    2 x 45 s
 #   dev/bench_torch_gpu.py, the same model in PyTorch (eager fp32 and bf16
 #     training, bf16 generation, the bf16 matmul peak for the MFU)    150 s
 # part 2 (--checks):
@@ -223,6 +223,9 @@ EOF2
     TLM_CUDA_DTYPE=bf16 step "bench_loader_b$b" 45 "$bin" "${B[@]}" --only loader --batch $b --loader-rounds 3 "${LD[@]}"
   done
   step bench_sgemm 45 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 3
+  # the bf16 peak that MFU is measured against: the same product with bf16
+  # operands and output on the tensor cores (the backend's bf16 mode)
+  TLM_CUDA_DTYPE=bf16 step bench_gemm_bf16 45 "$bin" "${B[@]}" --only sgemm --gemm-size 8192 --gemm-reps 5
 
   # ---- benchmark: PyTorch ----
   py="$(command -v python3 || true)"
@@ -306,9 +309,14 @@ def load(name):
     return None
 tl = {k: load(k) for k in ["bench_train_fp32_b64", "bench_train_fp32_b256", "bench_train_tf32_b64",
                            "bench_train_tf32_b256", "bench_train_bf16_b64", "bench_train_bf16_b256", "bench_gen",
-                           "bench_gen_nograph", "bench_sgemm"]}
+                           "bench_gen_nograph", "bench_sgemm", "bench_gemm_bf16"]}
 pt = load("torch") or {}
-peak_bf16 = (pt.get("peak") or {}).get("bf16_tflops")
+# MFU against the bf16 product peak of this GPU: tinylm's own measurement
+# (bench_gemm_bf16), else PyTorch's
+own_bf16 = (tl.get("bench_gemm_bf16") or {}).get("sgemm_gflops")
+if (tl.get("bench_gemm_bf16") or {}).get("sgemm_dtype") != "bf16":
+    own_bf16 = None
+peak_bf16 = own_bf16 / 1e3 if own_bf16 else (pt.get("peak") or {}).get("bf16_tflops")
 fpt = next((v["flops_per_token"] for v in tl.values() if v and "flops_per_token" in v), pt.get("flops_per_token"))
 def fmt(x, unit=""):
     if x is None:
@@ -370,7 +378,9 @@ print(f"{'prompt tok/s (1 stream, 128)':34} {fmt(pr):>10}")
 sg = (tl.get("bench_sgemm") or {}).get("sgemm_gflops")
 print(f"{'fp32 sgemm 8192^3 TFLOP/s':34} {fmt(sg / 1e3 if sg else None):>10} {'':>6} "
       f"{fmt((pt.get('peak') or {}).get('fp32_tflops')):>10}")
-print(f"{'bf16 matmul peak TFLOP/s (torch)':34} {'':>10} {'':>6} {fmt(peak_bf16):>10}")
+print(f"{'bf16 matmul peak TFLOP/s 8192^3':34} {fmt(own_bf16 / 1e3 if own_bf16 else None):>10} {'':>6} "
+      f"{fmt((pt.get('peak') or {}).get('bf16_tflops')):>10}")
+print(f"(MFU against the {'tinylm' if own_bf16 else 'PyTorch'} bf16 peak)")
 if "error" in pt:
     print("PyTorch:", pt["error"])
 for k, v in tl.items():

@@ -88,9 +88,13 @@ int bench_loader(tlm_ops *ops, const tlm_config *cfg, const bench_loader_opts *o
 
 /* ---- matrix-product peak ------------------------------------------------------ */
 
-/* Best of `reps` timed fp32 products C[n,n] = A[n,n] @ B[n,n]^T through
- * ops->matmul (after one untimed), in GFLOP/s (2 n^3 FLOPs each). */
-int bench_sgemm(tlm_ops *ops, int n, int reps, double *gflops);
+/* Best of `reps` timed products C[n,n] = A[n,n] @ B[n,n]^T (after one
+ * untimed), in GFLOP/s (2 n^3 FLOPs each), with all three matrices in the
+ * backend's activation type: fp32 through ops->matmul (the CPU, CUDA's
+ * fp32 and tf32 modes), bf16 through ops->matmul_ex in CUDA's bf16 mode,
+ * i.e. the tensor cores' bf16 peak that training's MFU is measured
+ * against. *dtype receives TLM_ACT_F32 or TLM_ACT_BF16. */
+int bench_sgemm(tlm_ops *ops, int n, int reps, double *gflops, int *dtype);
 
 /* ---- generation ---------------------------------------------------------------- */
 

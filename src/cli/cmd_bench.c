@@ -385,6 +385,7 @@ typedef struct {
     bench_train_result train;
     bench_loader_result loader;
     double sgemm_gflops, prompt_tps;
+    int sgemm_dtype; /* TLM_ACT_F32 or TLM_ACT_BF16 */
     bench_gen_result gen[MAX_GEN_DTYPES * MAX_STREAMS]; /* dtype by dtype, streams within */
     bench_tok_result tok;
     long long peak_rss;
@@ -444,6 +445,7 @@ static void print_json(const bench_flags *g, const tlm_config *c, int threads, c
         cJSON_AddNumberToObject(j, "sgemm_size", (double)g->gemm_size);
         cJSON_AddNumberToObject(j, "sgemm_reps", (double)g->gemm_reps);
         cJSON_AddNumberToObject(j, "sgemm_gflops", R->sgemm_gflops);
+        cJSON_AddStringToObject(j, "sgemm_dtype", R->sgemm_dtype == TLM_ACT_BF16 ? "bf16" : "fp32");
     }
     if (R->have_train && R->have_sgemm && R->sgemm_gflops > 0)
         cJSON_AddNumberToObject(j, "peak_share", R->train.gflops / R->sgemm_gflops);
@@ -527,7 +529,10 @@ static void print_table(const bench_flags *g, const tlm_config *c, int threads, 
         row("loader / on-device step time", a);
     }
     if (R->have_sgemm) {
-        snprintf(lab, sizeof lab, "fp32 sgemm peak GFLOP/s (%ld^3, best of %ld)", g->gemm_size, g->gemm_reps);
+        if (R->sgemm_dtype == TLM_ACT_BF16)
+            snprintf(lab, sizeof lab, "bf16 matmul peak GFLOP/s (%ld^3, best of %ld)", g->gemm_size, g->gemm_reps);
+        else
+            snprintf(lab, sizeof lab, "fp32 sgemm peak GFLOP/s (%ld^3, best of %ld)", g->gemm_size, g->gemm_reps);
         row(lab, fmt_value(R->sgemm_gflops, a, sizeof a));
     }
     if (R->have_train && R->have_sgemm && R->sgemm_gflops > 0) {
@@ -687,7 +692,7 @@ int cmd_bench(int argc, char **argv) {
     }
     if (g.sections & S_SGEMM) {
         progress("sgemm peak");
-        if (bench_sgemm(ops, (int)g.gemm_size, (int)g.gemm_reps, &R.sgemm_gflops)) goto fail;
+        if (bench_sgemm(ops, (int)g.gemm_size, (int)g.gemm_reps, &R.sgemm_gflops, &R.sgemm_dtype)) goto fail;
         R.have_sgemm = 1;
     }
     if (g.sections & (S_PROMPT | S_GEN)) {
