@@ -750,6 +750,29 @@ static void check_close_out(const char *what, const float *got, const float *wan
     if (out > max_out) fail_msg("%s: %zu of %zu elements over rel err %.1g (%zu allowed)", what, out, n, tol, max_out);
 }
 
+/* The fixture's five clipped AdamW steps (as dev/make_fixtures.py ran
+ * them) on model m of backend o: each step's loss and gradient norm, and
+ * the fixture's own, wl and wn. */
+static void fx_adamw_steps(tlm_ops *o, tlm_model *m, float losses[5], float norms[5], float wl[5], float wn[5]) {
+    float *mom = up(o, NULL, m->nparams * 4), *var = up(o, NULL, m->nparams * 4), *gn = up(o, NULL, 4);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.losses", wl, 5), 0);
+    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.gnorms", wn, 5), 0);
+    for (int step = 1; step <= 5; step++) {
+        model_zero_grad(m);
+        losses[step - 1] = model_forward_backward(m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
+        o->sumsq(o, gn, m->grads, m->nparams, 0);
+        float g2;
+        o->copy_d2h(o, &g2, gn, 4);
+        norms[step - 1] = sqrtf(g2);
+        for (int i = 0; i < m->ntensors; i++) {
+            const tlm_tensor *t = &m->tensors[i];
+            o->adamw(o, m->params + t->offset, m->grads + t->offset, mom + t->offset, var + t->offset, tsize(t), 1e-3f,
+                     0.9f, 0.95f, 1e-8f, t->decay ? 0.1f : 0.0f, step, gn, 1.0f);
+        }
+    }
+    o->free(o, mom), o->free(o, var), o->free(o, gn);
+}
+
 static void test_model_fixture(void **state) {
     (void)state;
     NEED_GPU();
@@ -783,23 +806,8 @@ static void test_model_fixture(void **state) {
     /* five AdamW steps with clipping, as dev/make_fixtures.py did */
     model_destroy(&m);
     fx_model(&m, o);
-    float *mom = up(o, NULL, m.nparams * 4), *var = up(o, NULL, m.nparams * 4), *gn = up(o, NULL, 4);
     float wl[5], wn[5], losses[5], norms[5];
-    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.losses", wl, 5), 0);
-    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.gnorms", wn, 5), 0);
-    for (int step = 1; step <= 5; step++) {
-        model_zero_grad(&m);
-        losses[step - 1] = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
-        o->sumsq(o, gn, m.grads, m.nparams, 0);
-        float g2;
-        o->copy_d2h(o, &g2, gn, 4);
-        norms[step - 1] = sqrtf(g2);
-        for (int i = 0; i < m.ntensors; i++) {
-            const tlm_tensor *t = &m.tensors[i];
-            o->adamw(o, m.params + t->offset, m.grads + t->offset, mom + t->offset, var + t->offset, tsize(t), 1e-3f,
-                     0.9f, 0.95f, 1e-8f, t->decay ? 0.1f : 0.0f, step, gn, 1.0f);
-        }
-    }
+    fx_adamw_steps(o, &m, losses, norms, wl, wn);
     check_close("fixture adamw losses", losses, wl, 5, TOL, 1e-2);
     check_close("fixture adamw grad norms", norms, wn, 5, TOL, 1e-2);
     float *params = down(o, m.params, m.nparams);
@@ -812,7 +820,6 @@ static void test_model_fixture(void **state) {
         free(r);
     }
     free(params);
-    o->free(o, mom), o->free(o, var), o->free(o, gn);
     model_destroy(&m);
 }
 
@@ -1534,26 +1541,10 @@ static void test_bf16_model_paths(void **state) {
      * in five steps), gradient norms within 2e-2 (a norm sums every
      * gradient's rounding; test_bf16 measures cosines with fp32 > 0.9999) */
     fx_model(&m, o);
-    float *mom = up(o, NULL, m.nparams * 4), *var = up(o, NULL, m.nparams * 4), *gn = up(o, NULL, 4);
     float wl[5], wn[5], losses[5], norms[5];
-    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.losses", wl, 5), 0);
-    assert_int_equal(safetensors_read_f32(g_fx.f, "adamw.gnorms", wn, 5), 0);
-    for (int step = 1; step <= 5; step++) {
-        model_zero_grad(&m);
-        losses[step - 1] = model_forward_backward(&m, g_fx.inputs, g_fx.targets, FB, FT, 1.0f / (float)g_fx.nvalid, 0);
-        o->sumsq(o, gn, m.grads, m.nparams, 0);
-        float g2;
-        o->copy_d2h(o, &g2, gn, 4);
-        norms[step - 1] = sqrtf(g2);
-        for (int i = 0; i < m.ntensors; i++) {
-            const tlm_tensor *t = &m.tensors[i];
-            o->adamw(o, m.params + t->offset, m.grads + t->offset, mom + t->offset, var + t->offset, tsize(t), 1e-3f,
-                     0.9f, 0.95f, 1e-8f, t->decay ? 0.1f : 0.0f, step, gn, 1.0f);
-        }
-    }
+    fx_adamw_steps(o, &m, losses, norms, wl, wn);
     check_close("bf16 adamw losses", losses, wl, 5, 1e-2, 0);
     check_close("bf16 adamw grad norms", norms, wn, 5, 2e-2, 0);
-    o->free(o, mom), o->free(o, var), o->free(o, gn);
     model_destroy(&m);
     o->destroy(o);
 }

@@ -44,10 +44,6 @@ typedef struct {
 
 /* ---- number formats ------------------------------------------------------------ */
 
-static __device__ __forceinline__ float cu_round_bf16(float f) {
-    return __bfloat162float(__float2bfloat16(f));
-}
-
 /* float -> IEEE half bits, round to nearest even, saturated to +-65504
  * (as the reference: a key or value never turns into an infinity). */
 static __device__ __forceinline__ uint16_t cu_f32_to_f16(float f) {
@@ -72,8 +68,6 @@ template <> struct kv_io<float> {
 template <> struct kv_io<uint16_t> {
     static __device__ __forceinline__ void put(uint16_t *p, size_t i, float v) { p[i] = cu_f32_to_f16(v); }
 };
-
-static __device__ __forceinline__ float w_get(const float *w, size_t i) { return w[i]; }
 
 /* ---- pack -------------------------------------------------------------------------- */
 
@@ -145,11 +139,10 @@ static void cu_pack_free(tlm_ops *o, tlm_packed *h) {
 
 /* ---- matmul_packed --------------------------------------------------------------- */
 
-/* xn[m,:] = x[m,:] * r * nw (r in double, as the reference) or x itself;
- * rounded to bf16 when `round` (a bf16 XT always rounds, to nearest even as
- * cu_round_bf16). One warp per row. */
+/* xn[m,:] = x[m,:] * r * nw (r in double, as the reference) or x itself,
+ * stored as XT (a bf16 XT rounds to nearest even). One warp per row. */
 template <class XT>
-static __global__ void k_prep_rows(XT *xn, const float *x, const float *nw, int M, int K, float eps, int round) {
+static __global__ void k_prep_rows(XT *xn, const float *x, const float *nw, int M, int K, float eps) {
     const int lane = threadIdx.x & 31;
     const int nwarps = (gridDim.x * blockDim.x) >> 5;
     for (int m = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; m < M; m += nwarps) {
@@ -163,7 +156,7 @@ static __global__ void k_prep_rows(XT *xn, const float *x, const float *nw, int 
         }
         for (int k = lane; k < K; k += 32) {
             float v = nw ? (float)(xr[k] * r * nw[k]) : xr[k];
-            w_put(xn, (size_t)m * K + k, round ? cu_round_bf16(v) : v);
+            w_put(xn, (size_t)m * K + k, v);
         }
     }
 }
@@ -175,9 +168,9 @@ static __global__ void k_prep_rows(XT *xn, const float *x, const float *nw, int 
 
 /* y[m, n] = sum_k xn[m,k] wt[k,n] in the fixed order described above;
  * SWIGLU: y[m, f] = silu(g) * u with g from column f, u from column F + f. */
-template <class WT, int SWIGLU>
+template <int SWIGLU>
 static __global__ void __launch_bounds__(MP_WARPS * 32)
-    k_matmul_packed(float *y, const float *xn, const WT *wt, int M, int N, int K, int accumulate) {
+    k_matmul_packed(float *y, const float *xn, const float *wt, int M, int N, int K, int accumulate) {
     __shared__ float4 xs[MP_ROWS][MP_KC / 4];
     __shared__ float part[SWIGLU ? 2 : 1][MP_WARPS][MP_ROWS][33];
     CU_SHARED_POISON(xs, part);
@@ -200,15 +193,15 @@ static __global__ void __launch_bounds__(MP_WARPS * 32)
             const int kk = w * MP_KW + 4 * q, k = c0 + kk;
             float w0 = 0.f, w1 = 0.f, w2 = 0.f, w3 = 0.f, u0 = 0.f, u1 = 0.f, u2 = 0.f, u3 = 0.f;
             if (col_ok) {
-                if (k + 0 < K) w0 = w_get(wt, (size_t)(k + 0) * N + n);
-                if (k + 1 < K) w1 = w_get(wt, (size_t)(k + 1) * N + n);
-                if (k + 2 < K) w2 = w_get(wt, (size_t)(k + 2) * N + n);
-                if (k + 3 < K) w3 = w_get(wt, (size_t)(k + 3) * N + n);
+                if (k + 0 < K) w0 = wt[(size_t)(k + 0) * N + n];
+                if (k + 1 < K) w1 = wt[(size_t)(k + 1) * N + n];
+                if (k + 2 < K) w2 = wt[(size_t)(k + 2) * N + n];
+                if (k + 3 < K) w3 = wt[(size_t)(k + 3) * N + n];
                 if (SWIGLU) {
-                    if (k + 0 < K) u0 = w_get(wt, (size_t)(k + 0) * N + nout + n);
-                    if (k + 1 < K) u1 = w_get(wt, (size_t)(k + 1) * N + nout + n);
-                    if (k + 2 < K) u2 = w_get(wt, (size_t)(k + 2) * N + nout + n);
-                    if (k + 3 < K) u3 = w_get(wt, (size_t)(k + 3) * N + nout + n);
+                    if (k + 0 < K) u0 = wt[(size_t)(k + 0) * N + nout + n];
+                    if (k + 1 < K) u1 = wt[(size_t)(k + 1) * N + nout + n];
+                    if (k + 2 < K) u2 = wt[(size_t)(k + 2) * N + nout + n];
+                    if (k + 3 < K) u3 = wt[(size_t)(k + 3) * N + nout + n];
                 }
             }
             for (int i = 0; i < MP_ROWS; i++) {
@@ -378,6 +371,18 @@ static __global__ void __launch_bounds__(TM_WARPS * 32)
     }
 }
 
+/* The product's input rows in scratch as XT: x normalised by norm_w, or
+ * x itself. NULL (the backend failed) if scratch cannot grow. */
+template <class XT>
+static const XT *mp_prep(cu_ctx *c, const float *x, const float *norm_w, int M, int K, float eps) {
+    XT *s = (XT *)cu_scratch(c, (size_t)M * K * sizeof(XT));
+    if (!s) return NULL;
+    auto prep = k_prep_rows<XT>;
+    CU_LAUNCH(prep, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps);
+    cu_after(c, "matmul_packed (input rows)");
+    return s;
+}
+
 static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const tlm_packed *h, const float *norm_w,
                              float eps, int accumulate) {
     cu_ctx *c = cu_of(o);
@@ -387,11 +392,8 @@ static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
     const int nout = p->kind == TLM_PACK_SWIGLU ? N / 2 : N;
     if (bf16) {
         /* xn in bf16 (the WMMA A operand), then the tensor-core kernel for every M */
-        __nv_bfloat16 *s = (__nv_bfloat16 *)cu_scratch(c, (size_t)M * K * sizeof(__nv_bfloat16));
+        const __nv_bfloat16 *s = mp_prep<__nv_bfloat16>(c, x, norm_w, M, K, eps);
         if (!s) return;
-        auto prep = k_prep_rows<__nv_bfloat16>;
-        CU_LAUNCH(prep, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, 0);
-        cu_after(c, "matmul_packed (input rows)");
         const __nv_bfloat16 *wt = (const __nv_bfloat16 *)p->wt;
         const int bno = p->kind == TLM_PACK_SWIGLU ? TM_BN / 2 : TM_BN;
         dim3 tg((unsigned)((nout + bno - 1) / bno), (unsigned)((M + TM_BM - 1) / TM_BM));
@@ -409,22 +411,15 @@ static void cu_matmul_packed(tlm_ops *o, float *y, const float *x, int M, const 
         cu_after(c, "matmul_packed");
         return;
     }
-    const float *xn = x;
-    if (norm_w) {
-        float *s = (float *)cu_scratch(c, (size_t)M * K * sizeof(float));
-        if (!s) return;
-        auto prep = k_prep_rows<float>;
-        CU_LAUNCH(prep, cu_grid(c, (size_t)M, 8), 256, c->stream, s, x, norm_w, M, K, eps, 0);
-        cu_after(c, "matmul_packed (input rows)");
-        xn = s;
-    }
+    const float *xn = norm_w ? mp_prep<float>(c, x, norm_w, M, K, eps) : x;
+    if (!xn) return;
     dim3 grid((unsigned)((nout + 31) / 32), (unsigned)((M + MP_ROWS - 1) / MP_ROWS));
     const float *wt = (const float *)p->wt;
     if (p->kind == TLM_PACK_SWIGLU) {
-        auto k = k_matmul_packed<float, 1>;
+        auto k = k_matmul_packed<1>;
         CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, 0);
     } else {
-        auto k = k_matmul_packed<float, 0>;
+        auto k = k_matmul_packed<0>;
         CU_LAUNCH(k, grid, MP_WARPS * 32, c->stream, y, xn, wt, M, N, K, accumulate);
     }
     cu_after(c, "matmul_packed");
